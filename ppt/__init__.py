@@ -1,0 +1,1 @@
+"""PPT: Point Prompt Training for multi-dataset 3D semantic segmentation on a SparseUNet."""

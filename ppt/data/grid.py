@@ -1,0 +1,123 @@
+"""Voxel hashing, grid sampling with an inverse index, and test-time fragments.
+
+Voxels are found by packing the three integer voxel indices into one int64 key and sorting
+the keys once (no ``np.unique`` over coordinate rows, which sorts void views and is several
+times slower; see ``bench/data_pipeline.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ppt.data.transforms import RandomTransform, index_points
+
+
+def voxelize(coord: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer voxel coordinates and packed voxel keys.
+
+    Args:
+        coord: float (N, 3) points.
+        voxel_size: voxel edge in metres.
+
+    Returns:
+        ``grid_coord`` int32 (N, 3) = floor(coord / voxel_size) - per-axis min (so >= 0), and
+        ``key`` int64 (N,), equal for two points exactly when they share a voxel.
+    """
+    if voxel_size <= 0:
+        raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
+    grid = np.floor(np.asarray(coord, np.float64) / voxel_size).astype(np.int64)
+    grid -= grid.min(0)
+    dims = grid.max(0) + 1
+    if float(dims[0]) * float(dims[1]) * float(dims[2]) >= 2.0 ** 62:
+        raise ValueError(f"scene spans {dims.tolist()} voxels of {voxel_size} m: too large to hash")
+    key = (grid[:, 0] * dims[1] + grid[:, 1]) * dims[2] + grid[:, 2]
+    return grid.astype(np.int32), key
+
+
+def group_voxels(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group points by voxel key.
+
+    Returns:
+        ``order`` (N,) point ids sorted by key (stable: ties keep point order), ``start`` (V,)
+        first position of each voxel in ``order``, ``count`` (V,) points per voxel, and
+        ``voxel`` (N,) voxel id of each ORIGINAL point (voxel ids follow the key order).
+    """
+    n = len(key)
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    first = np.empty(n, bool)
+    first[:1] = True
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=first[1:])
+    start = np.flatnonzero(first)
+    count = np.diff(np.append(start, n))
+    voxel = np.empty(n, np.int64)
+    voxel[order] = np.cumsum(first) - 1
+    return order, start, count, voxel
+
+
+class GridSample(RandomTransform):
+    """Keep one random point per occupied voxel.
+
+    Reads ``coord``; writes every per-point key (``coord``, ``color``, ``normal``,
+    ``segment``, ``instance``) subsampled to one row per voxel and adds ``grid_coord`` int32
+    (M, 3) >= 0. With ``return_inverse`` (validation) it also adds ``inverse`` int64 (N,):
+    original point -> row of its voxel, and ``origin_segment`` = the full ``segment``.
+
+    Args:
+        voxel_size: voxel edge in metres.
+        return_inverse: add ``inverse`` and ``origin_segment``.
+        rng: source of randomness for picking the kept point (``set_rng`` replaces it).
+    """
+
+    def __init__(self, voxel_size: float = 0.02, return_inverse: bool = False,
+                 rng: np.random.Generator | None = None):
+        super().__init__(rng)
+        self.voxel_size = voxel_size
+        self.return_inverse = return_inverse
+
+    def __call__(self, sample: dict) -> dict:
+        grid, key = voxelize(sample["coord"], self.voxel_size)
+        order, start, count, voxel = group_voxels(key)
+        # floor(u * count) is uniform over 0..count-1.
+        pick = order[start + (self.rng.random(len(start)) * count).astype(np.int64)]
+        if self.return_inverse:
+            if "segment" in sample:
+                sample["origin_segment"] = sample["segment"].copy()
+            sample["inverse"] = voxel
+        sample = index_points(sample, pick)
+        sample["grid_coord"] = grid[pick]
+        return sample
+
+
+class TestFragments:
+    """Split a scene into voxel fragments that together cover every point (test mode).
+
+    Fragment ``i`` takes, in each voxel, the point of rank ``i mod count`` (points ranked by
+    original id inside the voxel), so there are ``max count`` fragments, each with exactly one
+    point per occupied voxel. Every point appears in at least one fragment and is OWNED by
+    exactly one: the fragment whose index equals its rank (``owned`` marks those rows);
+    extra appearances are repeats that fill voxels with fewer points.
+
+    Reads ``coord`` and every per-point key; returns a LIST of samples, each with the per-point
+    keys subsampled, ``grid_coord`` int32 (M, 3), ``index`` int64 (M,) original point ids and
+    ``owned`` bool (M,). Deterministic (no randomness).
+
+    Args:
+        voxel_size: voxel edge in metres.
+    """
+
+    def __init__(self, voxel_size: float = 0.02):
+        self.voxel_size = voxel_size
+
+    def __call__(self, sample: dict) -> list[dict]:
+        grid, key = voxelize(sample["coord"], self.voxel_size)
+        order, start, count, _ = group_voxels(key)
+        fragments = []
+        for i in range(int(count.max())):
+            rank = i % count
+            ids = order[start + rank]
+            part = index_points(dict(sample), ids)
+            part["grid_coord"] = grid[ids]
+            part["index"] = ids.astype(np.int64)
+            part["owned"] = rank == i
+            fragments.append(part)
+        return fragments

@@ -1,0 +1,453 @@
+"""Per-sample augmentations and normalisation: small ``dict -> dict`` callables.
+
+Randomness design (one rule for every transform): a random transform draws ONLY from its
+``self.rng`` (an ``np.random.Generator``), given at construction (default: seeded with 0) and
+replaceable with ``set_rng``. ``Compose.set_rng`` hands one generator to all its children;
+loaders call it with a generator seeded per sample, so results do not depend on worker count.
+
+Sample keys (numpy): ``coord`` f32 (N, 3), ``color`` f32 (N, 3) in 0..255 (0..1 after
+``NormalizeColor``), ``normal`` f32 (N, 3), ``segment`` i64 (N,), ``instance`` i64 (N,),
+``grid_coord`` i32 (N, 3), ``feat`` f32 (N, C), ``dataset`` str, ``name`` str; validation adds
+``inverse`` i64 (M,) and ``origin_segment`` i64 (M,) over the M original points.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+# Keys holding one row per point: transforms that drop or reorder points apply to all of them.
+POINT_KEYS = ("coord", "color", "normal", "segment", "instance", "grid_coord", "feat", "index",
+              "owned")
+
+
+def index_points(sample: dict, idx: np.ndarray) -> dict:
+    """Apply a point selection / permutation ``idx`` to every per-point key, in place."""
+    for key in POINT_KEYS:
+        if key in sample:
+            sample[key] = sample[key][idx]
+    return sample
+
+
+class RandomTransform:
+    """Base of random transforms: holds ``self.rng``.
+
+    Args:
+        rng: generator to draw from; None means ``np.random.default_rng(0)``.
+    """
+
+    def __init__(self, rng: np.random.Generator | None = None):
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+
+    def set_rng(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+
+class Compose(RandomTransform):
+    """Apply transforms in order. ``set_rng`` forwards one generator to every child."""
+
+    def __init__(self, transforms: list):
+        super().__init__(None)
+        self.transforms = list(transforms)
+
+    def set_rng(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        for t in self.transforms:
+            if hasattr(t, "set_rng"):
+                t.set_rng(rng)
+
+    def __call__(self, sample: dict):
+        for t in self.transforms:
+            sample = t(sample)
+        return sample
+
+    def __repr__(self) -> str:
+        return "Compose(\n" + "".join(f"  {t.__class__.__name__}\n" for t in self.transforms) + ")"
+
+
+class CenterShift:
+    """Move ``coord`` so x/y are centred on the bounding box (and min z is 0 if ``apply_z``)."""
+
+    def __init__(self, apply_z: bool = True):
+        self.apply_z = apply_z
+
+    def __call__(self, sample: dict) -> dict:
+        lo, hi = sample["coord"].min(0), sample["coord"].max(0)
+        shift = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2] if self.apply_z else 0],
+                         np.float32)
+        sample["coord"] = sample["coord"] - shift
+        return sample
+
+
+class RandomDropout(RandomTransform):
+    """With probability ``p`` keep a random ``1 - ratio`` share of the points (all point keys)."""
+
+    def __init__(self, ratio: float = 0.2, p: float = 0.2, rng=None):
+        super().__init__(rng)
+        self.ratio, self.p = ratio, p
+
+    def __call__(self, sample: dict) -> dict:
+        if self.rng.random() < self.p:
+            n = len(sample["coord"])
+            keep = self.rng.choice(n, int(n * (1 - self.ratio)), replace=False)
+            index_points(sample, np.sort(keep))
+        return sample
+
+
+def _rotation(axis: str, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]], np.float32)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], np.float32)
+
+
+class RandomRotate(RandomTransform):
+    """With probability ``p`` rotate ``coord`` (about the origin) and ``normal`` around ``axis``.
+
+    Args:
+        angle: (low, high) range in radians; the angle is uniform in it.
+        axis: "x", "y" or "z".
+        p: probability of rotating.
+    """
+
+    def __init__(self, angle: tuple[float, float] = (-math.pi, math.pi), axis: str = "z",
+                 p: float = 0.5, rng=None):
+        super().__init__(rng)
+        if axis not in ("x", "y", "z"):
+            raise ValueError(f"axis must be x, y or z, got {axis!r}")
+        self.angle, self.axis, self.p = angle, axis, p
+
+    def __call__(self, sample: dict) -> dict:
+        if self.rng.random() < self.p:
+            rot = _rotation(self.axis, self.rng.uniform(*self.angle))
+            sample["coord"] = sample["coord"] @ rot.T
+            if "normal" in sample:
+                sample["normal"] = sample["normal"] @ rot.T
+        return sample
+
+
+class RandomScale(RandomTransform):
+    """Multiply ``coord`` by a factor uniform in ``scale`` (one per axis if ``anisotropic``)."""
+
+    def __init__(self, scale: tuple[float, float] = (0.9, 1.1), anisotropic: bool = False, rng=None):
+        super().__init__(rng)
+        self.scale, self.anisotropic = scale, anisotropic
+
+    def __call__(self, sample: dict) -> dict:
+        factor = self.rng.uniform(*self.scale, size=3 if self.anisotropic else 1)
+        sample["coord"] = sample["coord"] * factor.astype(np.float32)
+        return sample
+
+
+class RandomFlip(RandomTransform):
+    """Negate x, then independently y, of ``coord`` and ``normal``, each with probability ``p``."""
+
+    def __init__(self, p: float = 0.5, rng=None):
+        super().__init__(rng)
+        self.p = p
+
+    def __call__(self, sample: dict) -> dict:
+        for axis in (0, 1):
+            if self.rng.random() < self.p:
+                for key in ("coord", "normal"):
+                    if key in sample:
+                        sample[key] = sample[key].copy()
+                        sample[key][:, axis] *= -1
+        return sample
+
+
+class RandomJitter(RandomTransform):
+    """Add Gaussian noise (std ``sigma``, clipped to +-``clip``) to ``coord``."""
+
+    def __init__(self, sigma: float = 0.005, clip: float = 0.02, rng=None):
+        super().__init__(rng)
+        self.sigma, self.clip = sigma, clip
+
+    def __call__(self, sample: dict) -> dict:
+        noise = np.clip(self.sigma * self.rng.standard_normal(sample["coord"].shape),
+                        -self.clip, self.clip)
+        sample["coord"] = sample["coord"] + noise.astype(np.float32)
+        return sample
+
+
+def smooth_noise(noise: np.ndarray, passes: int = 2) -> np.ndarray:
+    """Blur a (X, Y, Z, 3) noise grid with a 3-wide box, separably, ``passes`` times.
+
+    Same result as the reference's ``ndimage.convolve`` with (3,1,1,1)-shaped kernels
+    (zero padding), but through 1-D filters.
+    """
+    for _ in range(passes):
+        for axis in range(3):
+            noise = ndimage.uniform_filter1d(noise, 3, axis=axis, mode="constant", cval=0.0)
+    return noise
+
+
+def trilinear(grid: np.ndarray, origin: np.ndarray, spacing: float, points: np.ndarray) -> np.ndarray:
+    """Trilinearly interpolate a (X, Y, Z, C) grid whose node (i, j, k) sits at
+    ``origin + spacing * (i, j, k)``; points must lie inside the grid. Returns (N, C)."""
+    dims = np.array(grid.shape[:3])
+    t = (points - origin) / spacing
+    base = np.clip(np.floor(t).astype(np.int64), 0, dims - 2)
+    frac = (t - base).astype(np.float32)
+    flat = grid.reshape(-1, grid.shape[3])
+    stride = np.array([dims[1] * dims[2], dims[2], 1])
+    b = base @ stride
+    out = np.zeros((len(points), grid.shape[3]), np.float32)
+    for dx in (0, 1):
+        wx = frac[:, 0] if dx else 1 - frac[:, 0]
+        for dy in (0, 1):
+            wy = wx * (frac[:, 1] if dy else 1 - frac[:, 1])
+            for dz in (0, 1):
+                w = wy * (frac[:, 2] if dz else 1 - frac[:, 2])
+                out += w[:, None] * flat[b + dx * stride[0] + dy * stride[1] + dz]
+    return out
+
+
+class ElasticDistortion(RandomTransform):
+    """Smooth random warp of ``coord`` (Pointcept semantics, fast implementation).
+
+    For each (granularity, magnitude): a Gaussian noise grid with node spacing
+    ``granularity`` covering the scene is box-blurred twice (separable 1-D filters) and
+    trilinearly interpolated at the points; ``coord += noise * magnitude``.
+
+    Args:
+        params: list of (granularity m, magnitude) pairs applied in order.
+        p: probability of distorting.
+    """
+
+    def __init__(self, params=((0.2, 0.4), (0.8, 1.6)), p: float = 0.95, rng=None):
+        super().__init__(rng)
+        self.params, self.p = [tuple(x) for x in params], p
+
+    def __call__(self, sample: dict) -> dict:
+        if self.rng.random() >= self.p:
+            return sample
+        coord = sample["coord"].astype(np.float32)
+        for granularity, magnitude in self.params:
+            lo = coord.min(0)
+            dims = ((coord - lo).max(0) // granularity).astype(int) + 3
+            noise = smooth_noise(self.rng.standard_normal((*dims, 3), dtype=np.float32))
+            # Node j sits at lo - granularity + j * granularity, as in the reference.
+            coord = coord + trilinear(noise, lo - granularity, granularity, coord) * magnitude
+        sample["coord"] = coord
+        return sample
+
+
+class ChromaticAutoContrast(RandomTransform):
+    """With probability ``p`` stretch ``color`` (0..255) to full range, blended randomly."""
+
+    def __init__(self, p: float = 0.2, blend_factor: float | None = None, rng=None):
+        super().__init__(rng)
+        self.p, self.blend_factor = p, blend_factor
+
+    def __call__(self, sample: dict) -> dict:
+        if self.rng.random() < self.p:
+            color = sample["color"]
+            lo, hi = color.min(0, keepdims=True), color.max(0, keepdims=True)
+            contrast = (color - lo) * (255.0 / np.maximum(hi - lo, 1e-3))
+            blend = self.rng.random() if self.blend_factor is None else self.blend_factor
+            sample["color"] = ((1 - blend) * color + blend * contrast).astype(np.float32)
+        return sample
+
+
+class ChromaticTranslation(RandomTransform):
+    """With probability ``p`` shift ``color`` by one random RGB offset (+-ratio * 255), clipped."""
+
+    def __init__(self, p: float = 0.95, ratio: float = 0.05, rng=None):
+        super().__init__(rng)
+        self.p, self.ratio = p, ratio
+
+    def __call__(self, sample: dict) -> dict:
+        if self.rng.random() < self.p:
+            shift = (self.rng.random(3) - 0.5) * 255 * 2 * self.ratio
+            sample["color"] = np.clip(sample["color"] + shift, 0, 255).astype(np.float32)
+        return sample
+
+
+class ChromaticJitter(RandomTransform):
+    """With probability ``p`` add per-point Gaussian noise (std ``std * 255``) to ``color``."""
+
+    def __init__(self, p: float = 0.95, std: float = 0.05, rng=None):
+        super().__init__(rng)
+        self.p, self.std = p, std
+
+    def __call__(self, sample: dict) -> dict:
+        if self.rng.random() < self.p:
+            noise = self.rng.standard_normal(sample["color"].shape, dtype=np.float32) * (self.std * 255)
+            sample["color"] = np.clip(sample["color"] + noise, 0, 255)
+        return sample
+
+
+class SphereCrop(RandomTransform):
+    """Keep the points nearest to a random point's position, at most ``point_max`` of them or
+    ``ratio`` of the points. All per-point keys; refuses samples with an ``inverse``.
+
+    Args:
+        point_max: maximum points kept (ignored when ``ratio`` is given).
+        ratio: share of the points kept.
+    """
+
+    def __init__(self, point_max: int = 100_000, ratio: float | None = None, rng=None):
+        super().__init__(rng)
+        self.point_max, self.ratio = point_max, ratio
+
+    def __call__(self, sample: dict) -> dict:
+        if "inverse" in sample:
+            raise ValueError("SphereCrop would invalidate 'inverse'; crop before GridSample(return_inverse)")
+        n = len(sample["coord"])
+        limit = int(self.ratio * n) if self.ratio is not None else self.point_max
+        if n > limit:
+            centre = sample["coord"][self.rng.integers(n)]
+            dist = ((sample["coord"] - centre) ** 2).sum(1)
+            keep = np.sort(np.argpartition(dist, limit - 1)[:limit])
+            index_points(sample, keep)
+        return sample
+
+
+class NormalizeColor:
+    """``color`` from 0..255 to 0..1."""
+
+    def __call__(self, sample: dict) -> dict:
+        sample["color"] = (sample["color"] / 255.0).astype(np.float32)
+        return sample
+
+
+class ShufflePoints(RandomTransform):
+    """Randomly permute the points (all per-point keys; ``inverse`` is remapped to match)."""
+
+    def __call__(self, sample: dict) -> dict:
+        perm = self.rng.permutation(len(sample["coord"]))
+        index_points(sample, perm)
+        if "inverse" in sample:
+            new_row = np.empty_like(perm)
+            new_row[perm] = np.arange(len(perm))
+            sample["inverse"] = new_row[sample["inverse"]]
+        return sample
+
+
+class Collect:
+    """Build ``feat`` f32 (N, C) = concatenation of ``feat_keys`` and keep only batch keys.
+
+    Output keys: ``coord``, ``grid_coord``, ``feat``, ``segment`` (filled with -1 when
+    absent), ``dataset``, ``name`` and, if present, ``inverse``, ``origin_segment``, ``index``,
+    ``owned``.
+    """
+
+    KEEP = ("coord", "grid_coord", "feat", "segment", "dataset", "name", "inverse",
+            "origin_segment", "index", "owned")
+
+    def __init__(self, feat_keys: tuple[str, ...] = ("color", "normal")):
+        self.feat_keys = feat_keys
+
+    def __call__(self, sample: dict) -> dict:
+        missing = [k for k in self.feat_keys if k not in sample]
+        if missing:
+            raise KeyError(f"sample {sample.get('name', '?')!r} lacks feature keys {missing}")
+        sample["feat"] = np.concatenate([sample[k] for k in self.feat_keys], 1).astype(np.float32)
+        if "segment" not in sample:
+            sample["segment"] = np.full(len(sample["coord"]), -1, np.int64)
+        out = {k: sample[k] for k in self.KEEP if k in sample}
+        out["coord"] = out["coord"].astype(np.float32)
+        out["segment"] = out["segment"].astype(np.int64)
+        return out
+
+
+# Sphere-crop sizes of the reference configs (SPEC §2).
+SPHERE_CROP = {"scannet": dict(point_max=100_000), "s3dis": dict(ratio=0.6),
+               "structured3d": dict(ratio=0.8)}
+# Test-time augmentation (SPEC §7): z-rotations x scales, plus one flipped view.
+TTA_ANGLES = (0.0, 0.5 * math.pi, math.pi, 1.5 * math.pi)
+TTA_SCALES = (0.95, 1.0, 1.05)
+
+
+def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, augment: bool = True,
+                     rng: np.random.Generator | None = None) -> Compose:
+    """The reference per-sample pipeline (SPEC §2) for one dataset.
+
+    Args:
+        dataset_name: picks the sphere-crop size (unknown names crop like ScanNet).
+        split: "train" gives the augmenting pipeline; anything else the validation pipeline
+            (centre, grid sample with ``inverse``/``origin_segment``, normalise, features).
+        voxel_size: grid sampling voxel in metres.
+        augment: for "train", False keeps only the deterministic steps plus grid sampling.
+        rng: generator for all random steps (``Compose.set_rng`` replaces it per sample).
+    """
+    from ppt.data.grid import GridSample
+
+    if split != "train":
+        steps = [CenterShift(apply_z=True), GridSample(voxel_size, return_inverse=True),
+                 CenterShift(apply_z=False), NormalizeColor(), Collect()]
+    else:
+        steps = [CenterShift(apply_z=True)]
+        if augment:
+            steps += [
+                RandomDropout(0.2, p=0.2),
+                RandomRotate((-math.pi, math.pi), "z", p=0.5),
+                RandomRotate((-math.pi / 64, math.pi / 64), "x", p=0.5),
+                RandomRotate((-math.pi / 64, math.pi / 64), "y", p=0.5),
+                RandomScale((0.9, 1.1)),
+                RandomFlip(p=0.5),
+                RandomJitter(0.005, 0.02),
+                ElasticDistortion(((0.2, 0.4), (0.8, 1.6)), p=0.95),
+                ChromaticAutoContrast(p=0.2),
+                ChromaticTranslation(p=0.95, ratio=0.05),
+                ChromaticJitter(p=0.95, std=0.05),
+            ]
+        steps += [GridSample(voxel_size), SphereCrop(**SPHERE_CROP.get(dataset_name, SPHERE_CROP["scannet"])),
+                  CenterShift(apply_z=False), NormalizeColor()]
+        if augment:
+            steps.append(ShufflePoints())
+        steps.append(Collect())
+    pipeline = Compose(steps)
+    pipeline.set_rng(rng if rng is not None else np.random.default_rng(0))
+    return pipeline
+
+
+def build_test_views(sample: dict, voxel_size: float = 0.02, angles=TTA_ANGLES,
+                     scales=TTA_SCALES, flip: bool = True) -> list[dict]:
+    """Test-time views of one raw scene: every augmentation split into covering fragments.
+
+    Views: each z-rotation in ``angles`` x each scale in ``scales`` (12 by default), plus one
+    view flipped in x (13). Each view is centred, split by ``TestFragments`` (fragment ``i``
+    takes the ``i``-th point of every voxel; each point is ``owned`` by exactly one fragment
+    per view), re-centred in x/y and given ``feat``. Deterministic.
+
+    Args:
+        sample: a loaded scene (``coord``, ``color`` 0..255, ``normal``, optional ``segment``).
+        voxel_size: voxel edge in metres.
+
+    Returns:
+        list of fragment samples with ``coord``, ``grid_coord``, ``feat``, ``segment``,
+        ``index`` i64 (original point ids), ``owned`` bool, ``view`` int, ``dataset``, ``name``.
+        Summing softmax scores over all fragments at ``index`` gives per-point predictions.
+    """
+    from ppt.data.grid import TestFragments
+
+    base = NormalizeColor()(CenterShift(apply_z=True)(dict(sample)))
+    transforms = [(a, s, False) for a in angles for s in scales] + ([(0.0, 1.0, True)] if flip else [])
+    fragmenter, recentre, collect = TestFragments(voxel_size), CenterShift(apply_z=False), Collect()
+    views = []
+    for v, (angle, scale, flipped) in enumerate(transforms):
+        view = dict(base)
+        rot = _rotation("z", angle)
+        view["coord"] = (base["coord"] @ rot.T) * np.float32(scale)
+        if "normal" in base:
+            view["normal"] = base["normal"] @ rot.T
+        if flipped:
+            view = _flip_x(view)
+        for fragment in fragmenter(view):
+            fragment = collect(recentre(fragment))
+            fragment["view"] = v
+            views.append(fragment)
+    return views
+
+
+def _flip_x(sample: dict) -> dict:
+    for key in ("coord", "normal"):
+        if key in sample:
+            sample[key] = sample[key].copy()
+            sample[key][:, 0] *= -1
+    return sample
