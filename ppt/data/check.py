@@ -1,0 +1,160 @@
+"""Validate a preprocessed data root before training (and after preprocessing).
+
+``check_data_root(root, datasets, splits, quick=True)`` walks
+``<root>/<dataset>/<split globs of classes.DATASETS>`` and checks every scene folder with
+``scene_io.check_scene`` (same messages): arrays present and readable, equal lengths, shapes,
+integer labels, labels in range, finite coordinates; plus float coordinates. ``quick`` reads
+only the ``.npy`` headers (``np.load(mmap_mode='r')``) and validates stand-in arrays of the same
+shape and dtype, so it costs milliseconds per scene and skips the content checks (finite
+values, label range, histogram). Problems are collected; the call raises one ``SceneError``
+listing them (first few in full) unless ``raise_on_error=False``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ppt.data.classes import IGNORE_INDEX, get_dataset_info
+from ppt.data.scene_io import SceneError, check_scene, load_array
+
+MAX_LISTED = 10
+
+
+@dataclass
+class SplitReport:
+    """Per dataset split: scene count, points, scenes with normals, label histogram."""
+
+    scenes: int = 0
+    points: int = 0
+    with_normal: int = 0
+    histogram: np.ndarray | None = None  # (K,) counts; None in quick mode
+    ignored: int = 0
+
+
+@dataclass
+class DataReport:
+    root: Path
+    quick: bool
+    splits: dict[str, dict[str, SplitReport]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        lines = [f"data root {self.root} ({'quick: headers only' if self.quick else 'full'})"]
+        for dataset, splits in self.splits.items():
+            info = get_dataset_info(dataset)
+            for split, rep in splits.items():
+                lines.append(f"{dataset}/{split}: {rep.scenes} scenes, {rep.points:,} points, "
+                             f"normals in {rep.with_normal}/{rep.scenes}")
+                if rep.histogram is not None:
+                    total = max(int(rep.histogram.sum()) + rep.ignored, 1)
+                    parts = [f"{n} {100 * c / total:.1f}%"
+                             for n, c in zip(info.class_names, rep.histogram)]
+                    lines.append("  labels: " + ", ".join(parts)
+                                 + f", ignore {100 * rep.ignored / total:.1f}%")
+        lines.append(f"{len(self.problems)} problem(s)")
+        lines.extend(f"  {p}" for p in self.problems)
+        return "\n".join(lines)
+
+
+def _header(path: Path) -> np.ndarray:
+    """Zero-cost stand-in with the file's shape and dtype (reads the header only)."""
+    if not path.is_file():
+        raise SceneError(f"{path}: file is missing")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise SceneError(f"{path}: not a readable .npy file ({err})") from None
+    expected = array.dtype.itemsize * int(np.prod(array.shape))
+    if array.nbytes != expected or os.path.getsize(path) < expected:
+        raise SceneError(f"{path}: truncated file")
+    return np.lib.stride_tricks.as_strided(np.zeros(1, array.dtype), array.shape,
+                                           (0,) * array.ndim)
+
+
+def check_scene_folder(folder: Path, num_classes: int, segment_file: str, require_segment: bool,
+                       quick: bool) -> dict[str, np.ndarray]:
+    """Validate one scene folder; returns the (stand-in, when quick) arrays."""
+    read = _header if quick else load_array
+    arrays = {"coord": read(folder / "coord.npy"), "color": read(folder / "color.npy")}
+    for key, name in (("normal", "normal.npy"), ("segment", segment_file),
+                      ("instance", "instance.npy")):
+        if (folder / name).exists() or (key == "segment" and require_segment):
+            arrays[key] = read(folder / name)
+    if arrays["coord"].ndim == 2 and not np.issubdtype(arrays["coord"].dtype, np.floating):
+        raise SceneError(f"{folder / 'coord.npy'}: expected float coordinates, got "
+                         f"{arrays['coord'].dtype}")
+    check_scene(arrays, folder, num_classes, segment_file)
+    return arrays
+
+
+def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ...] | None = None,
+                    splits: list[str] | tuple[str, ...] = ("train", "val"), quick: bool = True,
+                    raise_on_error: bool = True) -> DataReport:
+    """Check every scene of ``datasets`` x ``splits`` under ``root``.
+
+    Args:
+        root: data root holding ``<dataset>/`` folders.
+        datasets: names from ``classes.DATASETS``; default: those present under ``root``.
+        splits: split names; labels are required except in ``test``.
+        quick: headers only (see module docstring).
+        raise_on_error: raise one ``SceneError`` listing the problems.
+
+    Returns:
+        ``DataReport`` with per-split counts and the problems found.
+    """
+    from ppt.data.classes import DATASETS
+
+    root = Path(root)
+    report = DataReport(root, quick)
+    if not root.is_dir():
+        report.problems.append(f"{root}: data root is missing")
+    elif datasets is None:
+        datasets = [d for d in DATASETS if (root / d).is_dir()]
+        if not datasets:
+            report.problems.append(f"{root}: no dataset folders ({', '.join(DATASETS)})")
+    for dataset in datasets or ():
+        info = get_dataset_info(dataset)
+        base = root / dataset
+        report.splits[dataset] = {}
+        for split in splits:
+            if split not in info.splits:
+                report.problems.append(f"{dataset}: unknown split {split!r}; valid: "
+                                       f"{', '.join(info.splits)}")
+                continue
+            rep = report.splits[dataset].setdefault(split, SplitReport())
+            folders = sorted({p for pattern in info.splits[split] for p in base.glob(pattern)
+                              if p.is_dir()})
+            if not folders:
+                globs = ", ".join(str(base / g) for g in info.splits[split])
+                report.problems.append(f"{dataset}/{split}: no scene folders match {globs}")
+            if not quick:
+                rep.histogram = np.zeros(info.num_classes, np.int64)
+            for folder in folders:
+                try:
+                    arrays = check_scene_folder(folder, info.num_classes, info.segment_file,
+                                                require_segment=split != "test", quick=quick)
+                except SceneError as err:
+                    report.problems.append(str(err))
+                    continue
+                rep.scenes += 1
+                rep.points += len(arrays["coord"])
+                rep.with_normal += "normal" in arrays
+                if not quick and "segment" in arrays:
+                    seg = arrays["segment"].astype(np.int64)
+                    rep.histogram += np.bincount(seg[seg != IGNORE_INDEX],
+                                                 minlength=info.num_classes)
+                    rep.ignored += int((seg == IGNORE_INDEX).sum())
+    if raise_on_error and report.problems:
+        listed = "\n  ".join(report.problems[:MAX_LISTED])
+        more = len(report.problems) - MAX_LISTED
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise SceneError(f"data root {root}: {len(report.problems)} problem(s) "
+                         f"(run tools/check_data.py {root} for the full list):\n  {listed}{tail}")
+    return report

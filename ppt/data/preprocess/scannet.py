@@ -1,0 +1,228 @@
+"""ScanNet v2 raw scans -> ``{split}/<scene>/{coord,color,normal,segment20,segment200,instance}.npy``.
+
+Raw inputs per scene (official layout, ``scans/<scene>/`` and ``scans_test/<scene>/``):
+
+- ``<scene>_vh_clean_2.ply``: vertices x, y, z (float) + red, green, blue, alpha (uchar),
+  faces ``vertex_indices`` (binary or ASCII PLY);
+- ``<scene>_vh_clean_2.0.010000.segs.json``: ``segIndices``, one over-segment id per vertex;
+- ``<scene>.aggregation.json``: ``segGroups`` [{objectId, segments, label (raw category)}];
+- ``<scene>.txt``: ``axisAlignment = 16 floats`` (row-major 4x4), used with ``align=True``.
+
+Plus ``scannetv2-labels.combined.tsv`` (columns ``id``, ``raw_category``, ``nyu40id`` ...) and
+the official split lists ``scannetv2_{train,val,test}.txt``.
+
+Labels: raw category -> NYU40 id -> 20-class index (``classes.SCANNET20_NYU40``), and raw
+category -> TSV ``id`` -> ScanNet200 index (position in ``VALID_CLASS_IDS_200``, the benchmark's
+200 ids in its label order); everything else is -1. ``instance`` = aggregation ``objectId``,
+-1 where unannotated. Test scans have no annotations: coord/color/normal only.
+Normals: area-weighted vertex normals of the mesh (face cross products summed onto vertices).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ppt.data.classes import IGNORE_INDEX, SCANNET20_NYU40
+from ppt.data.preprocess.common import SceneTask
+
+# ScanNet200 benchmark label ids (TSV ``id`` column), in label order (fact of the benchmark).
+VALID_CLASS_IDS_200 = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 21, 22, 23, 24, 26, 27, 28, 29,
+    31, 32, 33, 34, 35, 36, 38, 39, 40, 41, 42, 44, 45, 46, 47, 48, 49, 50, 51, 52, 54, 55, 56, 57,
+    58, 59, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 82, 84, 86,
+    87, 88, 89, 90, 93, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 110, 112, 115,
+    116, 118, 120, 121, 122, 125, 128, 130, 131, 132, 134, 136, 138, 139, 140, 141, 145, 148, 154,
+    155, 156, 157, 159, 161, 163, 165, 166, 168, 169, 170, 177, 180, 185, 188, 191, 193, 195, 202,
+    208, 213, 214, 221, 229, 230, 232, 233, 242, 250, 261, 264, 276, 283, 286, 300, 304, 312, 323,
+    325, 331, 342, 356, 370, 392, 395, 399, 408, 417, 488, 540, 562, 570, 572, 581, 609, 748, 776,
+    1156, 1163, 1164, 1165, 1166, 1167, 1168, 1169, 1170, 1171, 1172, 1173, 1174, 1175, 1176, 1178,
+    1179, 1180, 1181, 1182, 1183, 1184, 1185, 1186, 1187, 1188, 1189, 1190, 1191,
+)
+SPLITS = ("train", "val", "test")
+
+
+def _lookup(ids: tuple[int, ...]) -> np.ndarray:
+    """Table ``t`` with ``t[raw id] = label index`` (-1 elsewhere)."""
+    table = np.full(max(ids) + 1, IGNORE_INDEX, dtype=np.int64)
+    table[list(ids)] = np.arange(len(ids))
+    return table
+
+
+NYU40_TO_20 = _lookup(SCANNET20_NYU40)
+ID_TO_200 = _lookup(VALID_CLASS_IDS_200)
+
+
+def read_label_map(tsv: Path) -> dict[str, tuple[int, int]]:
+    """``scannetv2-labels.combined.tsv`` -> {raw_category: (nyu40id, id)}."""
+    with open(tsv, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = {"raw_category", "nyu40id", "id"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{tsv}: missing column(s) {sorted(missing)}; is this "
+                             f"scannetv2-labels.combined.tsv?")
+        table = {}
+        for row in reader:
+            nyu = int(row["nyu40id"]) if row["nyu40id"].strip() else 0
+            table[row["raw_category"]] = (nyu, int(row["id"]))
+    return table
+
+
+def read_mesh(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a ScanNet PLY mesh.
+
+    Returns:
+        coord float32 (N, 3), color uint8 (N, 3), faces int64 (F, 3).
+    """
+    from plyfile import PlyData
+
+    ply = PlyData.read(str(path))
+    v = ply["vertex"]
+    coord = np.stack([v["x"], v["y"], v["z"]], axis=1).astype(np.float32)
+    color = np.stack([v["red"], v["green"], v["blue"]], axis=1).astype(np.uint8)
+    faces = ply["face"]["vertex_indices"]
+    faces = np.stack(faces).astype(np.int64) if len(faces) else np.zeros((0, 3), np.int64)
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise ValueError(f"{path}: expected triangle faces, got shape {faces.shape}")
+    return coord, color, faces
+
+
+def vertex_normals(coord: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted vertex normals (N, 3) float32; the face winding decides the side.
+
+    The unnormalised cross product of a face has length 2 * area, so summing it onto the
+    face's vertices weights each face by its area. Vertices in no face get (0, 0, 0).
+    """
+    p = coord.astype(np.float64)
+    face_normal = np.cross(p[faces[:, 1]] - p[faces[:, 0]], p[faces[:, 2]] - p[faces[:, 0]])
+    index = faces.reshape(-1)
+    normal = np.stack([np.bincount(index, np.repeat(face_normal[:, k], 3), minlength=len(p))
+                       for k in range(3)], axis=1)
+    length = np.linalg.norm(normal, axis=1, keepdims=True)
+    return np.divide(normal, length, out=np.zeros_like(normal), where=length > 0).astype(np.float32)
+
+
+def read_axis_alignment(path: Path) -> np.ndarray:
+    """``axisAlignment = 16 floats`` line of ``<scene>.txt`` -> (4, 4) matrix."""
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("axisAlignment"):
+            values = np.array(line.split("=", 1)[1].split(), dtype=np.float64)
+            if values.size != 16:
+                raise ValueError(f"{path}: axisAlignment has {values.size} numbers, expected 16")
+            return values.reshape(4, 4)
+    raise ValueError(f"{path}: no 'axisAlignment = ...' line")
+
+
+def read_labels(scene_dir: Path, scene: str, n: int, label_map: dict[str, tuple[int, int]],
+                ) -> dict[str, np.ndarray]:
+    """Per-vertex segment20, segment200 and instance from the segs + aggregation files."""
+    segs_path = scene_dir / f"{scene}_vh_clean_2.0.010000.segs.json"
+    agg_path = scene_dir / f"{scene}.aggregation.json"
+    seg_ids = np.asarray(json.loads(segs_path.read_text())["segIndices"], dtype=np.int64)
+    if len(seg_ids) != n:
+        raise ValueError(f"{segs_path}: {len(seg_ids)} segIndices but the mesh has {n} vertices")
+    groups = json.loads(agg_path.read_text())["segGroups"]
+    # Map each over-segment id to (nyu40, id200, objectId) through a compact table.
+    unique, inverse = np.unique(seg_ids, return_inverse=True)
+    position = {int(s): i for i, s in enumerate(unique)}
+    nyu = np.zeros(len(unique), np.int64)
+    raw200 = np.zeros(len(unique), np.int64)
+    obj = np.full(len(unique), IGNORE_INDEX, np.int64)
+    unknown = set()
+    for group in groups:
+        label = group["label"]
+        if label not in label_map:
+            unknown.add(label)
+        nyu40, id200 = label_map.get(label, (0, 0))
+        for s in group["segments"]:
+            i = position.get(int(s))
+            if i is not None:  # an aggregation segment no vertex uses: nothing to label
+                nyu[i], raw200[i], obj[i] = nyu40, id200, int(group["objectId"])
+    if unknown:
+        warnings.warn(f"{agg_path}: raw categories not in the label TSV, left unlabelled: "
+                      f"{sorted(unknown)}")
+    seg20 = np.where(nyu < len(NYU40_TO_20), NYU40_TO_20[np.minimum(nyu, len(NYU40_TO_20) - 1)],
+                     IGNORE_INDEX)
+    seg200 = np.where(raw200 < len(ID_TO_200), ID_TO_200[np.minimum(raw200, len(ID_TO_200) - 1)],
+                      IGNORE_INDEX)
+    return {"segment20": seg20[inverse].astype(np.int16),
+            "segment200": seg200[inverse].astype(np.int16),
+            "instance": obj[inverse].astype(np.int16)}
+
+
+def process(task: SceneTask) -> dict[str, np.ndarray]:
+    """Convert one scan; ``task.inputs = (scene_dir, tsv or None, align)``."""
+    scene_dir, tsv, align = task.inputs
+    scene = scene_dir.name
+    coord, color, faces = read_mesh(scene_dir / f"{scene}_vh_clean_2.ply")
+    normal = vertex_normals(coord, faces)
+    if align:
+        matrix = read_axis_alignment(scene_dir / f"{scene}.txt")
+        coord = (coord.astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]).astype(np.float32)
+        normal = (normal @ matrix[:3, :3].T).astype(np.float32)
+    arrays = {"coord": coord, "color": color, "normal": normal}
+    if tsv is not None:
+        arrays.update(read_labels(scene_dir, scene, len(coord), _label_map(tsv)))
+    return arrays
+
+
+_LABEL_MAPS: dict[Path, dict] = {}
+
+
+def _label_map(tsv: Path) -> dict[str, tuple[int, int]]:
+    # Read once per worker process, not once per scene.
+    if tsv not in _LABEL_MAPS:
+        _LABEL_MAPS[tsv] = read_label_map(tsv)
+    return _LABEL_MAPS[tsv]
+
+
+def _find(raw: Path, names: tuple[str, ...], extra: Path | None) -> Path | None:
+    for folder in [p for p in (extra, raw, raw / "meta", raw / "meta_data", raw / "tasks")
+                   if p is not None]:
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def list_tasks(raw: Path, out: Path, splits_dir: Path | None = None, align: bool = False,
+               ) -> list[SceneTask]:
+    """One task per scan listed in the official split files.
+
+    Args:
+        raw: ScanNet root holding ``scans/`` (and optionally ``scans_test/``).
+        out: output root; scenes go to ``out/{split}/<scene>``.
+        splits_dir: folder with ``scannetv2_{train,val,test}.txt``; default: ``raw``,
+            ``raw/meta``, ``raw/meta_data``.
+        align: apply each scan's ``axisAlignment``.
+    """
+    raw, out = Path(raw), Path(out)
+    if not (raw / "scans").is_dir():
+        raise FileNotFoundError(f"{raw / 'scans'}: not found; --raw must be the ScanNet root "
+                                f"holding scans/ and scans_test/")
+    tsv = _find(raw, ("scannetv2-labels.combined.tsv",), splits_dir)
+    if tsv is None:
+        raise FileNotFoundError(f"scannetv2-labels.combined.tsv not found in {raw} or its "
+                                f"meta/ folder; copy it from the ScanNet download")
+    listed: dict[str, str] = {}
+    for split in SPLITS:
+        path = _find(raw, (f"scannetv2_{split}.txt",), splits_dir)
+        if path is None and split != "test":
+            raise FileNotFoundError(f"scannetv2_{split}.txt not found in {splits_dir or raw} "
+                                    f"(or meta/); pass --splits DIR")
+        if path is not None:
+            for scene in path.read_text().split():
+                listed[scene] = split
+    tasks = []
+    for folder, annotated in (("scans", True), ("scans_test", False)):
+        for scene_dir in sorted((raw / folder).glob("scene*")):
+            split = listed.get(scene_dir.name, None if annotated else "test")
+            if split is None:
+                warnings.warn(f"{scene_dir}: not in any split list, not converted")
+                continue
+            tasks.append(SceneTask(f"{split}/{scene_dir.name}", out / split / scene_dir.name, split,
+                                   (scene_dir, tsv if annotated else None, align)))
+    return tasks

@@ -1,0 +1,38 @@
+"""Validate a preprocessed data root and print a per-dataset summary.
+
+    python tools/check_data.py data/                      # full check of every dataset found
+    python tools/check_data.py data/ --datasets scannet --splits train,val,test --quick
+
+Exit status 1 when any problem is found (each printed with its file and reason).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ppt.data.check import check_data_root  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="data root holding <dataset>/ folders")
+    parser.add_argument("--datasets", default=None, help="comma list (default: all found)")
+    parser.add_argument("--splits", default="train,val", help="comma list of splits")
+    parser.add_argument("--quick", action="store_true", help="headers only (fast)")
+    args = parser.parse_args(argv)
+    datasets = args.datasets.split(",") if args.datasets else None
+    try:
+        report = check_data_root(args.root, datasets, args.splits.split(","), quick=args.quick,
+                                 raise_on_error=False)
+    except KeyError as err:  # unknown dataset name; the message lists the valid ones
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
