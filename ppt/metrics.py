@@ -1,0 +1,139 @@
+"""Segmentation metrics: a confusion matrix summed over a split, and what is derived from it.
+
+Convention (SPEC §7): intersection, union and target counts are summed over every point of
+the split (and across processes) before any ratio is taken; per-class IoU = I / U, per-class
+accuracy = I / T, allAcc = sum(I) / sum(T).
+
+Absent classes: a class with ``union == 0`` (never in the labels, never predicted) has no IoU;
+it shows as ``n/a`` in tables and ``None`` in ``per_class``, and is left out of the mIoU
+average. Likewise a class with ``target == 0`` has no accuracy and is left out of mAcc. A class
+that is predicted but never labelled has IoU 0 and IS counted. The reference (Pointcept)
+averages ``I / (U + 1e-10)`` over all classes, which counts absent classes as 0; on full
+benchmark splits, where every class occurs, both conventions give the same number. On small
+splits (a few validation scenes, an open-vocabulary label set) ours does not penalise the
+model for classes the data does not contain. ``summary`` also reports the reference number as
+``mIoU_ref`` so the two can be compared.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class ConfusionMeter:
+    """Accumulates a (K, K) confusion matrix: rows = true class, columns = predicted class.
+
+    Args:
+        num_classes: K, the size of the label space.
+        ignore_index: label of points left out of every count.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = -1):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def reset(self) -> None:
+        self.confusion.zero_()
+
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """Add one batch of points.
+
+        Args:
+            pred: (N,) predicted class ids in [0, K).
+            target: (N,) true class ids in [0, K) or ``ignore_index``.
+        """
+        pred, target = torch.as_tensor(pred).reshape(-1), torch.as_tensor(target).reshape(-1)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in length")
+        keep = target != self.ignore_index
+        pred, target = pred[keep].long(), target[keep].long()
+        k = self.num_classes
+        if len(target) and (target.min() < 0 or target.max() >= k):
+            raise ValueError(f"labels must be in [0, {k}) or {self.ignore_index}, "
+                             f"got range [{int(target.min())}, {int(target.max())}]")
+        if len(pred) and (pred.min() < 0 or pred.max() >= k):
+            raise ValueError(f"predictions must be in [0, {k}), got range [{int(pred.min())}, {int(pred.max())}]")
+        counts = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
+        self.confusion += counts.to(self.confusion.device)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over all processes (no-op unless torch.distributed is initialised)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        # NCCL only reduces CUDA tensors.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        total = self.confusion.to(device)
+        dist.all_reduce(total)
+        self.confusion = total.cpu()
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(intersection, union, target)`` per class, int64 (K,) each."""
+        c = self.confusion.cpu().numpy()
+        intersection = np.diag(c).copy()
+        target = c.sum(1)
+        union = target + c.sum(0) - intersection
+        return intersection, union, target
+
+    def summary(self, class_names: Sequence[str] | None = None) -> dict:
+        """Metrics over everything added so far.
+
+        Returns:
+            dict with ``mIoU``, ``mAcc``, ``allAcc`` (floats in 0..1; NaN when nothing was
+            counted), ``mIoU_ref`` (reference convention, see module doc), ``per_class`` and
+            ``per_class_acc`` ({name: float or None for absent classes}), ``intersection``,
+            ``union``, ``target`` (lists of ints) and ``confusion`` (np.int64 (K, K)).
+        """
+        names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
+        if len(names) != self.num_classes:
+            raise ValueError(f"{len(names)} class names for {self.num_classes} classes")
+        intersection, union, target = self.counts()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+            acc = np.where(target > 0, intersection / np.maximum(target, 1), np.nan)
+        total = target.sum()
+        return {
+            "mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+            "mAcc": float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan"),
+            "allAcc": float(intersection.sum() / total) if total > 0 else float("nan"),
+            "mIoU_ref": float(np.mean(intersection / (union + 1e-10))),
+            "per_class": {n: _or_none(v) for n, v in zip(names, iou)},
+            "per_class_acc": {n: _or_none(v) for n, v in zip(names, acc)},
+            "intersection": intersection.tolist(),
+            "union": union.tolist(),
+            "target": target.tolist(),
+            "confusion": self.confusion.cpu().numpy(),
+        }
+
+
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.2f}"
+
+
+def format_table(summary: dict, title: str = "") -> str:
+    """Plain-text per-class table (IoU, accuracy, labelled points) of a ``summary`` result.
+
+    Values are percentages; ``n/a`` marks classes absent from both labels and predictions.
+    """
+    names = list(summary["per_class"])
+    width = max([len(n) for n in names] + [len("class")])
+    lines = [title] if title else []
+    lines.append(f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}  {'points':>10}")
+    lines.append("-" * (width + 30))
+    targets = summary.get("target", [0] * len(names))
+    for name, points in zip(names, targets):
+        lines.append(f"{name:<{width}}  {_fmt(summary['per_class'][name]):>7}  "
+                     f"{_fmt(summary['per_class_acc'][name]):>7}  {points:>10}")
+    lines.append("-" * (width + 30))
+    lines.append(f"mIoU {_fmt(summary['mIoU'])}  mAcc {_fmt(summary['mAcc'])}  allAcc {_fmt(summary['allAcc'])}")
+    return "\n".join(lines)
