@@ -35,7 +35,7 @@ from torch import nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-import spconv.pytorch as spconv
+from spconv.pytorch.conv import SparseConvolution
 from spconv.pytorch import functional as Fsp
 from spconv.pytorch import ops
 
@@ -192,7 +192,7 @@ def freeze_sparse_conv(conv: nn.Module) -> nn.Module:
         conv: a `spconv.pytorch.SparseConvolution` instance (SubMConv3d, SparseConv3d,
             SparseInverseConv3d, ...).
     """
-    if not isinstance(conv, spconv.SparseConvolution):
+    if not isinstance(conv, SparseConvolution):
         raise TypeError(f"freeze_sparse_conv expects a spconv convolution, got {type(conv)}")
     for p in conv.parameters():
         p.requires_grad_(False)
@@ -207,7 +207,7 @@ def freeze_sparse_conv(conv: nn.Module) -> nn.Module:
 
 def freeze_sparse_convs(module: nn.Module) -> int:
     """Freeze every spconv convolution inside `module`; returns how many were frozen."""
-    convs = [m for m in module.modules() if isinstance(m, spconv.SparseConvolution)]
+    convs = [m for m in module.modules() if isinstance(m, SparseConvolution)]
     for conv in convs:
         freeze_sparse_conv(conv)
     return len(convs)
