@@ -105,6 +105,8 @@ class TestFragments:
         voxel_size: voxel edge in metres.
     """
 
+    __test__ = False                       # not a pytest class, despite the name
+
     def __init__(self, voxel_size: float = 0.02):
         self.voxel_size = voxel_size
 

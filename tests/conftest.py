@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny synthetic data root made once per test session."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ppt.data.synthetic import generate
+
+TINY_SCENES = 5          # per domain: scannet 4 train + 1 val, s3dis Area_1..5, structured3d 4 + 1
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """Data root with ``scannet/``, ``s3dis/``, ``structured3d/`` (5 rooms each, seed 0).
+
+    Read-only by convention: copy it before modifying.
+    """
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, scenes_per_domain=TINY_SCENES, seed=0)
+    return root
+
+
+@pytest.fixture
+def toy_sample():
+    """A random 2000-point sample in a 4 x 3 x 2.5 m box, colour 0..255, labels 0..19."""
+    rng = np.random.default_rng(123)
+    n = 2000
+    normal = rng.standard_normal((n, 3)).astype(np.float32)
+    return {
+        "coord": (rng.random((n, 3)) * [4, 3, 2.5] + [10, -5, 1]).astype(np.float32),
+        "color": (rng.random((n, 3)) * 255).astype(np.float32),
+        "normal": normal / np.linalg.norm(normal, axis=1, keepdims=True),
+        "segment": rng.integers(-1, 20, n).astype(np.int64),
+        "instance": rng.integers(0, 10, n).astype(np.int64),
+        "dataset": "scannet",
+        "name": "toy",
+    }

@@ -1,0 +1,226 @@
+"""Invariants of every transform, the voxel grid, fragments and the built pipelines."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.interpolate import RegularGridInterpolator
+from scipy.spatial.distance import pdist
+
+from ppt.data import transforms as T
+from ppt.data.grid import GridSample, TestFragments, voxelize
+from ppt.data.transforms import build_test_views, build_transforms
+
+
+def copy(sample):
+    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in sample.items()}
+
+
+def test_voxelize_keys_match_voxels(toy_sample):
+    grid, key = voxelize(toy_sample["coord"], 0.3)
+    assert grid.dtype == np.int32 and grid.min() == 0
+    expected = np.floor(toy_sample["coord"].astype(np.float64) / 0.3).astype(np.int64)
+    assert np.array_equal(grid, expected - expected.min(0))
+    _, by_rows = np.unique(grid, axis=0, return_inverse=True)
+    _, by_key = np.unique(key, return_inverse=True)
+    # Same partition of the points: equal keys exactly when equal voxel rows.
+    assert np.array_equal(by_rows.ravel(), by_key.ravel())
+
+
+@pytest.mark.parametrize("return_inverse", [False, True])
+def test_grid_sample_one_point_per_voxel(toy_sample, return_inverse):
+    s = copy(toy_sample)
+    orig_grid, orig_key = voxelize(s["coord"], 0.25)
+    out = GridSample(0.25, return_inverse, rng=np.random.default_rng(0))(copy(s))
+    grid, key = voxelize(out["coord"], 0.25)
+    # One row per occupied voxel, and every occupied voxel present.
+    assert len(out["coord"]) == len(np.unique(orig_key))
+    sampled_rows = np.unique(out["grid_coord"], axis=0)
+    assert len(sampled_rows) == len(out["coord"])
+    assert set(map(tuple, sampled_rows)) == set(map(tuple, orig_grid))
+    assert out["grid_coord"].dtype == np.int32 and out["grid_coord"].min() == 0
+    # Per-point keys stay aligned: each kept row is an original point.
+    ids = np.flatnonzero((toy_sample["coord"][:, None] == out["coord"][None]).all(2).any(1))
+    assert len(ids) == len(out["coord"])
+    if return_inverse:
+        inv = out["inverse"]
+        assert inv.shape == (len(s["coord"]),) and inv.dtype == np.int64
+        assert np.array_equal(out["grid_coord"][inv], orig_grid)
+        assert np.array_equal(out["origin_segment"], s["segment"])
+
+
+def test_grid_sample_randomness_is_seeded(toy_sample):
+    a = GridSample(0.5, rng=np.random.default_rng(1))(copy(toy_sample))
+    b = GridSample(0.5, rng=np.random.default_rng(1))(copy(toy_sample))
+    c = GridSample(0.5, rng=np.random.default_rng(2))(copy(toy_sample))
+    assert np.array_equal(a["coord"], b["coord"])
+    assert not np.array_equal(a["coord"], c["coord"])
+
+
+def test_fragments_cover_every_point_once_as_owner(toy_sample):
+    frags = TestFragments(0.4)(copy(toy_sample))
+    n = len(toy_sample["coord"])
+    _, key = voxelize(toy_sample["coord"], 0.4)
+    counts = np.bincount(np.unique(key, return_inverse=True)[1].ravel())
+    assert len(frags) == counts.max() > 1
+    owner_hits = np.zeros(n, int)
+    seen = np.zeros(n, bool)
+    for f in frags:
+        # One point per voxel in every fragment.
+        assert len(f["index"]) == len(counts)
+        assert len(np.unique(f["grid_coord"], axis=0)) == len(counts)
+        assert np.array_equal(f["coord"], toy_sample["coord"][f["index"]])
+        owner_hits[f["index"][f["owned"]]] += 1
+        seen[f["index"]] = True
+    assert seen.all()
+    assert (owner_hits == 1).all()
+
+
+def test_rotation_preserves_distances_and_normals(toy_sample):
+    s = copy(toy_sample)
+    s["coord"] = s["coord"][:300]
+    s["normal"] = s["normal"][:300]
+    out = T.RandomRotate((0.3, 0.3), "z", p=1.0)(copy(s))
+    assert np.allclose(pdist(out["coord"]), pdist(s["coord"]), atol=1e-3)
+    assert np.allclose(np.linalg.norm(out["normal"], axis=1), 1, atol=1e-5)
+    assert np.allclose(out["coord"][:, 2], s["coord"][:, 2])
+    assert not np.allclose(out["coord"][:, :2], s["coord"][:, :2])
+    x = T.RandomRotate((0.2, 0.2), "x", p=1.0)(copy(s))
+    assert np.allclose(x["coord"][:, 0], s["coord"][:, 0])
+    with pytest.raises(ValueError):
+        T.RandomRotate(axis="w")
+
+
+def test_flip_and_scale(toy_sample):
+    out = T.RandomFlip(p=1.0)(copy(toy_sample))
+    assert np.allclose(out["coord"][:, :2], -toy_sample["coord"][:, :2])
+    assert np.allclose(out["coord"][:, 2], toy_sample["coord"][:, 2])
+    assert np.allclose(out["normal"][:, :2], -toy_sample["normal"][:, :2])
+    none = T.RandomFlip(p=0.0)(copy(toy_sample))
+    assert np.array_equal(none["coord"], toy_sample["coord"])
+    scaled = T.RandomScale((1.5, 1.5))(copy(toy_sample))
+    assert np.allclose(scaled["coord"], toy_sample["coord"] * 1.5)
+    ratio = T.RandomScale((0.9, 1.1), rng=np.random.default_rng(3))(copy(toy_sample))["coord"] / toy_sample["coord"]
+    assert np.allclose(ratio, ratio[0, 0], rtol=1e-5) and 0.9 <= ratio[0, 0] <= 1.1
+
+
+def test_center_shift(toy_sample):
+    out = T.CenterShift(apply_z=True)(copy(toy_sample))
+    lo, hi = out["coord"].min(0), out["coord"].max(0)
+    assert np.allclose((lo[:2] + hi[:2]) / 2, 0, atol=1e-5) and abs(lo[2]) < 1e-5
+    keep_z = T.CenterShift(apply_z=False)(copy(toy_sample))
+    assert np.allclose(keep_z["coord"][:, 2], toy_sample["coord"][:, 2])
+
+
+def test_dropout_and_sphere_crop_sizes(toy_sample):
+    n = len(toy_sample["coord"])
+    out = T.RandomDropout(0.2, p=1.0)(copy(toy_sample))
+    assert len(out["coord"]) == len(out["segment"]) == len(out["normal"]) == int(n * 0.8)
+    assert len(T.RandomDropout(0.2, p=0.0)(copy(toy_sample))["coord"]) == n
+    crop = T.SphereCrop(point_max=500)(copy(toy_sample))
+    assert len(crop["coord"]) == len(crop["color"]) == 500
+    ratio = T.SphereCrop(ratio=0.6)(copy(toy_sample))
+    assert len(ratio["coord"]) == int(0.6 * n)
+    # The crop is a ball: every kept point is nearer the centre than every dropped one.
+    kept = {tuple(p) for p in crop["coord"]}
+    dropped = np.array([p for p in toy_sample["coord"] if tuple(p) not in kept])
+    assert len(dropped) == n - 500
+    from scipy.spatial.distance import cdist
+    to_kept, to_dropped = cdist(crop["coord"], crop["coord"]), cdist(crop["coord"], dropped)
+    assert (to_kept.max(1) <= to_dropped.min(1) + 1e-6).any()
+    with pytest.raises(ValueError, match="inverse"):
+        T.SphereCrop(10)({**copy(toy_sample), "inverse": np.zeros(n, np.int64)})
+
+
+def test_jitter_and_colour_ranges(toy_sample):
+    out = T.RandomJitter(0.01, 0.02)(copy(toy_sample))
+    d = out["coord"] - toy_sample["coord"]
+    assert np.abs(d).max() <= 0.02 + 1e-6 and d.std() > 0.005
+    for t in (T.ChromaticAutoContrast(p=1.0), T.ChromaticTranslation(p=1.0), T.ChromaticJitter(p=1.0)):
+        c = t(copy(toy_sample))["color"]
+        assert c.shape == toy_sample["color"].shape and c.min() >= 0 and c.max() <= 255
+        assert not np.allclose(c, toy_sample["color"])
+    norm = T.NormalizeColor()(copy(toy_sample))["color"]
+    assert norm.max() <= 1.0 and np.allclose(norm * 255, toy_sample["color"], atol=1e-3)
+
+
+def test_elastic_matches_reference_interpolation():
+    rng = np.random.default_rng(0)
+    noise = T.smooth_noise(rng.standard_normal((7, 6, 5, 3)).astype(np.float32))
+    origin, spacing = np.array([-0.3, 0.1, 0.0]), 0.2
+    pts = origin + rng.random((500, 3)) * spacing * (np.array([7, 6, 5]) - 1)
+    axes = [origin[i] + spacing * np.arange(noise.shape[i]) for i in range(3)]
+    ref = RegularGridInterpolator(axes, noise)(pts)
+    assert np.allclose(T.trilinear(noise, origin, spacing, pts), ref, atol=1e-5)
+
+
+def test_elastic_distortion_is_smooth_and_seeded(toy_sample):
+    a = T.ElasticDistortion(p=1.0, rng=np.random.default_rng(5))(copy(toy_sample))
+    b = T.ElasticDistortion(p=1.0, rng=np.random.default_rng(5))(copy(toy_sample))
+    assert np.array_equal(a["coord"], b["coord"])
+    d = a["coord"] - toy_sample["coord"]
+    assert np.abs(d).max() > 0.01
+    # Nearby points move alike (a smooth field, not per-point noise).
+    i, j = np.argsort(np.linalg.norm(toy_sample["coord"] - toy_sample["coord"][0], axis=1))[:2]
+    assert np.linalg.norm(d[i] - d[j]) < np.abs(d).max()
+
+
+def test_shuffle_remaps_inverse(toy_sample):
+    val = GridSample(0.3, True)(copy(toy_sample))
+    before = val["coord"][val["inverse"]].copy()
+    out = T.ShufflePoints(rng=np.random.default_rng(0))(val)
+    assert np.array_equal(out["coord"][out["inverse"]], before)
+
+
+@pytest.mark.parametrize("dataset", ["scannet", "s3dis", "structured3d"])
+def test_train_pipeline_contract_and_determinism(toy_sample, dataset):
+    outs = [build_transforms(dataset, "train", 0.05, rng=np.random.default_rng(7))(copy(toy_sample))
+            for _ in range(2)]
+    out = outs[0]
+    assert set(out) == {"coord", "grid_coord", "feat", "segment", "dataset", "name"}
+    n = len(out["coord"])
+    assert out["coord"].dtype == np.float32 and out["grid_coord"].dtype == np.int32
+    assert out["feat"].shape == (n, 6) and out["feat"].dtype == np.float32
+    assert out["segment"].dtype == np.int64 and out["grid_coord"].min() >= 0
+    assert 0 <= out["feat"][:, :3].min() and out["feat"][:, :3].max() <= 1
+    # One point per voxel survives the crop.
+    assert len(np.unique(out["grid_coord"], axis=0)) == n
+    for k in ("coord", "grid_coord", "feat", "segment"):
+        assert np.array_equal(out[k], outs[1][k])
+    plain = build_transforms(dataset, "train", 0.05, augment=False)(copy(toy_sample))
+    voxels = len(GridSample(0.05)(copy(toy_sample))["coord"])
+    expected = {"scannet": voxels, "s3dis": int(0.6 * voxels), "structured3d": int(0.8 * voxels)}
+    assert len(plain["coord"]) == expected[dataset]
+
+
+def test_val_pipeline_inverse(toy_sample):
+    out = build_transforms("scannet", "val", 0.1)(copy(toy_sample))
+    assert out["inverse"].shape == (2000,) and out["inverse"].max() < len(out["coord"])
+    assert np.array_equal(out["origin_segment"], toy_sample["segment"])
+    # Each original point maps to the row of its own voxel.
+    centred = toy_sample["coord"] - np.array([*(toy_sample["coord"].min(0)[:2] + toy_sample["coord"].max(0)[:2]) / 2,
+                                              toy_sample["coord"][:, 2].min()], np.float32)
+    grid, _ = voxelize(centred, 0.1)
+    assert np.array_equal(out["grid_coord"][out["inverse"]], grid)
+
+
+def test_test_views_cover_points(toy_sample):
+    views = build_test_views(copy(toy_sample), 0.3)
+    assert sorted({v["view"] for v in views}) == list(range(13))
+    for view in range(13):
+        frags = [f for f in views if f["view"] == view]
+        owned = np.concatenate([f["index"][f["owned"]] for f in frags])
+        assert np.array_equal(np.sort(owned), np.arange(2000))
+    f0 = views[0]
+    assert f0["feat"].shape[1] == 6 and f0["grid_coord"].min() >= 0
+
+    # Each fragment is its view's rotation/scale/flip of the centred scene, up to an xy shift.
+    c = toy_sample["coord"]
+    base = c - np.array([*(c.min(0)[:2] + c.max(0)[:2]) / 2, c[:, 2].min()], np.float32)
+    params = [(a, s, False) for a in (0, np.pi / 2, np.pi, 1.5 * np.pi) for s in (0.95, 1, 1.05)]
+    params.append((0, 1, True))
+    for f in views:
+        a, scale, flip = params[f["view"]]
+        rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        expected = (base[f["index"]] @ rot.T) * scale * np.array([-1 if flip else 1, 1, 1])
+        shift = f["coord"] - expected
+        assert np.allclose(shift, shift[0], atol=1e-4) and abs(shift[0, 2]) < 1e-4
