@@ -209,7 +209,11 @@ def read_view(source: Source, folder: str, camera: str, panorama: bool,
 def voxel_downsample(coord: np.ndarray, voxel: float) -> np.ndarray:
     """Indices of the first point in each ``voxel``-sized cell, in input order."""
     cells = np.floor(coord / voxel).astype(np.int64)
-    _, first = np.unique(cells, axis=0, return_index=True)
+    cells -= cells.min(axis=0)
+    dims = cells.max(axis=0) + 1
+    # One int64 key per cell: a 1-D unique is ~20x faster than np.unique(axis=0).
+    key = (cells[:, 0] * dims[1] + cells[:, 1]) * dims[2] + cells[:, 2]
+    _, first = np.unique(key, return_index=True)
     return np.sort(first)
 
 
