@@ -37,8 +37,9 @@ class Room:
         return len(self.types) - 1
 
     def rect(self, obj: int, origin, u, v, normal, kind: int = RECT) -> int:
+        normal = np.asarray(normal, float)
         self.patches.append((kind, np.asarray(origin, float), np.asarray(u, float),
-                             np.asarray(v, float), np.asarray(normal, float), obj))
+                             np.asarray(v, float), normal / np.linalg.norm(normal), obj))
         return len(self.patches) - 1
 
     def shell(self, ceiling: bool = True) -> None:
