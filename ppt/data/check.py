@@ -52,7 +52,7 @@ class DataReport:
             for split, rep in splits.items():
                 lines.append(f"{dataset}/{split}: {rep.scenes} scenes, {rep.points:,} points, "
                              f"normals in {rep.with_normal}/{rep.scenes}")
-                if rep.histogram is not None:
+                if rep.histogram is not None and rep.scenes:
                     total = max(int(rep.histogram.sum()) + rep.ignored, 1)
                     parts = [f"{n} {100 * c / total:.1f}%"
                              for n, c in zip(info.class_names, rep.histogram)]
