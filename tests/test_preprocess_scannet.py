@@ -156,3 +156,17 @@ def test_vertex_count_mismatch_fails_that_scene_only(raw, tmp_path):
     assert "3 segIndices but the mesh has 32 vertices" in lines[-1] or any(
         "3 segIndices but the mesh has 32 vertices" in line for line in lines)
     assert not (tmp_path / "out" / "train" / "scene0000_00").exists()
+
+
+def test_non_triangle_faces_are_one_clear_error(tmp_path):
+    verts = np.zeros((4, 3), np.float32)
+    vertex = np.array([tuple(v) + (0, 0, 0, 255) for v in verts],
+                      dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"),
+                             ("green", "u1"), ("blue", "u1"), ("alpha", "u1")])
+    face = np.empty(1, dtype=[("vertex_indices", "i4", (4,))])
+    face["vertex_indices"] = [[0, 1, 2, 3]]
+    path = tmp_path / "quad.ply"
+    PlyData([PlyElement.describe(vertex, "vertex"), PlyElement.describe(face, "face")]).write(
+        str(path))
+    with pytest.raises(ValueError, match=r"quad.ply: expected triangle faces.*\[4\]"):
+        scannet.read_mesh(path)

@@ -77,16 +77,27 @@ def read_mesh(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Returns:
         coord float32 (N, 3), color uint8 (N, 3), faces int64 (F, 3).
     """
-    from plyfile import PlyData
+    from plyfile import PlyData, PlyElementParseError
 
-    ply = PlyData.read(str(path))
-    v = ply["vertex"]
-    coord = np.stack([v["x"], v["y"], v["z"]], axis=1).astype(np.float32)
-    color = np.stack([v["red"], v["green"], v["blue"]], axis=1).astype(np.uint8)
-    faces = ply["face"]["vertex_indices"]
-    faces = np.stack(faces).astype(np.int64) if len(faces) else np.zeros((0, 3), np.int64)
-    if faces.ndim != 2 or faces.shape[1] != 3:
-        raise ValueError(f"{path}: expected triangle faces, got shape {faces.shape}")
+    with open(path, "rb") as f:
+        try:
+            # Declaring triangles lets plyfile map the binary face list in one numpy read
+            # instead of one Python call per face (~10x faster on a 300k-face scan).
+            ply = PlyData.read(f, known_list_len={"face": {"vertex_indices": 3}})
+        except PlyElementParseError:  # not all faces are triangles: generic reader
+            f.seek(0)
+            ply = PlyData.read(f)
+        v = ply["vertex"]
+        coord = np.stack([v["x"], v["y"], v["z"]], axis=1).astype(np.float32)
+        color = np.stack([v["red"], v["green"], v["blue"]], axis=1).astype(np.uint8)
+        faces = ply["face"]["vertex_indices"]
+        if faces.dtype == object:  # ASCII file or generic reader: one array per face
+            lengths = {len(face) for face in faces}
+            if lengths - {3}:
+                raise ValueError(f"{path}: expected triangle faces, found faces with "
+                                 f"{sorted(lengths - {3})} vertices")
+            faces = np.stack(faces) if len(faces) else np.zeros((0, 3), np.int64)
+        faces = np.array(faces, dtype=np.int64)
     return coord, color, faces
 
 
