@@ -224,3 +224,20 @@ def test_test_views_cover_points(toy_sample):
         expected = (base[f["index"]] @ rot.T) * scale * np.array([-1 if flip else 1, 1, 1])
         shift = f["coord"] - expected
         assert np.allclose(shift, shift[0], atol=1e-4) and abs(shift[0, 2]) < 1e-4
+
+
+def test_elastic_single_pass_matches_sequential_reference(toy_sample):
+    """With the same noise grids, one pass on the merged field equals interpolating each grid
+    at the original points (the reference up to where coarse fields are evaluated)."""
+    params = ((0.2, 0.4), (0.8, 1.6))
+    out = T.ElasticDistortion(params, p=1.0, rng=np.random.default_rng(9))(copy(toy_sample))["coord"]
+    rng = np.random.default_rng(9)
+    rng.random()                                              # the p draw
+    coord = toy_sample["coord"]
+    lo, extent = coord.min(0), (coord - coord.min(0)).max(0)
+    expected = coord.astype(np.float64)
+    for g, m in params:
+        noise = T.smooth_noise(rng.standard_normal((*((extent // g).astype(int) + 3), 3), dtype=np.float32))
+        axes = [lo[i] - g + g * np.arange(noise.shape[i]) for i in range(3)]
+        expected = expected + m * RegularGridInterpolator(axes, noise)(coord)
+    assert np.allclose(out, expected, atol=1e-4)

@@ -145,13 +145,13 @@ def _style_colors(domain: str, types: list[str], obj: np.ndarray, coord: np.ndar
     return np.clip(color, 0, 255).round().astype(np.uint8)
 
 
-def make_scene(domain: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def make_scene(domain: str, rng: np.random.Generator, num_points: int | None = None) -> dict[str, np.ndarray]:
     """One synthetic room of ``domain`` as the arrays of its layout (coord, color, normal,
-    segment/segment20, instance); 20k-60k points."""
+    segment/segment20, instance); about ``num_points`` points (default: random 20k-60k)."""
     if domain not in DOMAINS:
         raise KeyError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
     room = _build_room(domain, rng)
-    target = int(rng.integers(20_000, 60_000))
+    target = int(rng.integers(20_000, 60_000)) if num_points is None else num_points
     if domain == "scannet":
         coord, normal, obj = room.sample(int(target * 1.2), density_jitter=0.5)
         # Holes (unscanned patches) and fewer points up high, where the camera rarely looks.
