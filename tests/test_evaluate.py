@@ -189,3 +189,29 @@ def test_confusion_image():
     assert img.shape == other.shape and not np.array_equal(img, other)
     with pytest.raises(ValueError, match="2 class names"):
         confusion_image(np.zeros((3, 3)), ("a", "b"))
+
+
+def tiny_segmentor() -> nn.Module:
+    from ppt.models.segmentor import Segmentor
+
+    torch.manual_seed(0)
+    model = Segmentor({"scannet": SCANNET20, "s3dis": ("ceiling", "floor")},
+                      backbone=dict(channels=(8, 8, 16, 16, 16, 8, 8, 8), layers=(1,) * 8, stem_channels=8),
+                      prompt="pdnorm", prompt_dim=16, head="decoupled")
+    # Non-trivial running statistics, so eval-mode BN is not the identity.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_real_model_tta_batched_equals_one_fragment_at_a_time(scannet):
+    raw = scannet.load(2)
+    fragments = build_test_views(raw, VOXEL)[:8]
+    model, n = tiny_segmentor(), len(raw["coord"])
+    with torch.inference_mode():
+        single = predict_scene_tta(model, fragments, n, K, "scannet", "mean", torch.device("cpu"), max_points=1)
+        batched = predict_scene_tta(model, fragments, n, K, "scannet", "mean", torch.device("cpu"), max_points=10**6)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(single[:, 0], single[:, 1])  # the model is not constant
