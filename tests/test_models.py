@@ -1,0 +1,272 @@
+"""Backbone, prompts, heads, segmentor and loss (CPU, tiny widths, a few thousand voxels)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ppt.data.classes import DATASETS, union_label_space
+from ppt.losses import segmentation_loss
+from ppt.models.heads import LanguageHead, UnionHead
+from ppt.models.prompts import PDNorm, PromptCrossAttention, PromptInjection
+from ppt.models.segmentor import Segmentor
+from ppt.models.spunet import SPATIAL_MARGIN, BatchNorm, DomainContext, SpUNet, cuda_default_algo
+from spconv.core import ConvAlgo
+from spconv.pytorch.conv import SparseConvolution
+
+TINY = dict(channels=(8, 8, 16, 16, 16, 16, 8, 8), layers=(1,) * 8, stem_channels=8)
+NAMES = {d: DATASETS[d].class_names for d in ("structured3d", "scannet", "s3dis")}
+PROMPTS = ("none", "pdnorm", "inject", "xattn")
+HEADS = ("language", "decoupled", "union")
+
+
+def text_embeddings(dim: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {d: F.normalize(torch.randn(len(n), dim, generator=g), dim=-1) for d, n in NAMES.items()}
+
+
+def make_batch(dataset: str = "scannet", n: int = 2000, seed: int = 0, extent: int = 24) -> dict:
+    """Two scenes of ~n/2 unique random voxels each, labels of ``dataset`` with some ignored."""
+    g = torch.Generator().manual_seed(seed)
+    scenes = []
+    for _ in range(2):
+        grid = torch.unique(torch.randint(0, extent, (n // 2, 3), generator=g), dim=0)
+        scenes.append(grid[torch.randperm(len(grid), generator=g)])
+    grid = torch.cat(scenes).int()
+    k = len(NAMES[dataset])
+    segment = torch.randint(-1, k, (len(grid),), generator=g)
+    return dict(grid_coord=grid, feat=torch.rand(len(grid), 6, generator=g), segment=segment,
+                offset=torch.tensor([len(scenes[0]), len(grid)]), dataset=dataset)
+
+
+def tiny_model(prompt: str = "pdnorm", head: str = "language", seed: int = 0, **kwargs) -> Segmentor:
+    torch.manual_seed(seed)
+    return Segmentor(NAMES, backbone=TINY, prompt=prompt, prompt_dim=32, head=head,
+                     text_embeddings=text_embeddings(), **kwargs)
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_forward_backward(prompt, head):
+    model = tiny_model(prompt, head)
+    batch = make_batch("s3dis")
+    logits = model(batch)
+    assert logits.shape == (len(batch["segment"]), len(NAMES["s3dis"]))
+    assert torch.isfinite(logits).all()
+    segmentation_loss(logits, batch["segment"]).backward()
+    for name, p in model.backbone.named_parameters():
+        if "norms." in name and ".s3dis." not in name:
+            assert p.grad is None, name  # other datasets' norms stay idle
+        elif "prompt_adapter.out" not in name and "prompt_adapter.query" not in name \
+                and "prompt_adapter.key_value" not in name and "prompt_adapter.norm" not in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_default_parameter_count():
+    backbone = SpUNet()
+    n = count(backbone)
+    assert abs(n - 39.2e6) / 39.2e6 < 0.01, n
+    assert sum(isinstance(m, BatchNorm) for m in backbone.modules()) == 59
+    assert len(list(backbone.blocks())) == 23
+    emb = {d: torch.zeros(len(c), 512) for d, c in NAMES.items()}
+    for prompt in PROMPTS[1:]:
+        model = Segmentor(NAMES, prompt=prompt, text_embeddings=emb)
+        n_prompt = sum(p.numel() for p in model.prompt_parameters())
+        print(f"SpUNet {n / 1e6:.3f} M; +{prompt}: backbone {count(model.backbone) / 1e6:.3f} M, "
+              f"prompt-related {n_prompt / 1e6:.3f} M, total {count(model) / 1e6:.3f} M")
+        assert count(model.backbone) > n and n_prompt > 0
+    assert sum(isinstance(m, PDNorm) for m in Segmentor(NAMES, text_embeddings=emb).modules()) == 59
+
+
+def test_output_rows_follow_input_and_spatial_shape():
+    backbone = SpUNet(**TINY)
+    batch = make_batch()
+    x = backbone.sparse_input(batch)
+    assert x.spatial_shape == (batch["grid_coord"].max(0).values + SPATIAL_MARGIN).tolist()
+    assert (x.indices[:, 0] == torch.tensor([0] * int(batch["offset"][0]) + [1] * int(batch["offset"][1] - batch["offset"][0]))).all()
+    out = backbone.forward_sparse(x, DomainContext())
+    assert torch.equal(out.indices, x.indices)
+    assert out.features.shape == (len(x.indices), TINY["channels"][-1])
+
+
+def test_algorithm_follows_device():
+    backbone = SpUNet(**TINY)
+    convs = [m for m in backbone.modules() if isinstance(m, SparseConvolution)]
+    backbone.set_algo_for(torch.device("cuda"))
+    assert backbone.stem.conv.algo == ConvAlgo.Native  # k5: 125 offsets, too many for implicit GEMM
+    assert backbone.encoder[0].blocks[0].conv1.algo == ConvAlgo.MaskImplicitGemm
+    assert all(c.algo == cuda_default_algo(c) for c in convs)
+    backbone(make_batch(n=400))  # the forward switches everything back to Native on CPU
+    assert all(c.algo == ConvAlgo.Native for c in convs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_matches_cpu():
+    model = tiny_model("pdnorm", "language").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        cpu = model(batch)
+        gpu_batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        gpu = model.cuda()(gpu_batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            amp = model(gpu_batch)
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-2)
+    assert torch.isfinite(amp).all() and amp.dtype == torch.float32
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_zero_init_pdnorm_equals_plain(decoupled):
+    plain = tiny_model("none", seed=1)
+    ppt = tiny_model("pdnorm", seed=2, decoupled_bn=decoupled)
+    shared = {k: v for k, v in plain.state_dict().items() if k in ppt.state_dict()}
+    assert any(".conv." in k for k in shared)
+    ppt.load_state_dict(shared, strict=False)
+    batch = make_batch("scannet")
+    # eval first: the running statistics are still equal (train-mode calls update them)
+    for train in (False, True):
+        plain.train(train), ppt.train(train)
+        with torch.no_grad():
+            expected = plain(batch)
+            assert torch.allclose(expected, ppt(batch, prompt="mean"), atol=1e-5)  # no update
+            assert torch.allclose(expected, ppt(batch), atol=1e-5)
+
+
+def test_prompt_and_modulation_learn_over_two_steps():
+    model = tiny_model("pdnorm")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    table = model.prompts.table.weight
+    modulation = next(m for m in model.modules() if isinstance(m, PDNorm)).modulation[1].weight
+    grads = []
+    for step in range(2):
+        batch = make_batch("scannet", seed=step)
+        opt.zero_grad()
+        segmentation_loss(model(batch), batch["segment"]).backward()
+        grads.append((table.grad.clone(), modulation.grad.clone()))
+        opt.step()
+    (table0, mod0), (table1, mod1) = grads
+    assert table0.abs().sum() == 0  # zero modulation: the prompt cannot matter yet
+    assert mod0.abs().sum() > 0  # ... but the modulation itself learns at once
+    scannet = model.prompts.names.index("scannet")
+    assert table1[scannet].abs().sum() > 0 and mod1.abs().sum() > 0
+    others = [i for i in range(len(model.prompts.names)) if i != scannet]
+    assert table1[others].abs().sum() == 0
+
+
+@pytest.mark.parametrize("prompt", ["inject", "xattn"])
+def test_adapters_start_silent_and_learn(prompt):
+    model = tiny_model(prompt)
+    adapters = [m for m in model.modules() if isinstance(m, (PromptInjection, PromptCrossAttention))]
+    assert len(adapters) == 8  # one per basic block of the tiny model
+    batch = make_batch("structured3d")
+    segmentation_loss(model(batch), batch["segment"]).backward()
+    out = adapters[0].proj.weight if prompt == "inject" else adapters[0].out.weight
+    assert out.abs().sum() == 0 and out.grad.abs().sum() > 0
+    ids = {id(p) for p in model.prompt_parameters()}
+    assert id(out) in ids and id(model.prompts.table.weight) in ids
+    assert not any(id(p) in ids for p in model.head.parameters())
+
+
+def test_mean_domain_uses_mixture_statistics():
+    norm = PDNorm(4, ("a", "b"), prompt_dim=8).eval()
+    norm.norms["a"].running_mean.fill_(1.0), norm.norms["b"].running_mean.fill_(3.0)
+    norm.norms["a"].running_var.fill_(1.0), norm.norms["b"].running_var.fill_(1.0)
+    x = torch.randn(10, 4)
+    y = norm(x, DomainContext("mean", torch.zeros(1, 8)))
+    expected = (x - 2.0) / torch.sqrt(torch.tensor(2.0 + 1e-3))  # mixture: mean 2, var 1 + 1
+    assert torch.allclose(y, expected, atol=1e-5)
+    with pytest.raises(KeyError, match="valid"):
+        norm(x, DomainContext("c", torch.zeros(1, 8)))
+
+
+def test_prompt_override_and_errors():
+    model = tiny_model("pdnorm").eval()
+    batch = make_batch("scannet")
+    with torch.no_grad():
+        own, other, mean = model(batch), model(batch, prompt="s3dis"), model(batch, prompt="mean")
+    assert own.shape == other.shape == mean.shape
+    with pytest.raises(KeyError, match="scannet, s3dis, mean"):
+        model(batch, prompt="scanet")
+    with pytest.raises(KeyError, match="valid prompts"):
+        model(dict(batch, dataset="newset"))
+    with pytest.raises(ValueError, match="pdnorm"):
+        Segmentor(NAMES, backbone=TINY, prompt="pdn", text_embeddings=text_embeddings())
+    with pytest.raises(ValueError, match="union"):
+        Segmentor(NAMES, backbone=TINY, head="lang", text_embeddings=text_embeddings())
+    with pytest.raises(ValueError, match="text_embeddings"):
+        Segmentor(NAMES, backbone=TINY, head="language")
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_predictions_stay_in_dataset_classes(head):
+    model = tiny_model("none", head).eval()
+    for dataset, names in NAMES.items():
+        with torch.no_grad():
+            logits = model(make_batch(dataset, n=600))
+        assert logits.shape[1] == len(names)
+        assert logits.argmax(1).max() < len(names)
+
+
+def test_union_head_columns():
+    union, index = union_label_space(dict(NAMES))
+    assert len(union) == len(set(union))
+    assert {"ceiling", "wall", "otherprop", "board"} <= set(union)
+    head = UnionHead(8, NAMES)
+    x = torch.randn(5, 8)
+    full = head.classifier(x)
+    for dataset, names in NAMES.items():
+        logits = head(x, dataset)
+        for i, name in enumerate(names):  # every column is the union column of the same name
+            assert torch.equal(logits[:, i], full[:, union.index(name)])
+    assert union[index["s3dis"][0]] == "ceiling" == NAMES["s3dis"][0]
+    head.set_label_space("sub", ["sofa", "ceiling"])
+    assert torch.equal(head(x, "sub"), full[:, [union.index("sofa"), union.index("ceiling")]])
+    with pytest.raises(KeyError, match="language head"):
+        head.set_label_space("new", ["spaceship"])
+
+
+def test_language_head_uses_its_datasets_embeddings():
+    emb = text_embeddings(dim=16)
+    head = LanguageHead(8, emb, logit_scale=100.0)
+    x = torch.randn(7, 8)
+    feat = F.normalize(head.proj(x), dim=-1)
+    for dataset in NAMES:
+        assert torch.allclose(head(x, dataset), 100.0 * feat @ emb[dataset].t(), atol=1e-4)
+    perm = torch.randperm(len(NAMES["scannet"]), generator=torch.Generator().manual_seed(0))
+    head.set_label_space("shuffled", None, emb["scannet"][perm])
+    assert torch.allclose(head(x, "shuffled"), head(x, "scannet")[:, perm], atol=1e-5)
+    # label spaces added later travel in the state dict and load into a fresh head
+    state = head.state_dict()
+    fresh = LanguageHead(8, text_embeddings(dim=16, seed=1))
+    fresh.load_state_dict(state)
+    assert torch.allclose(fresh(x, "shuffled"), head(x, "shuffled"))
+    assert torch.allclose(fresh.embeddings("s3dis"), emb["s3dis"])
+    with pytest.raises(ValueError, match="embeddings must be"):
+        head.set_label_space("bad", ["a"], torch.randn(1, 5))
+    with pytest.raises(KeyError, match="valid"):
+        head(x, "missing")
+
+
+def test_open_vocabulary_label_space_on_segmentor():
+    model = tiny_model("pdnorm", "language").eval()
+    model.set_label_space("newset", ["lamp", "bed", "floor"], torch.randn(3, 16))
+    with torch.no_grad():
+        logits = model(make_batch("scannet", n=600) | {"dataset": "newset"}, prompt="mean")
+    assert logits.shape[1] == 3
+    with pytest.raises(NotImplementedError, match="language head"):
+        tiny_model("none", "decoupled").set_label_space("newset", ["lamp"], None)
+
+
+def test_loss_ignores_and_checks_labels():
+    logits = torch.randn(4, 3, requires_grad=True)
+    segment = torch.tensor([0, -1, 2, -1])
+    expected = F.cross_entropy(logits[[0, 2]], segment[[0, 2]])
+    assert torch.allclose(segmentation_loss(logits, segment), expected)
+    empty = segmentation_loss(logits, torch.full((4,), -1))
+    empty.backward()
+    assert empty.item() == 0.0 and logits.grad is not None
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        segmentation_loss(logits, torch.tensor([0, 1, 2, 3]))
