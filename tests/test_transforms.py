@@ -7,8 +7,8 @@ from scipy.interpolate import RegularGridInterpolator
 from scipy.spatial.distance import pdist
 
 from ppt.data import transforms as T
-from ppt.data.grid import GridSample, TestFragments, voxelize
-from ppt.data.transforms import build_test_views, build_transforms
+from ppt.data.grid import GridSample, TestFragments, build_test_views, voxelize
+from ppt.data.transforms import build_transforms
 
 
 def copy(sample):

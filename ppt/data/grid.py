@@ -6,9 +6,16 @@ times slower; see ``bench/data_pipeline.py``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ppt.data import transforms as T
 from ppt.data.transforms import RandomTransform, index_points
+
+# Test-time augmentation (SPEC §7): z-rotations x scales, plus one flipped view.
+TTA_ANGLES = (0.0, 0.5 * math.pi, math.pi, 1.5 * math.pi)
+TTA_SCALES = (0.95, 1.0, 1.05)
 
 
 def voxelize(coord: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
@@ -123,3 +130,48 @@ class TestFragments:
             part["owned"] = rank == i
             fragments.append(part)
         return fragments
+
+
+def build_test_views(sample: dict, voxel_size: float = 0.02, angles=TTA_ANGLES,
+                     scales=TTA_SCALES, flip: bool = True) -> list[dict]:
+    """Test-time views of one raw scene: every augmentation split into covering fragments.
+
+    Views: each z-rotation in ``angles`` x each scale in ``scales`` (12 by default), plus one
+    view flipped in x (13). Each view is centred, split by ``TestFragments`` (fragment ``i``
+    takes the ``i``-th point of every voxel; each point is ``owned`` by exactly one fragment
+    per view), re-centred in x/y and given ``feat``. Deterministic.
+
+    Args:
+        sample: a loaded scene (``coord``, ``color`` 0..255, ``normal``, optional ``segment``).
+        voxel_size: voxel edge in metres.
+
+    Returns:
+        list of fragment samples with ``coord``, ``grid_coord``, ``feat``, ``segment``,
+        ``index`` i64 (original point ids), ``owned`` bool, ``view`` int, ``dataset``, ``name``.
+        Summing softmax scores over all fragments at ``index`` gives per-point predictions.
+    """
+    base = T.NormalizeColor()(T.CenterShift(apply_z=True)(dict(sample)))
+    transforms = [(a, s, False) for a in angles for s in scales] + ([(0.0, 1.0, True)] if flip else [])
+    fragmenter, recentre, collect = TestFragments(voxel_size), T.CenterShift(apply_z=False), T.Collect()
+    views = []
+    for v, (angle, scale, flipped) in enumerate(transforms):
+        view = dict(base)
+        rot = T.rotation_matrix("z", angle)
+        view["coord"] = (base["coord"] @ rot.T) * np.float32(scale)
+        if "normal" in base:
+            view["normal"] = base["normal"] @ rot.T
+        if flipped:
+            view = _flip_x(view)
+        for fragment in fragmenter(view):
+            fragment = collect(recentre(fragment))
+            fragment["view"] = v
+            views.append(fragment)
+    return views
+
+
+def _flip_x(sample: dict) -> dict:
+    for key in ("coord", "normal"):
+        if key in sample:
+            sample[key] = sample[key].copy()
+            sample[key][:, 0] *= -1
+    return sample

@@ -85,12 +85,14 @@ class MultiDatasetLoader:
                  seed: int = 0, rank: int = 0, world_size: int = 1, mix3d_prob: float = 0.8,
                  drop_last: bool = True):
         if set(datasets) != set(ratios):
-            raise ValueError(f"ratios {sorted(ratios)} must name exactly the datasets {sorted(datasets)}")
+            raise ValueError(f"ratios {sorted(ratios)} must name exactly the datasets "
+                             f"{sorted(datasets)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.datasets, self.ratios, self.schedule = datasets, dict(ratios), ratio_schedule(ratios)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.rank, self.world_size, self.mix3d_prob, self.drop_last = rank, world_size, mix3d_prob, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.mix3d_prob, self.drop_last = mix3d_prob, drop_last
         for name, ds in datasets.items():
             if len(ds) < world_size * (batch_size if drop_last else 1):
                 raise ValueError(f"dataset {name!r} has {len(ds)} samples: too few for {world_size} "
@@ -125,7 +127,8 @@ class MultiDatasetLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "ratios": dict(self.ratios), "batch_size": self.batch_size, "world_size": self.world_size}
+                "ratios": dict(self.ratios), "batch_size": self.batch_size,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "ratios", "batch_size", "world_size"):

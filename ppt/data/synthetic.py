@@ -35,7 +35,8 @@ LABEL_MAP: dict[str, dict[str, str | None]] = {
     "scannet": {**{k: k for k in _SHARED}, "ceiling": None, "bed": "bed", "pillow": None,
                 "desk": "desk", "cabinet": "cabinet", "bookshelf": "bookshelf", "picture": "picture",
                 "curtain": "curtain", "refrigerator": "refrigerator", "toilet": "toilet", "sink": "sink",
-                "bathtub": "bathtub", "shower_curtain": "shower curtain", "counter": "counter", "nightstand": "otherfurniture",
+                "bathtub": "bathtub", "shower_curtain": "shower curtain", "counter": "counter",
+                "nightstand": "otherfurniture",
                 "dresser": "otherfurniture", "lamp": None, "tv": None, "mirror": None, "board": None,
                 "beam": None, "column": None, "clutter": None},
     "s3dis": {**{k: k for k in _SHARED}, "ceiling": "ceiling", "desk": "table", "bookshelf": "bookcase",
@@ -43,8 +44,10 @@ LABEL_MAP: dict[str, dict[str, str | None]] = {
               "column": "column"},                                    # anything else: clutter
     "structured3d": {**{k: k for k in _SHARED}, "ceiling": "ceiling", "bed": "bed", "pillow": "pillow",
                      "desk": "desk", "cabinet": "cabinet", "bookshelf": "shelves", "picture": "picture",
-                     "curtain": "curtain", "refrigerator": "refrigerator", "toilet": None, "sink": "sink",
-                     "bathtub": None, "shower_curtain": "curtain", "counter": "otherfurniture", "nightstand": "nightstand",
+                     "curtain": "curtain", "refrigerator": "refrigerator", "toilet": None,
+                     "sink": "sink",
+                     "bathtub": None, "shower_curtain": "curtain", "counter": "otherfurniture",
+                     "nightstand": "nightstand",
                      "dresser": "dresser", "lamp": "lamp", "tv": "television", "mirror": "mirror",
                      "board": "otherprop", "beam": "otherstructure", "column": "otherstructure",
                      "clutter": "otherprop"},
@@ -60,10 +63,11 @@ _LIVING = ("living", ((4, 7), (4, 6), (2.6, 3.0)),
             "tv": (0, 1), "lamp": (0, 2), "picture": (1, 3), "door": (1, 2), "window": (1, 3),
             "curtain": (0, 2), "clutter": (2, 6)})
 _KITCHEN = ("kitchen", ((3, 5), (3, 5), (2.5, 2.9)),
-            {"counter": (1, 2), "refrigerator": (1, 1), "sink": (1, 1), "cabinet": (1, 3), "table": (0, 1),
-             "chair": (0, 4), "door": (1, 1), "window": (0, 1), "clutter": (2, 5)})
+            {"counter": (1, 2), "refrigerator": (1, 1), "sink": (1, 1), "cabinet": (1, 3),
+             "table": (0, 1), "chair": (0, 4), "door": (1, 1), "window": (0, 1), "clutter": (2, 5)})
 _BATHROOM = ("bathroom", ((2, 3.2), (2, 3.2), (2.4, 2.8)),
-             {"toilet": (1, 1), "sink": (1, 1), "bathtub": (0, 1), "shower_curtain": (0, 1), "mirror": (1, 1), "cabinet": (0, 1),
+             {"toilet": (1, 1), "sink": (1, 1), "bathtub": (0, 1), "shower_curtain": (0, 1),
+              "mirror": (1, 1), "cabinet": (0, 1),
               "door": (1, 1), "window": (0, 1), "clutter": (0, 2)})
 _OFFICE = ("office", ((3, 7), (3, 7), (2.6, 3.2)),
            {"desk": (1, 4), "chair": (1, 5), "bookshelf": (0, 2), "cabinet": (0, 2), "table": (0, 1),
@@ -81,8 +85,11 @@ ROOMS = {
         ("hallway", ((1.8, 2.6), (6, 12), (2.8, 3.2)),
          {"door": (2, 5), "column": (0, 3), "beam": (0, 3), "board": (0, 1), "clutter": (1, 4)}),
     ),
-    "structured3d": tuple((n, s, {**rec, "lamp": (1, 2), "tv": (0, 1), "column": (0, 1), "beam": (0, 1)} if n != "bathroom"
-                           else rec) for n, s, rec in (_BEDROOM, _LIVING, _KITCHEN, _BATHROOM)),
+    # Rendered homes: more lamps and televisions, and occasional columns / beams.
+    "structured3d": tuple(
+        (n, s, rec if n == "bathroom" else {**rec, "lamp": (1, 2), "tv": (0, 1), "column": (0, 1),
+                                            "beam": (0, 1)})
+        for n, s, rec in (_BEDROOM, _LIVING, _KITCHEN, _BATHROOM)),
 }
 
 # Base RGB of each abstract type (shared by all domains; domain styles then shift it).
@@ -94,7 +101,8 @@ BASE_COLOR = {
     "refrigerator": (220, 220, 225), "toilet": (235, 235, 235), "sink": (210, 210, 215),
     "bathtub": (230, 230, 230), "counter": (150, 150, 140), "nightstand": (140, 100, 70),
     "dresser": (150, 110, 80), "lamp": (230, 210, 160), "tv": (30, 30, 35), "mirror": (190, 200, 205),
-    "board": (235, 235, 230), "beam": (190, 190, 185), "column": (195, 195, 190), "clutter": (120, 120, 120),
+    "board": (235, 235, 230), "beam": (190, 190, 185), "column": (195, 195, 190),
+    "clutter": (120, 120, 120),
     "shower_curtain": (200, 210, 225),
 }
 
@@ -145,7 +153,8 @@ def _style_colors(domain: str, types: list[str], obj: np.ndarray, coord: np.ndar
     return np.clip(color, 0, 255).round().astype(np.uint8)
 
 
-def make_scene(domain: str, rng: np.random.Generator, num_points: int | None = None) -> dict[str, np.ndarray]:
+def make_scene(domain: str, rng: np.random.Generator,
+               num_points: int | None = None) -> dict[str, np.ndarray]:
     """One synthetic room of ``domain`` as the arrays of its layout (coord, color, normal,
     segment/segment20, instance); about ``num_points`` points (default: random 20k-60k)."""
     if domain not in DOMAINS:

@@ -98,7 +98,8 @@ class Room:
                 yaw = math.atan2(n[1], n[0]) - math.pi / 2       # local +y (front) = inward
             else:
                 yaw = self.rng.integers(4) * math.pi / 2
-                centre = np.array([self.rng.uniform(0, self.size[0]), self.rng.uniform(0, self.size[1]), 0])
+                centre = np.array([self.rng.uniform(0, self.size[0]),
+                                   self.rng.uniform(0, self.size[1]), 0.0])
             quarter = round(yaw / (math.pi / 2)) % 2 == 1
             hx, hy = (depth / 2, width / 2) if quarter else (width / 2, depth / 2)
             rect = (centre[0] - hx, centre[1] - hy, centre[0] + hx, centre[1] + hy)
@@ -152,7 +153,8 @@ class Room:
             keep &= ~((pid == hole_pid) & (s > s0) & (s < s1) & (t > t0) & (t < t1))
         floor = obj[pid] == self.types.index("floor")
         for x0, y0, x1, y1 in self.footprints:
-            keep &= ~(floor & (coord[:, 0] > x0) & (coord[:, 0] < x1) & (coord[:, 1] > y0) & (coord[:, 1] < y1))
+            inside = (coord[:, 0] > x0) & (coord[:, 0] < x1) & (coord[:, 1] > y0) & (coord[:, 1] < y1)
+            keep &= ~(floor & inside)
         # Overhanging parts (clutter on a narrow top) are pressed into the room's box.
         coord = np.clip(coord[keep], 0, self.size)
         return coord, normal[pid][keep], obj[pid][keep]
@@ -160,7 +162,8 @@ class Room:
 
 # ---- furniture: parts in the object's local frame (x = width, y = depth, front = +y) --------
 def _legs(w, d, h, t=0.04):
-    return [("box", (sx * (w / 2 - t), sy * (d / 2 - t), h / 2), (t, t, h)) for sx in (-1, 1) for sy in (-1, 1)]
+    return [("box", (sx * (w / 2 - t), sy * (d / 2 - t), h / 2), (t, t, h))
+            for sx in (-1, 1) for sy in (-1, 1)]
 
 
 def _bed(r):
@@ -173,8 +176,8 @@ def _bed(r):
 
 def _chair(r):
     w = r.uniform(0.4, 0.5)
-    return w, w, 0.0, {"": [("box", (0, 0, 0.45), (w, w, 0.05)), ("box", (0, -w / 2 + 0.02, 0.7), (w, 0.04, 0.5))]
-                       + _legs(w, w, 0.43)}
+    seat, back = ("box", (0, 0, 0.45), (w, w, 0.05)), ("box", (0, -w / 2 + 0.02, 0.7), (w, 0.04, 0.5))
+    return w, w, 0.0, {"": [seat, back] + _legs(w, w, 0.43)}
 
 
 def _table(r):
@@ -184,14 +187,17 @@ def _table(r):
 
 def _desk(r):
     w, d, h = r.uniform(1.0, 1.6), r.uniform(0.6, 0.8), 0.74
-    return w, d, 0.9, {"": [("box", (0, 0, h - 0.02), (w, d, 0.04)), ("box", (-w / 2 + 0.02, 0, h / 2), (0.04, d, h)),
+    return w, d, 0.9, {"": [("box", (0, 0, h - 0.02), (w, d, 0.04)),
+                            ("box", (-w / 2 + 0.02, 0, h / 2), (0.04, d, h)),
                             ("box", (w / 2 - 0.25, 0, h / 2), (0.45, d, h - 0.04))]}
 
 
 def _sofa(r):
     w, d = r.uniform(1.5, 2.4), r.uniform(0.8, 0.95)
-    return w, d, 0.7, {"": [("box", (0, 0.05, 0.21), (w - 0.4, d - 0.1, 0.42)), ("box", (0, -d / 2 + 0.1, 0.45), (w, 0.2, 0.9)),
-                            ("box", (-w / 2 + 0.1, 0, 0.3), (0.2, d, 0.6)), ("box", (w / 2 - 0.1, 0, 0.3), (0.2, d, 0.6))]}
+    return w, d, 0.7, {"": [("box", (0, 0.05, 0.21), (w - 0.4, d - 0.1, 0.42)),
+                            ("box", (0, -d / 2 + 0.1, 0.45), (w, 0.2, 0.9)),
+                            ("box", (-w / 2 + 0.1, 0, 0.3), (0.2, d, 0.6)),
+                            ("box", (w / 2 - 0.1, 0, 0.3), (0.2, d, 0.6))]}
 
 
 def _simple_box(wr, dr, hr, wall):
@@ -205,17 +211,20 @@ def _bookshelf(r):
     w, d, h = r.uniform(0.8, 1.6), r.uniform(0.3, 0.4), r.uniform(1.5, 2.1)
     parts = [("box", (s * (w / 2 - 0.015), 0, h / 2), (0.03, d, h)) for s in (-1, 1)]
     parts.append(("box", (0, -d / 2 + 0.01, h / 2), (w, 0.02, h)))
-    parts += [("box", (0, 0, z), (w, d, 0.03)) for z in np.linspace(0.05, h - 0.02, int(r.integers(4, 7)))]
+    levels = np.linspace(0.05, h - 0.02, int(r.integers(4, 7)))
+    parts += [("box", (0, 0, z), (w, d, 0.03)) for z in levels]
     return w, d, 1.0, {"": parts}
 
 
 def _toilet(r):
-    return 0.45, 0.7, 1.0, {"": [("cyl", (0, 0.08, 0), (0.2, 0.2, 0.42)), ("box", (0, -0.25, 0.6), (0.45, 0.2, 0.4))]}
+    bowl, tank = ("cyl", (0, 0.08, 0), (0.2, 0.2, 0.42)), ("box", (0, -0.25, 0.6), (0.45, 0.2, 0.4))
+    return 0.45, 0.7, 1.0, {"": [bowl, tank]}
 
 
 def _lamp(r):
     h = r.uniform(1.3, 1.7)
-    return 0.4, 0.4, 0.3, {"": [("cyl", (0, 0, 0), (0.15, 0.15, 0.03)), ("cyl", (0, 0, 0.03), (0.015, 0.015, h)),
+    return 0.4, 0.4, 0.3, {"": [("cyl", (0, 0, 0), (0.15, 0.15, 0.03)),
+                                ("cyl", (0, 0, 0.03), (0.015, 0.015, h)),
                                 ("cyl", (0, 0, h), (0.2, 0.2, 0.3))]}
 
 
@@ -277,7 +286,8 @@ def add_object(room: Room, kind: str, tops: list) -> None:
         if spot is None:
             return
         x, y, yaw = spot
-        rot = np.array([[math.cos(yaw), -math.sin(yaw), 0], [math.sin(yaw), math.cos(yaw), 0], [0, 0, 1]])
+        c, s = math.cos(yaw), math.sin(yaw)
+        rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
         for sub, parts in groups.items():
             obj = room.new_object(sub or kind)
             for shape, centre, size in parts:

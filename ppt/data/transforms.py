@@ -95,7 +95,8 @@ class RandomDropout(RandomTransform):
         return sample
 
 
-def _rotation(axis: str, angle: float) -> np.ndarray:
+def rotation_matrix(axis: str, angle: float) -> np.ndarray:
+    """(3, 3) float32 rotation by ``angle`` radians about axis "x", "y" or "z" (right-handed)."""
     c, s = math.cos(angle), math.sin(angle)
     if axis == "x":
         return np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
@@ -122,7 +123,7 @@ class RandomRotate(RandomTransform):
 
     def __call__(self, sample: dict) -> dict:
         if self.rng.random() < self.p:
-            rot = _rotation(self.axis, self.rng.uniform(*self.angle))
+            rot = rotation_matrix(self.axis, self.rng.uniform(*self.angle))
             sample["coord"] = sample["coord"] @ rot.T
             if "normal" in sample:
                 sample["normal"] = sample["normal"] @ rot.T
@@ -225,8 +226,8 @@ class ElasticDistortion(RandomTransform):
         fine = min(g for g, _ in self.params)
         # Node j of a grid with spacing g sits at lo - g + j * g, as in the reference.
         fine_dims = (extent // fine).astype(int) + 3
-        nodes = np.stack(np.meshgrid(*[lo[i] - fine + fine * np.arange(d) for i, d in enumerate(fine_dims)],
-                                     indexing="ij"), -1).reshape(-1, 3)
+        axes = [lo[i] - fine + fine * np.arange(d) for i, d in enumerate(fine_dims)]
+        nodes = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
         field = np.zeros((*fine_dims, 3), np.float32)
         for granularity, magnitude in self.params:
             dims = (extent // granularity).astype(int) + 3
@@ -234,7 +235,8 @@ class ElasticDistortion(RandomTransform):
             if granularity == fine:
                 field += magnitude * noise
             else:
-                field += magnitude * trilinear(noise, lo - granularity, granularity, nodes).reshape(field.shape)
+                coarse = trilinear(noise, lo - granularity, granularity, nodes)
+                field += magnitude * coarse.reshape(field.shape)
         sample["coord"] = coord + trilinear(field, lo - fine, fine, coord)
         return sample
 
@@ -299,7 +301,8 @@ class SphereCrop(RandomTransform):
 
     def __call__(self, sample: dict) -> dict:
         if "inverse" in sample:
-            raise ValueError("SphereCrop would invalidate 'inverse'; crop before GridSample(return_inverse)")
+            raise ValueError("SphereCrop would invalidate 'inverse': crop before "
+                             "GridSample(return_inverse=True)")
         n = len(sample["coord"])
         limit = int(self.ratio * n) if self.ratio is not None else self.point_max
         if n > limit:
@@ -361,9 +364,6 @@ class Collect:
 # Sphere-crop sizes of the reference configs (SPEC §2).
 SPHERE_CROP = {"scannet": dict(point_max=100_000), "s3dis": dict(ratio=0.6),
                "structured3d": dict(ratio=0.8)}
-# Test-time augmentation (SPEC §7): z-rotations x scales, plus one flipped view.
-TTA_ANGLES = (0.0, 0.5 * math.pi, math.pi, 1.5 * math.pi)
-TTA_SCALES = (0.95, 1.0, 1.05)
 
 
 def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, augment: bool = True,
@@ -374,6 +374,7 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
         dataset_name: picks the sphere-crop size (unknown names crop like ScanNet).
         split: "train" gives the augmenting pipeline; anything else the validation pipeline
             (centre, grid sample with ``inverse``/``origin_segment``, normalise, features).
+            Test-time views: ``ppt.data.grid.build_test_views``.
         voxel_size: grid sampling voxel in metres.
         augment: for "train", False keeps only the deterministic steps plus grid sampling.
         rng: generator for all random steps (``Compose.set_rng`` replaces it per sample).
@@ -399,58 +400,12 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
                 ChromaticTranslation(p=0.95, ratio=0.05),
                 ChromaticJitter(p=0.95, std=0.05),
             ]
-        steps += [GridSample(voxel_size), SphereCrop(**SPHERE_CROP.get(dataset_name, SPHERE_CROP["scannet"])),
-                  CenterShift(apply_z=False), NormalizeColor()]
+        crop = SPHERE_CROP.get(dataset_name, SPHERE_CROP["scannet"])
+        steps += [GridSample(voxel_size), SphereCrop(**crop), CenterShift(apply_z=False),
+                  NormalizeColor()]
         if augment:
             steps.append(ShufflePoints())
         steps.append(Collect())
     pipeline = Compose(steps)
     pipeline.set_rng(rng if rng is not None else np.random.default_rng(0))
     return pipeline
-
-
-def build_test_views(sample: dict, voxel_size: float = 0.02, angles=TTA_ANGLES,
-                     scales=TTA_SCALES, flip: bool = True) -> list[dict]:
-    """Test-time views of one raw scene: every augmentation split into covering fragments.
-
-    Views: each z-rotation in ``angles`` x each scale in ``scales`` (12 by default), plus one
-    view flipped in x (13). Each view is centred, split by ``TestFragments`` (fragment ``i``
-    takes the ``i``-th point of every voxel; each point is ``owned`` by exactly one fragment
-    per view), re-centred in x/y and given ``feat``. Deterministic.
-
-    Args:
-        sample: a loaded scene (``coord``, ``color`` 0..255, ``normal``, optional ``segment``).
-        voxel_size: voxel edge in metres.
-
-    Returns:
-        list of fragment samples with ``coord``, ``grid_coord``, ``feat``, ``segment``,
-        ``index`` i64 (original point ids), ``owned`` bool, ``view`` int, ``dataset``, ``name``.
-        Summing softmax scores over all fragments at ``index`` gives per-point predictions.
-    """
-    from ppt.data.grid import TestFragments
-
-    base = NormalizeColor()(CenterShift(apply_z=True)(dict(sample)))
-    transforms = [(a, s, False) for a in angles for s in scales] + ([(0.0, 1.0, True)] if flip else [])
-    fragmenter, recentre, collect = TestFragments(voxel_size), CenterShift(apply_z=False), Collect()
-    views = []
-    for v, (angle, scale, flipped) in enumerate(transforms):
-        view = dict(base)
-        rot = _rotation("z", angle)
-        view["coord"] = (base["coord"] @ rot.T) * np.float32(scale)
-        if "normal" in base:
-            view["normal"] = base["normal"] @ rot.T
-        if flipped:
-            view = _flip_x(view)
-        for fragment in fragmenter(view):
-            fragment = collect(recentre(fragment))
-            fragment["view"] = v
-            views.append(fragment)
-    return views
-
-
-def _flip_x(sample: dict) -> dict:
-    for key in ("coord", "normal"):
-        if key in sample:
-            sample[key] = sample[key].copy()
-            sample[key][:, 0] *= -1
-    return sample
