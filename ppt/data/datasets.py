@@ -74,7 +74,7 @@ class SceneDataset(Dataset):
 
     def scene_name(self, folder: Path) -> str:
         parts = folder.relative_to(self.root).parts
-        if len(parts) > 1 and parts[0] in SPLIT_FOLDERS:
+        if len(parts) > 1 and parts[0] in (*SPLIT_FOLDERS, self.split):
             parts = parts[1:]
         return "-".join(parts)
 
