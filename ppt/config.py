@@ -1,0 +1,406 @@
+"""Typed experiment configuration: YAML files validated into dataclasses, ``key=value`` overrides.
+
+A config file is plain YAML with the sections of :class:`Config` (no inheritance, no
+registries): every key must exist in its dataclass and keep its type. Mistakes fail early with
+one message naming the file, the key and the fix::
+
+    unknown config key 'optim.lrr' in configs/x.yaml; did you mean 'optim.lr'?
+    config key 'train.epochs' in configs/x.yaml must be int, got str ('ten')
+
+Command-line overrides use dotted keys; values are parsed with ``yaml.safe_load`` and checked
+the same way (``optim.lr=0.01 model.channels=[8,8,16,16,16,16,8,8] data.mix={scannet:1}``).
+The resolved config is written next to the run (``exp/<name>/config.yaml``) and stored in
+every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema (message says how to fix it)."""
+
+
+@dataclass
+class DataConfig:
+    """Data root, dataset mix and the per-sample pipeline.
+
+    Args:
+        root: data root holding ``<dataset>/`` folders (``data/`` or ``data/synthetic``).
+        mix: dataset name -> batch ratio (``{structured3d: 4, scannet: 2, s3dis: 1}``); every
+            batch comes from one dataset, datasets take turns by these ratios.
+        val: datasets evaluated on their val split; empty = the datasets of ``mix``.
+        voxel_size: grid-sampling voxel in metres.
+        batch_size: samples per step summed over all processes (split evenly across them).
+        num_workers: loader worker processes per training process.
+        mix3d_prob: probability of merging each pair of samples (Mix3D).
+        augment: apply the training augmentations (SPEC §2).
+        loop: repeat each training scene list this many times per epoch.
+        check: quick header check of the data root before training.
+    """
+
+    root: str = "data"
+    mix: dict[str, int] = field(default_factory=lambda: {"scannet": 1})
+    val: list[str] = field(default_factory=list)
+    voxel_size: float = 0.02
+    batch_size: int = 12
+    num_workers: int = 4
+    mix3d_prob: float = 0.8
+    augment: bool = True
+    loop: int = 1
+    check: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Segmentor: SpUNet widths, prompt adapter, category-alignment head and text encoder.
+
+    Args:
+        channels: 8 stage widths (4 encoder, 4 decoder).
+        layers: 8 stage depths (basic blocks per stage).
+        in_channels: input feature channels (colour + normal = 6).
+        prompt: "none", "pdnorm", "inject" or "xattn".
+        prompt_dim: domain prompt length.
+        decoupled_bn: PDNorm keeps BN statistics per dataset.
+        zero_init: zero-initialise the prompt modulation (training starts as the plain network).
+        head: "language", "decoupled" or "union".
+        text_encoder: "minilm" (offline) or "clip:<model>:<pretrained tag or path>".
+        template: text template of a class name for the language head.
+        logit_scale: fixed logit scale of the language head.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 128, 256, 256, 128, 96, 96)
+    layers: tuple[int, ...] = (2, 3, 4, 6, 2, 2, 2, 2)
+    in_channels: int = 6
+    prompt: str = "pdnorm"
+    prompt_dim: int = 256
+    decoupled_bn: bool = True
+    zero_init: bool = True
+    head: str = "language"
+    text_encoder: str = "minilm"
+    template: str = "a point of {}"
+    logit_scale: float = 100.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (one peak lr per parameter group).
+
+    Args:
+        name: "sgd" or "adamw".
+        lr: peak learning rate of the base group.
+        prompt_lr_scale: prompt-related parameters (``model.prompt_parameters()``) train at
+            ``lr * prompt_lr_scale``.
+        momentum, nesterov: SGD only.
+        betas: AdamW only.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        scheduler: "onecycle" or "cosine" (linear warm-up then cosine to ``lr / final_div_factor``).
+        pct_start: share of the steps spent warming up.
+        div_factor: initial lr = peak / div_factor (OneCycle).
+        final_div_factor: final lr = initial lr / final_div_factor (OneCycle) or peak /
+            final_div_factor (cosine).
+        grad_clip: max gradient norm; 0 disables clipping.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.05
+    prompt_lr_scale: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    scheduler: str = "onecycle"
+    pct_start: float = 0.05
+    div_factor: float = 10.0
+    final_div_factor: float = 1e4
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Loop, precision, evaluation, checkpointing and logging.
+
+    Args:
+        epochs: training epochs (an epoch ends when the first dataset runs out).
+        seed: seed of model init, data order, augmentation and Mix3D.
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU is fp32.
+        device: "auto" (CUDA if available), "cpu" or "cuda".
+        eval_every: evaluate every N epochs (0 = never; the last epoch is always evaluated).
+        checkpoint_every: also write ``model_last.pth`` every N steps (0 = once per epoch).
+        max_nonfinite: stop after this many consecutive skipped (non-finite) steps.
+        steps_per_epoch: cap on steps per epoch (0 = the loader's full epoch); for demos/tests.
+        log_every: write a train.log / TensorBoard line every N steps.
+        threads: torch CPU threads per process (0 = torch's default).
+    """
+
+    epochs: int = 100
+    seed: int = 0
+    amp: bool = True
+    device: str = "auto"
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    max_nonfinite: int = 20
+    steps_per_epoch: int = 0
+    log_every: int = 10
+    threads: int = 0
+
+
+@dataclass
+class Config:
+    """One experiment. Sections: ``data``, ``model``, ``optim``, ``train``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        """Plain YAML-friendly dict (tuples as lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; returns it converted (int -> float, list -> tuple)."""
+    def fail() -> ConfigError:
+        shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+        return ConfigError(f"config key '{key}'{where} must be {_type_name(tp)}, "
+                           f"got {type(value).__name__} ({shown})")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if tp in (int, str, bool):
+        if type(value) is not tp:  # bool is an int subclass: reject it for int and vice versa
+            raise fail()
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        kt, vt = args
+        return {_coerce(k, kt, f"{key} (key {k!r})", where): _coerce(v, vt, f"{key}.{k}", where)
+                for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError:
+                continue
+        raise fail()
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    valid = _all_keys() if "." in key else list(_fields(Config))  # a section or a leaf
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close and "." not in key:
+        valid = _all_keys()
+    if not close:  # a bare leaf name ("lr") or a misspelt section: match on the last part
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf] or \
+            difflib.get_close_matches(key, valid, n=1, cutoff=0.3)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(_fields(Config))}"
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _from_dict(cls, data: Any, prefix: str, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}'{where} must be a mapping, "
+                          f"got {type(data).__name__}")
+    fields = _fields(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown(key, where)
+        tp = fields[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value if value is not None else {}, f"{key}.", where)
+        else:
+            kwargs[name] = _coerce(value, tp, key, where)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config, where: str = "") -> Config:
+    """Checks across keys (names, choices, shapes); raises ConfigError."""
+    from ppt.data.classes import DATASETS
+
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"config key '{key}'{where} {msg}")
+
+    choices = {"optim.name": (cfg.optim.name, ("sgd", "adamw")),
+               "optim.scheduler": (cfg.optim.scheduler, ("onecycle", "cosine")),
+               "model.prompt": (cfg.model.prompt, ("none", "pdnorm", "inject", "xattn")),
+               "model.head": (cfg.model.head, ("language", "decoupled", "union")),
+               "train.device": (cfg.train.device, ("auto", "cpu", "cuda"))}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise bad(key, f"is {value!r}; valid: {', '.join(valid)}")
+    if not cfg.data.mix:
+        raise bad("data.mix", "is empty; name at least one dataset, e.g. {scannet: 1}")
+    for name in [*cfg.data.mix, *cfg.data.val]:
+        if name not in DATASETS:
+            raise bad("data.mix" if name in cfg.data.mix else "data.val",
+                      f"names unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    for name, ratio in cfg.data.mix.items():
+        if ratio < 1:
+            raise bad(f"data.mix.{name}", f"must be a positive integer batch ratio, got {ratio}")
+    if len(cfg.model.channels) != 8 or len(cfg.model.layers) != 8:
+        raise bad("model.channels", "and model.layers need 8 entries each (4 encoder + 4 decoder stages)")
+    positive = {"data.voxel_size": cfg.data.voxel_size, "data.batch_size": cfg.data.batch_size,
+                "optim.lr": cfg.optim.lr, "train.epochs": cfg.train.epochs, "data.loop": cfg.data.loop,
+                "train.max_nonfinite": cfg.train.max_nonfinite, "train.log_every": cfg.train.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise bad(key, f"must be > 0, got {value}")
+    if not 0.0 <= cfg.data.mix3d_prob <= 1.0:
+        raise bad("data.mix3d_prob", f"must be in [0, 1], got {cfg.data.mix3d_prob}")
+    if not 0.0 < cfg.optim.pct_start < 1.0:
+        raise bad("optim.pct_start", f"must be in (0, 1), got {cfg.optim.pct_start}")
+    if cfg.model.template.count("{}") != 1:
+        raise bad("model.template", f"must contain exactly one '{{}}', got {cfg.model.template!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and overrides
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """``["optim.lr=0.1", "data.mix={scannet: 2}"]`` -> nested dict (values via yaml.safe_load)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.01)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and prefix.count(".") < 1 \
+                and key in _fields(Config):
+            out[key] = _merge(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value  # leaves (including data.mix) are replaced whole
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a config.
+
+    Args:
+        path: YAML file (None = defaults only).
+        overrides: ``key=value`` strings applied on top of the file.
+
+    Raises:
+        ConfigError: unreadable file, unknown key (with the nearest valid key), wrong type or
+            invalid value; the message names the file or the override.
+    """
+    data: dict = {}
+    where = ""
+    if path is not None:
+        where = f" in {path}"
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        cfg = _from_dict(Config, data, "", where)  # file errors name the file
+        data = cfg.to_dict()
+    if overrides:
+        where = " (command-line override)"
+        data = _merge(data, parse_overrides(overrides))
+    return validate(_from_dict(Config, data, "", where), where)
+
+
+def config_from_dict(data: dict, where: str = "") -> Config:
+    """Validate a plain dict (e.g. the config stored in a checkpoint)."""
+    return validate(_from_dict(Config, data, "", where), where)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=None)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,138 @@
+"""Builders from a :class:`ppt.config.Config`: model, data, optimiser and scheduler.
+
+Each builder is a plain function of the config section it reads, so ``tools/train.py`` and
+the tests build exactly the same objects.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ppt.config import Config, DataConfig, ModelConfig, OptimConfig
+from ppt.data.classes import get_dataset_info
+from ppt.models.heads import TEXT_PREFIX
+
+
+def model_datasets(cfg: Config) -> list[str]:
+    """The model's domains / label spaces: the training mix, then any extra val datasets."""
+    names = list(cfg.data.mix)
+    return names + [d for d in cfg.data.val if d not in names]
+
+
+def build_text_embeddings(cfg: ModelConfig, datasets: list[str]) -> dict[str, torch.Tensor]:
+    """(K_d, D) frozen class-name embeddings per dataset (disk-cached by ``ppt.text``)."""
+    from ppt.text import class_embeddings
+
+    return {d: class_embeddings(get_dataset_info(d).class_names, cfg.text_encoder, cfg.template)
+            for d in datasets}
+
+
+def text_embeddings_from_state(state: dict) -> dict[str, torch.Tensor]:
+    """Class embeddings stored in a checkpoint's model state (no text encoder needed to resume)."""
+    key = "head." + TEXT_PREFIX
+    return {k[len(key):]: v for k, v in state.items() if k.startswith(key)}
+
+
+def build_model(cfg: Config, text_embeddings: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The Segmentor of ``cfg.model`` over the config's datasets.
+
+    Args:
+        cfg: full config (model section + dataset names).
+        text_embeddings: precomputed embeddings (e.g. from a checkpoint); default: encode the
+            class names with ``cfg.model.text_encoder`` (language head only).
+    """
+    from ppt.models.segmentor import Segmentor
+
+    m = cfg.model
+    datasets = model_datasets(cfg)
+    if m.head == "language" and (text_embeddings is None or any(d not in text_embeddings for d in datasets)):
+        text_embeddings = build_text_embeddings(m, datasets)
+    return Segmentor(
+        class_names={d: get_dataset_info(d).class_names for d in datasets},
+        backbone=dict(in_channels=m.in_channels, channels=tuple(m.channels), layers=tuple(m.layers)),
+        prompt=m.prompt, prompt_dim=m.prompt_dim, decoupled_bn=m.decoupled_bn, head=m.head,
+        text_embeddings=text_embeddings if m.head == "language" else None,
+        logit_scale=m.logit_scale, zero_init=m.zero_init,
+    )
+
+
+def per_rank_batch_size(data: DataConfig, world_size: int) -> int:
+    if data.batch_size % world_size:
+        raise ValueError(f"data.batch_size={data.batch_size} (total over processes) is not divisible "
+                         f"by the {world_size} processes")
+    return data.batch_size // world_size
+
+
+def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1):
+    """MultiDatasetLoader over the train splits of ``cfg.data.mix`` (this rank's shard)."""
+    from ppt.data.datasets import build_dataset
+    from ppt.data.mixing import MultiDatasetLoader
+    from ppt.data.transforms import build_transforms
+
+    d = cfg.data
+    datasets = {name: build_dataset(name, d.root, "train",
+                                    build_transforms(name, "train", d.voxel_size, augment=d.augment),
+                                    loop=d.loop)
+                for name in d.mix}
+    return MultiDatasetLoader(datasets, dict(d.mix), per_rank_batch_size(d, world_size),
+                              num_workers=d.num_workers, seed=cfg.train.seed, rank=rank,
+                              world_size=world_size, mix3d_prob=d.mix3d_prob)
+
+
+def build_val_datasets(cfg: Config) -> dict:
+    """Val split of each evaluated dataset (raw scenes: ``evaluate`` applies the val pipeline)."""
+    from ppt.data.datasets import build_dataset
+
+    return {name: build_dataset(name, cfg.data.root, "val") for name in (cfg.data.val or list(cfg.data.mix))}
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Base group at ``lr`` and prompt group (``model.prompt_parameters()``) at
+    ``lr * prompt_lr_scale``; each group carries its own peak lr (``max_lr``)."""
+    prompt_ids = {id(p) for p in model.prompt_parameters()} if hasattr(model, "prompt_parameters") else set()
+    base = [p for p in model.parameters() if p.requires_grad and id(p) not in prompt_ids]
+    prompt = [p for p in model.parameters() if p.requires_grad and id(p) in prompt_ids]
+    groups = [{"params": base, "lr": cfg.lr, "max_lr": cfg.lr, "name": "base"}]
+    if prompt:
+        lr = cfg.lr * cfg.prompt_lr_scale
+        groups.append({"params": prompt, "lr": lr, "max_lr": lr, "name": "prompt"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW over :func:`param_groups`."""
+    groups = param_groups(model, cfg)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Per-step schedule with one peak lr PER GROUP (the group's ``max_lr``).
+
+    "onecycle": ``torch.optim.lr_scheduler.OneCycleLR`` (cosine annealing, no momentum
+    cycling so SGD keeps its momentum). "cosine": linear warm-up over ``pct_start`` of the
+    steps from ``max_lr / div_factor``, then cosine down to ``max_lr / final_div_factor``.
+    """
+    total_steps = max(1, total_steps)
+    max_lrs = [g["max_lr"] for g in optimizer.param_groups]
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=cfg.pct_start,
+            anneal_strategy="cos", cycle_momentum=False, div_factor=cfg.div_factor,
+            final_div_factor=cfg.final_div_factor)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = group["max_lr"]
+    warmup = max(1, int(cfg.pct_start * total_steps))
+    start, end = 1.0 / cfg.div_factor, 1.0 / cfg.final_div_factor
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1.0 - start) * step / warmup
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

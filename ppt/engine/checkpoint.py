@@ -1,0 +1,211 @@
+"""Checkpoints: atomic writes, exact resume, weight loading for fine-tuning.
+
+A checkpoint (``exp/<name>/model/model_last.pth`` / ``model_best.pth``) is a dict::
+
+    version, model, optimizer, scheduler, scaler, loader (MultiDatasetLoader.state_dict()),
+    epoch, step (optimizer steps done), best_metric, best_epoch, nonfinite_steps,
+    rng (one entry per rank: python, numpy, torch, cuda), config (resolved, plain dict)
+
+Everything is plain containers and tensors, so it loads with ``torch.load(weights_only=True)``.
+Resuming restores all of it: a run killed at any point and resumed from its last checkpoint
+ends with exactly the weights of an uninterrupted run (same seed, CPU).
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "loader", "epoch", "step", "rng", "config")
+MAX_LISTED = 6
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not fit the model (message names the file)."""
+
+
+def _summary(keys, limit: int = MAX_LISTED) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    """This process's RNG states as plain containers and tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_py = random.getstate()
+    state = {"python": [version, list(internal), gauss_py],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_py = state["python"]
+    random.setstate((version, tuple(internal), gauss_py))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`atomic_save` (CPU tensors).
+
+    Raises:
+        CheckpointError: missing file, unreadable/corrupt file, or missing entries.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle and tensor errors all mean "not a usable checkpoint"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PPT checkpoint "
+                              f"({type(err).__name__}: {reason[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+def check_resumable(ckpt: dict, path: str | os.PathLike) -> None:
+    """Raise CheckpointError when ``ckpt`` lacks what exact resume needs."""
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed from: it lacks {_summary(missing)} "
+                              f"(a weights-only file? use --weights to fine-tune from it)")
+
+
+def _strip_prefix(state: dict) -> dict:
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
+    """Strict load with a readable summary of what does not fit."""
+    state = _strip_prefix(state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_summary(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_summary(unexpected)})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches ({_summary(shapes, 3)})")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(problems)} "
+                              f"(was it trained with another config?)")
+    model.load_state_dict(state)
+
+
+def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer, scheduler, scaler, loader,
+                    epoch: int, step: int, best_metric: float, best_epoch: int, nonfinite_steps: int,
+                    config: dict, rng: list[dict]) -> None:
+    """Write the full training state (see module docstring) atomically."""
+    atomic_save({
+        "version": CHECKPOINT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "loader": loader.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "best_metric": best_metric,
+        "best_epoch": best_epoch,
+        "nonfinite_steps": nonfinite_steps,
+        "config": config,
+        "rng": rng,
+    }, path)
+
+
+def restore(ckpt: dict, path: str | os.PathLike, *, model: nn.Module, optimizer, scheduler, scaler,
+            loader, rank: int = 0) -> None:
+    """Put a resumable checkpoint's state back into the training objects (model on its device)."""
+    check_resumable(ckpt, path)
+    load_model_state(model, ckpt["model"], path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["loader"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path} does not match this run: {err}") from None
+    rng = ckpt["rng"]
+    if len(rng) <= rank:
+        raise CheckpointError(f"checkpoint {path} holds RNG states of {len(rng)} processes; "
+                              f"this is rank {rank} (resume with the same number of processes)")
+    set_rng_state(rng[rank])
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """Initialise ``model`` from a checkpoint's weights (fine-tuning): tensors whose name and
+    shape match are loaded, the rest keep their initialisation.
+
+    Accepts a PPT checkpoint, a Pointcept checkpoint (``state_dict``) or a bare state dict.
+
+    Returns:
+        One-line report: loaded count, shape mismatches, missing and unexpected keys.
+
+    Raises:
+        CheckpointError: unreadable file, or nothing at all matches.
+    """
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model", ckpt.get("state_dict", ckpt))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} holds no model state dict")
+    state = _strip_prefix(state)
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    shapes = [f"{k} {tuple(state[k].shape)}->{tuple(own[k].shape)}" for k in state
+              if k in own and k not in fits]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if not fits:
+        raise CheckpointError(f"checkpoint {path}: no tensor matches this model by name and shape "
+                              f"({len(unexpected)} unexpected keys, e.g. {_summary(unexpected, 3)})")
+    model.load_state_dict(fits, strict=False)
+    parts = [f"loaded {len(fits)}/{len(own)} tensors from {path}"]
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches kept initialised ({_summary(shapes, 3)})")
+    if missing:
+        parts.append(f"{len(missing)} missing ({_summary(missing, 3)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ignored ({_summary(unexpected, 3)})")
+    return "; ".join(parts)

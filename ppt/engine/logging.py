@@ -1,0 +1,117 @@
+"""Experiment logging: ``train.log``, TensorBoard events and the progress bar (rank 0 only).
+
+TensorBoard is imported on first use, so ``import ppt`` stays cheap and a missing
+``tensorboard`` package only disables the event files (with one warning line).
+Tags, for users coming from Pointcept::
+
+    train/loss, train/loss_<dataset>, train/lr_<group>, train/points_per_s, train/skipped_steps
+    val/<dataset>/{mIoU,mAcc,allAcc}, val/mean_mIoU, val/<dataset>/iou/<class>,
+    val/<dataset>/confusion (image), config (text)
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+class ExperimentLogger:
+    """Writes to ``<exp_dir>/train.log``, stdout and TensorBoard; silent when ``enabled`` is False.
+
+    Args:
+        exp_dir: experiment folder (created by the caller).
+        enabled: False on ranks other than 0.
+        tensorboard: write TensorBoard events to ``exp_dir``.
+    """
+
+    def __init__(self, exp_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.exp_dir, self.enabled = Path(exp_dir), enabled
+        self._writer = None
+        self._tensorboard = tensorboard and enabled
+        self.log = logging.getLogger(f"ppt.train.{id(self)}")
+        self.log.propagate = False
+        self.log.setLevel(logging.INFO)
+        if enabled:
+            fmt = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+            for handler in (logging.FileHandler(self.exp_dir / "train.log"), logging.StreamHandler(sys.stdout)):
+                handler.setFormatter(fmt)
+                self.log.addHandler(handler)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            self.log.info(msg)
+
+    @property
+    def writer(self):
+        if self._writer is None and self._tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                self.info(f"warning: TensorBoard disabled ({err}); pip install tensorboard")
+                self._tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self.exp_dir))
+        return self._writer
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            # TensorBoard renders markdown: indent to keep YAML as a code block
+            self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """uint8 (H, W, 3) image."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def validation(self, results: dict[str, dict], epoch: int, step: int) -> None:
+        """Scalars, per-class IoU and a confusion-matrix image per dataset, plus a log table."""
+        from ppt.engine.evaluate import confusion_image
+
+        for name, res in results.items():
+            self.scalars({f"val/{name}/{k}": res[k] for k in ("mIoU", "mAcc", "allAcc")}, step)
+            per_class = {f"val/{name}/iou/{c}": v for c, v in res["per_class"].items()
+                         if v is not None and np.isfinite(v)}
+            self.scalars(per_class, step)
+            if self.writer is not None:
+                self.image(f"val/{name}/confusion", confusion_image(res["confusion"], list(res["per_class"])), step)
+            ious = "  ".join(f"{c}={v:.3f}" for c, v in res["per_class"].items()
+                             if v is not None and np.isfinite(v))
+            self.info(f"val {name} epoch {epoch}: mIoU {res['mIoU']:.4f} mAcc {res['mAcc']:.4f} "
+                      f"allAcc {res['allAcc']:.4f} | {ious}")
+        if results:
+            mean = float(np.mean([r["mIoU"] for r in results.values()]))
+            self.scalars({"val/mean_mIoU": mean}, step)
+
+    def progress(self, total: int, desc: str):
+        """tqdm bar (loss, lr, dataset, points/s, ETA) on rank 0; a no-op object elsewhere."""
+        if not self.enabled:
+            return _NoBar()
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr,
+                    mininterval=1.0, disable=None)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        for handler in list(self.log.handlers):
+            handler.close()
+            self.log.removeHandler(handler)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

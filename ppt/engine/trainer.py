@@ -1,0 +1,325 @@
+"""The training loop: ``train()`` reads top to bottom and calls step, evaluation, checkpointing
+and logging explicitly (no hooks).
+
+Precision: one code path. On CUDA with ``train.amp``: bf16 autocast where supported, else fp16
+with a GradScaler; on CPU fp32 (autocast and scaler disabled, same calls).
+
+Distributed (torchrun): DDP with unused-parameter detection (the norms and head of the other
+datasets are idle in a batch), BatchNorm synchronised across processes
+(:class:`ppt.engine.distributed.SyncBatchNorm1d`), and a loss that is the mean over the valid
+points of the GLOBAL batch, so N processes make the single-process update.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ppt.config import Config, save_config
+from ppt.data.classes import IGNORE_INDEX
+from ppt.engine import checkpoint as ckpt_io
+from ppt.engine import distributed as dist_utils
+from ppt.engine.build import (
+    build_model, build_optimizer, build_scheduler, build_train_loader, build_val_datasets,
+    text_embeddings_from_state,
+)
+from ppt.losses import segmentation_loss
+
+
+class SetupError(RuntimeError):
+    """Bad input found before training starts (data, weights, resume state)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved in checkpoints."""
+
+    epoch: int = 0                 # epoch being trained (0-based)
+    step: int = 0                  # optimiser steps attempted (skipped ones included)
+    best_metric: float = -1.0      # best mean val mIoU
+    best_epoch: int = -1
+    nonfinite_steps: int = 0       # skipped steps in total
+    consecutive_nonfinite: int = 0
+
+
+def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """(autocast dtype or None, GradScaler): bf16 where supported, fp16 + scaling otherwise."""
+    dtype = None
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float) -> dict:
+    """One optimisation step on one batch (all processes call it together).
+
+    The local loss is rescaled to ``sum of this rank's point losses / global valid points *
+    world_size`` so that DDP's gradient average equals the gradient of the global mean loss.
+    A non-finite loss or gradient norm skips the update (same decision on every rank: the
+    loss is all-reduced and DDP has averaged the gradients).
+
+    Returns:
+        dict(loss: global mean loss (float), finite: bool, grad_norm: float, points: voxels in
+        the global batch).
+    """
+    world = dist_utils.get_world_size()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(batch["feat"].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(batch)
+    loss = segmentation_loss(logits.float(), batch["segment"])
+    stats = torch.stack([(batch["segment"] != IGNORE_INDEX).sum().float(),
+                         torch.tensor(float(len(batch["segment"])), device=loss.device)])
+    if world > 1:
+        stats = dist_utils.all_reduce_sum(stats.detach())
+        local_valid = (batch["segment"] != IGNORE_INDEX).sum().float()
+        loss = loss * (local_valid * world / stats[0].clamp(min=1))
+        global_loss = dist_utils.all_reduce_sum(loss.detach()[None])[0] / world
+    else:
+        global_loss = loss.detach()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    finite = bool(torch.isfinite(global_loss)) and bool(torch.isfinite(grad_norm))
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()  # lowers the fp16 scale after an overflow; no-op when disabled
+    return {"loss": float(global_loss), "finite": finite, "grad_norm": float(grad_norm),
+            "points": int(stats[1])}
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                    amp_dtype: torch.dtype | None, state: TrainState, cfg: Config, device: torch.device,
+                    logger, save_last: Callable[[], None] | None = None) -> dict:
+    """Train until the loader's epoch ends (or ``train.steps_per_epoch``).
+
+    Args:
+        save_last: writes ``model_last.pth``; called every ``train.checkpoint_every`` steps.
+
+    Returns:
+        {"loss": mean loss, "loss_<dataset>": ..., "skipped": skipped steps} of the epoch.
+    """
+    t = cfg.train
+    total = min(len(loader), t.steps_per_epoch) if t.steps_per_epoch > 0 else len(loader)
+    remaining = total - loader.position
+    model.train()
+    bar = logger.progress(total, f"epoch {state.epoch + 1}/{t.epochs}")
+    bar.update(loader.position)
+    sums: dict[str, list[float]] = {}   # dataset -> [loss sum, steps] over the epoch
+    window: dict[str, list[float]] = {}  # same, since the last log line
+    points, tic, skipped = 0, time.perf_counter(), 0
+    batches = iter(loader)
+    for _ in range(remaining):
+        batch = to_device(next(batches), device)
+        out = train_step(model, batch, optimizer, scaler, amp_dtype, cfg.optim.grad_clip)
+        scheduler.step()
+        state.step += 1
+        name = batch["dataset"]
+        if out["finite"]:
+            state.consecutive_nonfinite = 0
+            for acc in (sums, window):
+                acc.setdefault(name, [0.0, 0])
+                acc[name][0] += out["loss"]
+                acc[name][1] += 1
+        else:
+            state.nonfinite_steps += 1
+            state.consecutive_nonfinite += 1
+            skipped += 1
+            logger.info(f"warning: non-finite loss/gradient at step {state.step} ({name}, loss "
+                        f"{out['loss']}, grad norm {out['grad_norm']}): step skipped")
+            if state.consecutive_nonfinite >= t.max_nonfinite:
+                raise NonFiniteError(
+                    f"stopping: {state.consecutive_nonfinite} consecutive steps had a non-finite loss or "
+                    f"gradient (last: epoch {state.epoch + 1}, step {state.step}, dataset {name}); lower "
+                    f"optim.lr, set optim.grad_clip, or check the data with tools/check_data.py")
+        points += out["points"]
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        speed = points / max(time.perf_counter() - tic, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{lrs[0]:.2e}", data=name, pts_s=f"{speed:.3g}")
+        if state.step % t.log_every == 0 or loader.position == total:
+            _log_window(logger, window, optimizer, state, total, loader.position, speed, tic, cfg)
+            window = {}
+        if save_last is not None and t.checkpoint_every > 0 and state.step % t.checkpoint_every == 0 \
+                and loader.position < total:
+            save_last()
+    bar.close()
+    del batches  # stop DataLoader workers of an epoch cut short by steps_per_epoch
+    result = {f"loss_{k}": s / max(n, 1) for k, (s, n) in sums.items()}
+    steps = sum(n for _, n in sums.values())
+    result["loss"] = sum(s for s, _ in sums.values()) / max(steps, 1)
+    result["skipped"] = skipped
+    return result
+
+
+def _log_window(logger, window, optimizer, state: TrainState, total: int, position: int, speed: float,
+                tic: float, cfg: Config) -> None:
+    if not window:
+        return
+    losses = {k: s / n for k, (s, n) in window.items()}
+    mean = sum(s for s, _ in window.values()) / sum(n for _, n in window.values())
+    scalars = {"train/loss": mean, "train/points_per_s": speed, "train/skipped_steps": state.nonfinite_steps}
+    scalars.update({f"train/loss_{k}": v for k, v in losses.items()})
+    scalars.update({f"train/lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)})
+    logger.scalars(scalars, state.step)
+    elapsed = time.perf_counter() - tic
+    done_epochs = state.epoch + position / max(total, 1)
+    eta = elapsed / max(position, 1) * (cfg.train.epochs * total - state.epoch * total - position)
+    per = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+    lr = "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups)
+    logger.info(f"epoch {done_epochs:.2f}/{cfg.train.epochs} step {state.step} loss {mean:.4f} ({per}) "
+                f"lr {lr} {speed:.0f} pts/s eta {time.strftime('%H:%M:%S', time.gmtime(max(eta, 0)))}")
+
+
+def evaluate_all(model: nn.Module, val_sets: dict, cfg: Config, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> dict[str, dict]:
+    """Validation metrics per dataset (every process takes its shard; counts are all-reduced)."""
+    from ppt.engine.evaluate import evaluate
+
+    return {name: evaluate(model, ds, device, voxel_size=cfg.data.voxel_size,
+                           amp_dtype=amp_dtype or torch.float16, num_workers=min(cfg.data.num_workers, 2))
+            for name, ds in val_sets.items()}
+
+
+def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str | None = None,
+          on_ready: Callable[[], None] | None = None) -> dict:
+    """Train ``cfg`` into ``exp_dir`` (torchrun-aware). Returns the final summary.
+
+    Everything that can be wrong with the input (data, weights, checkpoint) is checked
+    before ``exp_dir`` is created; such problems raise ``SetupError``/``CheckpointError``.
+
+    Args:
+        cfg: validated config.
+        exp_dir: experiment folder (``exp/<name>``).
+        resume: continue from ``exp_dir/model/model_last.pth`` (exact: weights, optimiser,
+            scheduler, scaler, loader position, RNG states).
+        weights: initialise the model from this checkpoint (fine-tuning).
+        on_ready: called once set-up is validated, before anything is written.
+    """
+    exp_dir = Path(exp_dir)
+    rank, world, device = dist_utils.init_distributed(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    last_path = exp_dir / "model" / "model_last.pth"
+
+    # ---- set-up and validation: nothing is written before this block passes
+    resume_ckpt = None
+    if resume:
+        resume_ckpt = ckpt_io.load_checkpoint(last_path)
+        ckpt_io.check_resumable(resume_ckpt, last_path)
+    try:
+        loader = build_train_loader(cfg, rank, world)
+        val_sets = build_val_datasets(cfg) if cfg.train.eval_every > 0 else {}
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise SetupError(err.args[0] if err.args else str(err)) from None
+    stored_text = text_embeddings_from_state(resume_ckpt["model"]) if resume_ckpt else None
+    model = build_model(cfg, stored_text).to(device)
+    weights_report = ckpt_io.load_weights(model, weights) if weights else None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist_utils.convert_sync_batchnorm(model, dist.new_group(backend=dist.get_backend()))
+    optimizer = build_optimizer(model, cfg.optim)
+    steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch > 0 else len(loader)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs * steps_per_epoch)
+    amp_dtype, scaler = amp_settings(device, cfg.train.amp)
+    state = TrainState()
+    if resume_ckpt is not None:
+        ckpt_io.restore(resume_ckpt, last_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler, loader=loader, rank=rank)
+        state = TrainState(resume_ckpt["epoch"], resume_ckpt["step"], resume_ckpt["best_metric"],
+                           resume_ckpt["best_epoch"], resume_ckpt["nonfinite_steps"])
+    if on_ready is not None:
+        on_ready()
+
+    # ---- experiment folder, logging
+    from ppt.engine.logging import ExperimentLogger
+
+    main = rank == 0
+    if main:
+        (exp_dir / "model").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, exp_dir / "config.yaml")
+    dist_utils.barrier()
+    logger = ExperimentLogger(exp_dir, enabled=main)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"{'resumed' if resume else 'started'} {exp_dir} on {world} process(es), device {device}, "
+                f"amp {amp_dtype}; {n_params / 1e6:.2f} M parameters; {steps_per_epoch} steps/epoch; "
+                f"datasets {dict(cfg.data.mix)}")
+    if weights_report:
+        logger.info(weights_report)
+    if resume_ckpt is not None:
+        logger.info(f"resuming at epoch {state.epoch + 1} step {state.step} (loader position "
+                    f"{loader.position}), best mIoU {state.best_metric:.4f}")
+    import yaml
+
+    logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True, broadcast_buffers=False)
+
+    def save_last() -> None:
+        rng = dist_utils.all_gather_objects(ckpt_io.rng_state())  # every rank takes part
+        if main:
+            ckpt_io.save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, loader=loader, epoch=state.epoch, step=state.step,
+                                    best_metric=state.best_metric, best_epoch=state.best_epoch,
+                                    nonfinite_steps=state.nonfinite_steps, config=cfg.to_dict(), rng=rng)
+            logger.info(f"saved {last_path} (epoch {state.epoch + 1}, step {state.step})")
+        dist_utils.barrier()
+
+    # ---- the loop
+    results: dict[str, dict] = {}
+    start = time.perf_counter()
+    try:
+        while state.epoch < cfg.train.epochs:
+            loader.set_epoch(state.epoch)
+            epoch_stats = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, amp_dtype,
+                                          state, cfg, device, logger, save_last)
+            logger.info(f"epoch {state.epoch + 1}/{cfg.train.epochs}: loss {epoch_stats['loss']:.4f}, "
+                        f"{epoch_stats['skipped']} skipped steps, {time.perf_counter() - start:.0f} s")
+            state.epoch += 1
+            is_best = False
+            if cfg.train.eval_every > 0 and (state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.train.epochs):
+                results = evaluate_all(model, val_sets, cfg, device, amp_dtype)
+                logger.validation(results, state.epoch, state.step)
+                mean = float(np.nanmean([r["mIoU"] for r in results.values()]))
+                if mean > state.best_metric:
+                    state.best_metric, state.best_epoch, is_best = mean, state.epoch, True
+                logger.info(f"epoch {state.epoch}: mean val mIoU {mean:.4f} (best {state.best_metric:.4f} "
+                            f"at epoch {state.best_epoch})")
+            save_last()
+            if is_best and main:
+                _copy_atomic(last_path, exp_dir / "model" / "model_best.pth")
+                logger.info(f"new best mIoU {state.best_metric:.4f}: wrote model_best.pth")
+    finally:
+        logger.close()
+    return {"epochs": state.epoch, "steps": state.step, "best_metric": state.best_metric,
+            "best_epoch": state.best_epoch, "skipped_steps": state.nonfinite_steps, "val": results,
+            "seconds": time.perf_counter() - start, "exp_dir": str(exp_dir)}
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)

@@ -1,0 +1,137 @@
+"""Train a PPT / SpUNet model from a YAML config (single process or under torchrun).
+
+    python tools/train.py --config configs/demo.yaml --name demo [key=value ...]
+    torchrun --nproc_per_node 8 tools/train.py --config configs/ppt_joint.yaml --name ppt
+
+Flags:
+    --config FILE         YAML config (configs/*.yaml)
+    --name NAME           experiment folder exp/NAME (default: the config's file name)
+    --datasets LIST       dataset mix with batch ratios, e.g. scannet:2,s3dis:1,structured3d:4
+                          (replaces data.mix; the same datasets are validated)
+    --data-root DIR       replaces data.root
+    --weights FILE        initialise the model from a checkpoint (fine-tuning)
+    --resume              continue exp/NAME from model/model_last.pth, exactly
+    --exp-root DIR        parent of experiment folders (default exp)
+    key=value ...         config overrides (dotted keys, YAML values): optim.lr=0.01
+
+Input problems print ONE line ``error: ...`` and exit with status 2; nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ppt.config import ConfigError, load_config  # noqa: E402
+from ppt.data.classes import DATASETS  # noqa: E402
+
+
+class InputError(ValueError):
+    pass
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    """"scannet:2,s3dis:1" -> {"scannet": 2, "s3dis": 1} (ratio defaults to 1)."""
+    mix: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, ratio = item.partition(":")
+        if name not in DATASETS:
+            raise InputError(f"--datasets: unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        ratio = ratio or "1"
+        if not ratio.isdigit() or int(ratio) < 1:
+            raise InputError(f"--datasets: ratio of {name} must be a positive integer, got {ratio!r}")
+        if name in mix:
+            raise InputError(f"--datasets: {name} is listed twice")
+        mix[name] = int(ratio)
+    if not mix:
+        raise InputError("--datasets is empty; e.g. --datasets scannet:2,s3dis:1")
+    return mix
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--datasets", default=None)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--exp-root", default="exp")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace):
+    """Validate everything that needs no model: config, mix, data root, weights, resume."""
+    overrides = list(args.overrides)
+    if args.datasets is not None:
+        mix = parse_mix(args.datasets)
+        overrides += ["data.mix={" + ", ".join(f"{k}: {v}" for k, v in mix.items()) + "}", "data.val=[]"]
+    if args.data_root is not None:
+        overrides.append(f"data.root={args.data_root!r}" if "'" not in args.data_root else f"data.root={args.data_root}")
+    cfg = load_config(args.config, overrides)
+    name = args.name or Path(args.config).stem
+    if not name or "/" in name or name.startswith("."):
+        raise InputError(f"--name {name!r} must be a plain folder name")
+    exp_dir = Path(args.exp_root) / name
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise InputError(f"data root {root} does not exist (set --data-root, or make the synthetic "
+                         f"demo data: python tools/make_synthetic.py --out data/synthetic)")
+    missing = [d for d in cfg.data.mix if not (root / d).is_dir()]
+    if missing:
+        present = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in DATASETS)
+        raise InputError(f"data root {root} has no {', '.join(missing)} folder (found: "
+                         f"{', '.join(present) or 'none'}); see datasets/README.md")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise InputError(f"--weights file {args.weights} does not exist")
+    last = exp_dir / "model" / "model_last.pth"
+    if args.resume and not last.is_file():
+        raise InputError(f"--resume: no checkpoint {last} (train without --resume first)")
+    if not args.resume and last.is_file():
+        raise InputError(f"{exp_dir} already holds a run; pass --resume to continue it or choose "
+                         f"another --name")
+    if cfg.data.check:
+        from ppt.data.check import check_data_root
+
+        splits = ("train", "val") if cfg.train.eval_every > 0 else ("train",)
+        check_data_root(root, sorted({*cfg.data.mix, *cfg.data.val}), splits, quick=True)
+    return cfg, exp_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ppt.data.scene_io import SceneError
+    from ppt.engine.checkpoint import CheckpointError
+    from ppt.engine.trainer import NonFiniteError, SetupError, train
+    from ppt.text import TextEncoderUnavailable
+
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        cfg, exp_dir = prepare(args)
+        summary = train(cfg, exp_dir, resume=args.resume, weights=args.weights)
+    except (InputError, ConfigError, SetupError, CheckpointError, SceneError, TextEncoderUnavailable) as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        from ppt.engine.distributed import cleanup
+
+        cleanup()
+    if rank == 0:
+        val = " ".join(f"{k} {v['mIoU']:.4f}" for k, v in summary["val"].items())
+        print(f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']:.0f} s; "
+              f"best mean mIoU {summary['best_metric']:.4f} (epoch {summary['best_epoch']}); "
+              f"last val mIoU: {val or 'n/a'}; {exp_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
