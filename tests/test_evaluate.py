@@ -13,7 +13,7 @@ from torch import nn
 from ppt.data.classes import SCANNET20
 from ppt.data.datasets import build_dataset
 from ppt.data.scene_io import write_scene
-from ppt.data.transforms import build_test_views
+from ppt.data.grid import build_test_views
 from ppt.engine.evaluate import chunk_by_points, confusion_image, evaluate, predict_scene_tta
 
 VOXEL = 0.1

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ppt.data.collate import collate
-from ppt.data.transforms import build_test_views, build_transforms
+from ppt.data.grid import build_test_views
+from ppt.data.transforms import build_transforms
 from ppt.metrics import ConfusionMeter
 
 # Voxels per forward: a few ScanNet scenes (about 100k voxels each at 2 cm) or one scene's
@@ -90,21 +91,22 @@ def chunk_by_points(sizes: Sequence[int], max_points: int) -> list[list[int]]:
 
 
 def _forward(model: nn.Module, samples: list[dict], label_space: str, prompt: str | None,
-             device: torch.device, amp_dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+             device: torch.device, amp_dtype: torch.dtype | None) -> tuple[dict, torch.Tensor]:
     """One collated forward. Returns the batch (on ``device``) and logits f32 (N, K)."""
     batch = collate(samples)
     batch["dataset"] = label_space
     for key, value in batch.items():
         if torch.is_tensor(value):
             batch[key] = value.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
+    enabled = device.type == "cuda" and amp_dtype is not None
+    with torch.autocast(device.type, dtype=amp_dtype if enabled else torch.float32, enabled=enabled):
         logits = model(batch, prompt=prompt)
     return batch, logits.float()
 
 
 def predict_scene_tta(model: nn.Module, fragments: list[dict], num_points: int, num_classes: int,
                       label_space: str, prompt: str | None, device: torch.device,
-                      max_points: int = MAX_POINTS, amp_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                      max_points: int = MAX_POINTS, amp_dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
     """Summed softmax votes of all fragments of one scene.
 
     Args:
@@ -135,7 +137,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
              label_space: str | None = None, class_names: Sequence[str] | None = None,
              label_map: np.ndarray | None = None, keep_predictions: bool = False,
              on_scene: Callable[[dict], None] | None = None, num_workers: int = 0,
-             amp_dtype: torch.dtype = torch.float16, log: Callable[[str], None] | None = None) -> dict:
+             amp_dtype: torch.dtype | None = torch.float16, log: Callable[[str], None] | None = None) -> dict:
     """Segment every original point of ``dataset`` and score it.
 
     Args:
@@ -156,7 +158,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
         keep_predictions: return ``predictions`` {scene name: i64 (M,) predicted labels}.
         on_scene: called per scene with {name, coord (M, 3), segment (M,) or None, pred (M,)}.
         num_workers: DataLoader workers preparing scenes (views, fragments) in parallel.
-        amp_dtype: autocast dtype on CUDA.
+        amp_dtype: autocast dtype on CUDA; None = full precision.
         log: progress sink (e.g. ``logger.info``), called about ten times.
 
     Returns:
