@@ -150,8 +150,10 @@ class LanguageHead(nn.Module):
     def forward(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
         """(N, C) -> (N, K_d) logits = s * cos(proj(x), text embeddings of ``dataset``)."""
         text = self.embeddings(dataset)
-        feat = F.normalize(self.proj(x).float(), dim=-1)
-        return self.logit_scale * feat @ text.t()
+        # fp32 even under autocast: at scale 100 a bf16 logit would be off by up to 0.5
+        with torch.autocast(x.device.type, enabled=False):
+            feat = F.normalize(self.proj(x.float()), dim=-1)
+            return self.logit_scale * feat @ text.t()
 
 
 HEADS = {"language": LanguageHead, "decoupled": DecoupledHead, "union": UnionHead}

@@ -158,7 +158,7 @@ class PromptCrossAttention(nn.Module):
         channels: block input channels C.
         prompt_dim: length of the domain prompt.
         num_tokens: tokens the prompt is split into (must divide ``prompt_dim``).
-        num_heads: attention heads (C is rounded per head via the inner width).
+        num_heads: attention heads, each of width max(8, C // num_heads).
     """
 
     def __init__(self, channels: int, prompt_dim: int = 256, num_tokens: int = 8, num_heads: int = 4):

@@ -23,6 +23,8 @@ to ``ConvAlgo.Native`` when the features are on the CPU and back to its CUDA def
 Mixed precision: spconv has no bf16 kernels. Under CUDA autocast (fp16 or bf16) spconv's own
 ``custom_fwd`` runs every sparse conv in fp16; the norms here compute in fp32 and return fp32,
 so features travel between layers in fp32 and the fp16 range only matters inside one conv.
+spconv's CPU path takes fp32 only, so CPU autocast is switched off inside the backbone (the
+head still runs under it).
 """
 from __future__ import annotations
 
@@ -289,15 +291,18 @@ class SpUNet(nn.Module):
 
     def forward_sparse(self, x: spconv.SparseConvTensor, ctx: DomainContext) -> spconv.SparseConvTensor:
         """Run the U-Net on a sparse tensor; output rows are aligned with the input rows."""
-        self.set_algo_for(x.features.device)
-        x = self.stem(x, ctx)
-        skips = [x]
-        for stage in self.encoder:
-            x = stage(x, ctx)
-            skips.append(x)
-        skips.pop()  # the encoder bottom is the decoder input, not a skip
-        for stage in self.decoder:
-            x = stage(x, skips.pop(), ctx)
+        device = x.features.device
+        self.set_algo_for(device)
+        # spconv's CPU kernels take fp32 only: CPU autocast (bf16) stays outside the backbone
+        with torch.autocast("cpu", enabled=torch.is_autocast_enabled("cpu") and device.type != "cpu"):
+            x = self.stem(x, ctx)
+            skips = [x]
+            for stage in self.encoder:
+                x = stage(x, ctx)
+                skips.append(x)
+            skips.pop()  # the encoder bottom is the decoder input, not a skip
+            for stage in self.decoder:
+                x = stage(x, skips.pop(), ctx)
         return x
 
     def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:

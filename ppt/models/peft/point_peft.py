@@ -134,8 +134,9 @@ class PointPeftAdapter(nn.Module):
         self.geometry = GeometryAdapter(in_channels, out_channels, rank, indice_key, neighbour_attention)
         self.tokens = self.prior = self.reader = None
         if num_tokens > 0:
-            self.tokens = nn.Parameter(torch.empty(num_tokens, out_channels))
-            nn.init.trunc_normal_(self.tokens, std=INIT_STD)
+            # N(0, 1) like the domain prompt table: at the scale of normalised voxel features,
+            # so the zero-init gate gets a usable gradient at step 0
+            self.tokens = nn.Parameter(torch.randn(num_tokens, out_channels))
             self.prior = BottleneckAdapter(prior_dim, out_channels, prior_rank)
             self.reader = GatedPromptReader()
 

@@ -1,0 +1,264 @@
+"""Apply a fine-tuning stage to a trained Segmentor (SPEC §8).
+
+Stages (what trains; everything else is frozen):
+
+| stage       | trains                                                            |
+|-------------|-------------------------------------------------------------------|
+| `full`      | every parameter (BN statistics update as in normal training)       |
+| `linear`    | the head only (linear probing)                                     |
+| `bitfit`    | norm affine parameters + head                                      |
+| `dapt`      | DAPT adapters (dapt.py) + norm affine parameters + head            |
+| `pointpeft` | Point-PEFT adapters and prompt tokens (point_peft.py) + head        |
+
+For every stage but `full`: BatchNorm running statistics are frozen (norm layers stay in eval
+mode), frozen sparse convolutions compute only their input gradient (frozen_conv.py), and the
+longest prefix of the backbone (stem, down-sampling layers, blocks, in execution order) that has
+nothing trainable runs under ``torch.no_grad`` (no activations kept for it at all). The
+domain prompts stay frozen, PDNorm modulations too.
+
+The stage is applied in place without changing the base model's module names (state-dict keys
+of the base weights stay valid): the backbone's class becomes :class:`PeftSpUNet` and each basic
+block's :class:`PeftBlock`; the new modules live under ``<block>.peft`` and
+``backbone.memory_bank``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ppt.models.peft.adapters import PeftContext
+from ppt.models.peft.dapt import DaptAdapter, head_prompt
+from ppt.models.peft.frozen_conv import freeze_sparse_convs
+from ppt.models.peft.memory_bank import MemoryBank, pooled_bottom
+from ppt.models.peft.point_peft import PointPeftAdapter
+from ppt.models.spunet import BasicBlock, DomainContext, SpUNet
+
+STAGES = ("full", "linear", "bitfit", "dapt", "pointpeft")
+
+
+@dataclass
+class PeftConfig:
+    """Fine-tuning stage settings.
+
+    Args:
+        stage: one of STAGES.
+        reduction: DAPT bottleneck r = max(min_rank, C // reduction).
+        min_rank: smallest bottleneck width.
+        dropout: DAPT adapter dropout.
+        num_tokens: Point-PEFT prompt tokens per encoder block.
+        prior_rank: Point-PEFT bottleneck width of the retrieved-set adapter.
+        geo_reduction: Point-PEFT geometry adapter r = max(min_rank, C // geo_reduction).
+        neighbour_attention: geometry adapter mixes neighbours by weight-free attention instead
+            of a 3x3x3 submanifold conv.
+        top_k: memory-bank entries retrieved per scene.
+        temperature: softmax temperature of the retrieval weights.
+        input_grad_only: frozen sparse convs skip the filter gradient and keep no input.
+        no_grad_prefix: run the frozen prefix of the backbone without autograd.
+    """
+
+    stage: str = "dapt"
+    reduction: int = 6
+    min_rank: int = 8
+    dropout: float = 0.1
+    num_tokens: int = 10
+    prior_rank: int = 16
+    geo_reduction: int = 8
+    neighbour_attention: bool = False
+    top_k: int = 8
+    temperature: float = 0.1
+    input_grad_only: bool = True
+    no_grad_prefix: bool = True
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown PEFT stage {self.stage!r}; valid: {', '.join(STAGES)}")
+        for name in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"peft.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_tokens < 0 or not 0 <= self.dropout < 1 or self.temperature <= 0:
+            raise ValueError("peft: num_tokens >= 0, 0 <= dropout < 1 and temperature > 0 required")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeftConfig":
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise KeyError(f"unknown peft keys {unknown}; valid: {sorted(valid)}")
+        return cls(**d)
+
+
+class PeftBlock(BasicBlock):
+    """A BasicBlock with a PEFT module ``peft`` applied to (block input, block output)."""
+
+    peft: nn.Module
+
+    def forward(self, x, ctx: DomainContext):
+        out = super().forward(x, ctx)
+        if not isinstance(ctx, PeftContext) or not ctx.enabled:
+            return out
+        return out.replace_feature(self.peft(x, out, ctx))
+
+
+class PeftSpUNet(SpUNet):
+    """SpUNet with a stage applied: builds the per-forward PeftContext (retrieval for
+    Point-PEFT), adds DAPT's mean prompt to the output features, keeps BN statistics frozen."""
+
+    peft_stage: str
+    memory_bank: MemoryBank | None
+    top_k: int
+    temperature: float
+
+    def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
+        ctx = ctx if ctx is not None else DomainContext()
+        x = self.sparse_input(batch)
+        pctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt)
+        if self.memory_bank is not None:
+            names = batch["name"]
+            query = self.memory_bank.lookup(names)
+            if query is None:  # scenes not in the bank (validation, Mix3D pairs): frozen pass
+                query = pooled_bottom(self, x, ctx)
+            pctx.retrieved, _, _ = self.memory_bank.retrieve(
+                query.to(x.features.device), names, self.top_k, self.temperature)
+        out = self.forward_sparse(x, pctx)
+        feats = out.features
+        prompt = head_prompt(pctx, len(self.encoder) + len(self.decoder) - 1, out.indices[:, 0].long())
+        return feats if prompt is None else feats + prompt
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():  # frozen running statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+class _NoGrad:
+    """Mixin: the module's forward runs without autograd (frozen prefix)."""
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return super().forward(*args, **kwargs)
+
+
+_NO_GRAD_CLASSES: dict[type, type] = {}
+
+
+def _run_without_grad(module: nn.Module) -> None:
+    base = type(module)
+    if base not in _NO_GRAD_CLASSES:
+        _NO_GRAD_CLASSES[base] = type(f"NoGrad{base.__name__}", (_NoGrad, base), {})
+    module.__class__ = _NO_GRAD_CLASSES[base]
+
+
+def backbone_units(backbone: SpUNet) -> Iterator[nn.Module]:
+    """Stem, down/up-sampling layers and blocks of the backbone in execution order."""
+    yield backbone.stem
+    for stage in backbone.encoder:
+        yield stage.down
+        yield from stage.blocks
+    for stage in backbone.decoder:
+        yield stage.up
+        yield from stage.blocks
+
+
+def stage_blocks(backbone: SpUNet) -> Iterator[tuple[int, bool, BasicBlock]]:
+    """(stage index, is encoder, block) for every basic block, in execution order."""
+    for s, stage in enumerate([*backbone.encoder, *backbone.decoder]):
+        for block in stage.blocks:
+            yield s, s < len(backbone.encoder), block
+
+
+def norm_affine_parameters(module: nn.Module, domain: str | None = None) -> Iterator[nn.Parameter]:
+    """Affine parameters of every BatchNorm; with `domain`, PDNorm's per-dataset norms of other
+    datasets are skipped (they never see the target's batches)."""
+    for name, m in module.named_modules():
+        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine):
+            continue
+        parts = name.split(".")
+        if domain is not None and len(parts) >= 2 and parts[-2] == "norms" and parts[-1] != domain:
+            continue
+        yield m.weight
+        yield m.bias
+
+
+def _block_channels(block: BasicBlock) -> tuple[int, int]:
+    return block.conv1.in_channels, block.conv1.out_channels
+
+
+def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | None = None,
+                domain: str | None = None) -> nn.Module:
+    """Freeze `model` (a Segmentor) and add the stage's modules in place; returns the model.
+
+    Args:
+        model: a trained Segmentor (base weights already loaded).
+        cfg: the stage settings.
+        memory_bank: required by `pointpeft` (see memory_bank.py).
+        domain: the target dataset; when given, only its PDNorm norms train (bitfit, dapt).
+    """
+    backbone = model.backbone
+    if isinstance(backbone, PeftSpUNet):
+        raise ValueError(f"a PEFT stage ({backbone.peft_stage}) is already applied to this model")
+    if cfg.stage == "full":
+        model.requires_grad_(True)
+        return model
+    if cfg.stage == "pointpeft" and memory_bank is None:
+        raise ValueError("the pointpeft stage needs a memory bank (build_memory_bank)")
+
+    model.requires_grad_(False)
+    if cfg.input_grad_only:
+        freeze_sparse_convs(backbone)  # before adding adapters: their convs train
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    if cfg.stage in ("bitfit", "dapt"):
+        for p in norm_affine_parameters(backbone, domain):
+            p.requires_grad_(True)
+
+    for s, is_encoder, block in stage_blocks(backbone):
+        c_in, c_out = _block_channels(block)
+        if cfg.stage == "dapt":
+            module = DaptAdapter(c_in, c_out, s, cfg.reduction, cfg.min_rank, cfg.dropout)
+        elif cfg.stage == "pointpeft":
+            module = PointPeftAdapter(
+                c_in, c_out, block.conv1.indice_key, prior_dim=memory_bank.dim,
+                num_tokens=cfg.num_tokens if is_encoder else 0, prior_rank=cfg.prior_rank,
+                geo_reduction=cfg.geo_reduction, min_rank=cfg.min_rank,
+                neighbour_attention=cfg.neighbour_attention)
+        else:
+            continue
+        block.__class__ = PeftBlock
+        block.peft = module.to(block.conv1.weight.device)
+
+    backbone.__class__ = PeftSpUNet
+    backbone.peft_stage = cfg.stage
+    backbone.memory_bank = memory_bank.to(next(backbone.parameters()).device) if memory_bank is not None else None
+    backbone.top_k, backbone.temperature = cfg.top_k, cfg.temperature
+
+    prompts_train = model.prompts is not None and any(p.requires_grad for p in model.prompts.parameters())
+    if cfg.no_grad_prefix and not prompts_train:
+        for unit in backbone_units(backbone):
+            if any(p.requires_grad for p in unit.parameters()):
+                break
+            _run_without_grad(unit)
+    model.train(model.training)  # re-apply the frozen-statistics rule
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters plus the stage's own state (memory bank, head label spaces)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    keep = {}
+    for key, value in state.items():
+        if key in trainable or key.startswith("backbone.memory_bank.") or key.startswith("head.text_"):
+            keep[key] = value.detach().clone() if torch.is_tensor(value) else value
+    return keep
