@@ -1,0 +1,336 @@
+"""PEFT stages: frozen sparse convs, adapters, memory bank, stage application, checkpoints.
+
+CPU, tiny widths (8-16 channels, one block per stage), two scenes of ~1000 voxels.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import spconv.pytorch as spconv
+import torch
+import torch.nn.functional as F
+from spconv.core import ConvAlgo
+from spconv.pytorch import ops
+
+from ppt.losses import segmentation_loss
+from ppt.models.peft.adapters import prompt_attention, scatter_max, scatter_mean
+from ppt.models.peft.checkpoint import (
+    file_fingerprint, load_base_weights, load_peft_checkpoint, map_base_state, save_peft_checkpoint,
+)
+from ppt.models.peft.frozen_conv import freeze_sparse_conv, is_frozen_sparse_conv
+from ppt.models.peft.memory_bank import (
+    MemoryBank, build_memory_bank, load_memory_bank, save_memory_bank,
+)
+from ppt.models.peft.point_peft import neighbour_edges
+from ppt.models.peft.stages import (
+    STAGES, PeftBlock, PeftConfig, apply_stage, backbone_units, norm_affine_parameters,
+    parameter_counts,
+)
+from ppt.models.segmentor import Segmentor
+
+TINY = dict(channels=(8, 8, 16, 16, 16, 16, 8, 8), layers=(1,) * 8, stem_channels=8)
+BASE_NAMES = {"alpha": ("wall", "floor", "chair"), "beta": ("wall", "floor", "table", "sofa")}
+TARGET = "gamma"
+TARGET_NAMES = {TARGET: ("floor", "wall", "lamp", "bed", "door")}
+
+
+def embeddings(names: dict, dim: int = 16) -> dict[str, torch.Tensor]:
+    """Deterministic per-class-name embedding, so a class has the same text in every dataset."""
+    out = {}
+    for d, classes in names.items():
+        rows = [torch.randn(dim, generator=torch.Generator().manual_seed(sum(map(ord, c)))) for c in classes]
+        out[d] = F.normalize(torch.stack(rows), dim=-1)
+    return out
+
+
+def segmentor(names: dict, seed: int = 0) -> Segmentor:
+    torch.manual_seed(seed)
+    return Segmentor(names, backbone=TINY, prompt="pdnorm", prompt_dim=16, head="language",
+                     text_embeddings=embeddings(names))
+
+
+def make_batch(dataset: str, num_classes: int, seed: int = 0, n: int = 1200, extent: int = 16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    scenes = [torch.unique(torch.randint(0, extent, (n // 2, 3), generator=g), dim=0) for _ in range(2)]
+    grid = torch.cat(scenes).int()
+    return dict(grid_coord=grid, feat=torch.rand(len(grid), 6, generator=g),
+                segment=torch.randint(-1, num_classes, (len(grid),), generator=g),
+                offset=torch.tensor([len(scenes[0]), len(grid)]), dataset=dataset,
+                name=[f"scene{seed}_0", f"scene{seed}_1"])
+
+
+def target_batch(seed: int = 0) -> dict:
+    return make_batch(TARGET, len(TARGET_NAMES[TARGET]), seed)
+
+
+@pytest.fixture(scope="module")
+def base_state() -> dict:
+    """A base model with non-trivial BN statistics and weights (two training datasets)."""
+    model = segmentor(BASE_NAMES)
+    model.train()
+    with torch.no_grad():
+        for d, classes in BASE_NAMES.items():
+            model(make_batch(d, len(classes), seed=7))
+        for p in model.parameters():  # zero-init modulations etc. would hide mapping errors
+            p.add_(0.01 * torch.randn_like(p))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def target_model(base_state: dict) -> Segmentor:
+    model = segmentor(TARGET_NAMES, seed=1)
+    state, _ = map_base_state(base_state, model)
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def memory_bank(model: Segmentor) -> MemoryBank:
+    return build_memory_bank(model, [target_batch(s) for s in range(3)], progress=False)
+
+
+def staged(base_state: dict, stage: str, **cfg) -> tuple[Segmentor, Segmentor]:
+    """(frozen copy of the target base model, the same with `stage` applied)."""
+    base = target_model(base_state)
+    model = copy.deepcopy(base)
+    bank = memory_bank(model) if stage == "pointpeft" else None
+    apply_stage(model, PeftConfig(stage=stage, **cfg), bank, domain=TARGET)
+    return base, model
+
+
+# --- frozen sparse convolutions -------------------------------------------------------------
+
+def _sparse_net() -> spconv.SparseSequential:
+    native = dict(bias=False, algo=ConvAlgo.Native)
+    return spconv.SparseSequential(
+        spconv.SubMConv3d(4, 8, 3, padding=1, indice_key="s1", **native),
+        spconv.SubMConv3d(8, 8, 3, padding=1, indice_key="s1", **native),
+        spconv.SparseConv3d(8, 16, 2, stride=2, indice_key="d1", **native),
+        spconv.SubMConv3d(16, 16, 3, padding=1, indice_key="s2", **native),
+        spconv.SparseInverseConv3d(16, 8, 2, indice_key="d1", **native),
+    )
+
+
+def test_frozen_conv_input_grad_equals_spconv_and_skips_filter_grad(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.unique(torch.cat([torch.randint(0, 2, (800, 1), generator=g),
+                                  torch.randint(0, 12, (800, 3), generator=g)], 1), dim=0).int()
+    x = torch.randn(len(idx), 4, generator=g)
+    weight = torch.randn(len(idx), 8, generator=g)
+    ref = _sparse_net()
+    frozen = copy.deepcopy(ref)
+    for conv in frozen:
+        freeze_sparse_conv(conv)
+    backward_calls = []
+    original = ops.indice_conv_backward
+    monkeypatch.setattr(ops, "indice_conv_backward",
+                        lambda *a, **k: backward_calls.append(1) or original(*a, **k))
+
+    def run(net):
+        feats = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = net(spconv.SparseConvTensor(feats, idx, [24, 24, 24], 2))
+        (out.features * weight).sum().backward()
+        return out.features.detach(), feats.grad, sum(saved)
+
+    out_ref, grad_ref, saved_ref = run(ref)
+    assert len(backward_calls) == 5
+    backward_calls.clear()
+    out_frozen, grad_frozen, saved_frozen = run(frozen)
+    assert backward_calls == []  # spconv's filter+input backward never ran
+    torch.testing.assert_close(out_frozen, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad_frozen, grad_ref, rtol=1e-5, atol=1e-6)
+    assert all(c.weight.grad is None and not c.weight.requires_grad for c in frozen)
+    assert all(is_frozen_sparse_conv(c) and isinstance(c, type(r)) for c, r in zip(frozen, ref))
+    assert list(frozen.state_dict()) == list(ref.state_dict())
+    assert saved_frozen < saved_ref  # inputs are no longer kept
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+def test_scatter_and_prompt_attention_are_per_scene():
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
+    batch = torch.tensor([0, 0, 1])
+    torch.testing.assert_close(scatter_mean(x, batch, 3), torch.tensor([[2.0, 1.0], [5.0, 5.0], [0.0, 0.0]]))
+    torch.testing.assert_close(scatter_max(x, batch, 2), torch.tensor([[3.0, 2.0], [5.0, 5.0]]))
+    tokens = torch.stack([torch.ones(1, 2), -torch.ones(1, 2)])  # one token per scene
+    out = prompt_attention(x, tokens, batch)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]]))
+
+
+def test_neighbour_edges_match_brute_force():
+    g = torch.Generator().manual_seed(3)
+    idx = torch.unique(torch.cat([torch.randint(0, 2, (150, 1), generator=g),
+                                  torch.randint(0, 6, (150, 3), generator=g)], 1), dim=0)
+    src, dst = neighbour_edges(idx)
+    got = set(zip(src.tolist(), dst.tolist()))
+    diff = (idx[:, None, 1:] - idx[None, :, 1:]).abs().amax(-1)
+    same = idx[:, None, 0] == idx[None, :, 0]
+    want = {(i, j) for i, j in torch.nonzero((diff <= 1) & same).tolist()}
+    assert got == want
+
+
+# --- memory bank -----------------------------------------------------------------------------
+
+def test_memory_bank_excludes_the_query_scene(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(6, 8, generator=g)
+    names = ["a", "b", "c", "d", "e", "f"]
+    bank = MemoryBank(feats, names)
+    query = bank.features[[0, 2]]  # scenes a and c query with their own features
+    retrieved, weights, index = bank.retrieve(query, ["a", "c+d"], k=3)
+    assert retrieved.shape == (2, 5, 8)
+    assert 0 not in index[0].tolist() and not {2, 3} & set(index[1].tolist())
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+    torch.testing.assert_close(retrieved[:, 0], query)
+    sims = query @ bank.features.t()
+    sims[0, 0] = sims[1, 2] = sims[1, 3] = -2
+    assert index[:, 0].tolist() == sims.argmax(1).tolist()  # best remaining entry comes first
+    # k shrinks to what is left; nothing left is an error
+    assert bank.retrieve(query, ["a", "c"], k=10)[1].shape == (2, 5)
+    with pytest.raises(ValueError, match="no entry left"):
+        MemoryBank(feats[:1], ["a"]).retrieve(query[:1], ["a"])
+    save_memory_bank(bank, tmp_path / "bank.pt", "sha256:x")
+    assert load_memory_bank(tmp_path / "bank.pt", "sha256:other") is None
+    loaded = load_memory_bank(tmp_path / "bank.pt", "sha256:x")
+    assert loaded.names == names
+    torch.testing.assert_close(loaded.features, bank.features)
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage,cfg", [("dapt", {}), ("pointpeft", {}),
+                                       ("pointpeft", {"neighbour_attention": True})])
+def test_adapters_are_silent_at_step_zero(base_state, stage, cfg):
+    base, model = staged(base_state, stage, **cfg)
+    base.eval()
+    model.eval()
+    batch = target_batch(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), base(batch), rtol=0, atol=0)
+    model.train()  # BN statistics stay frozen: training mode reads the same statistics
+    model(batch)
+    assert torch.equal(model.state_dict()["backbone.stem.norm.norms.gamma.running_mean"],
+                       base.state_dict()["backbone.stem.norm.norms.gamma.running_mean"])
+
+
+def _expected_trainable(model: Segmentor, stage: str) -> set[str]:
+    names = {n for n, _ in model.head.named_parameters(prefix="head")}
+    ids = {id(p) for p in norm_affine_parameters(model.backbone, TARGET)}
+    norms = {n for n, p in model.named_parameters() if id(p) in ids}
+    adapters = {n for n, _ in model.named_parameters() if ".peft." in n}
+    return {"linear": names, "bitfit": names | norms, "dapt": names | norms | adapters,
+            "pointpeft": names | adapters}[stage]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_only_the_stage_parameters_train(base_state, stage):
+    base, model = staged(base_state, stage)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    n_trainable, total = parameter_counts(model)
+    if stage == "full":
+        assert n_trainable == total == parameter_counts(base)[1]
+        return
+    assert trainable == _expected_trainable(model, stage)
+    assert n_trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert not any("prompts." in n or "modulation" in n for n in trainable)
+    blocks = list(model.backbone.blocks())
+    assert all(isinstance(b, PeftBlock) for b in blocks) == (stage in ("dapt", "pointpeft"))
+    if stage == "dapt":  # r = max(8, C // 6) per block, one gate and one scale per block
+        assert n_trainable - len(_expected_trainable(model, "bitfit")) > 0
+    # the frozen prefix runs without autograd: the whole backbone for linear probing
+    no_grad = [type(u).__name__.startswith("NoGrad") for u in backbone_units(model.backbone)]
+    assert no_grad[0] == (stage in ("linear", "pointpeft"))
+    assert all(no_grad) == (stage == "linear")
+
+
+@pytest.mark.parametrize("stage", ["dapt", "pointpeft", "bitfit"])
+def test_gradients_reach_every_trainable_parameter(base_state, stage):
+    _, model = staged(base_state, stage)
+    model.train()
+    batch = target_batch(0)
+    segmentation_loss(model(batch), batch["segment"]).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    # step 0: the silent adapters' first links learn (up-projections; Point-PEFT's gates)
+    suffixes = {"bitfit": (), "dapt": ("adapter.up.weight",), "pointpeft": ("geometry.up.weight", "reader.gate")}
+    opening = [n for n in grads if n.endswith(suffixes[stage])]
+    assert len(opening) == {"bitfit": 0, "dapt": 8, "pointpeft": 8 + 4}[stage]
+    assert all(grads[n] is not None and grads[n].any() for n in opening)
+    # once the zero-initialised parts have moved, the gradient reaches every trainable parameter
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and not p.any():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    model.zero_grad()
+    segmentation_loss(model(batch), batch["segment"]).backward()
+    silent = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert silent == []
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_stage_errors(base_state):
+    with pytest.raises(ValueError, match="unknown PEFT stage"):
+        PeftConfig(stage="lora")
+    with pytest.raises(KeyError, match="valid"):
+        PeftConfig.from_dict({"stage": "dapt", "rank": 4})
+    with pytest.raises(ValueError, match="memory bank"):
+        apply_stage(target_model(base_state), PeftConfig(stage="pointpeft"))
+    _, model = staged(base_state, "dapt")
+    with pytest.raises(ValueError, match="already applied"):
+        apply_stage(model, PeftConfig(stage="bitfit"))
+
+
+# --- base mapping and checkpoints -------------------------------------------------------------
+
+def test_base_weights_map_by_dataset_name(base_state, tmp_path):
+    path = tmp_path / "base.pth"
+    torch.save({"model": base_state, "epoch": 3}, path)
+    model = segmentor({"beta": BASE_NAMES["beta"], **TARGET_NAMES}, seed=2)
+    report = load_base_weights(model, path)
+    state = model.state_dict()
+    table = base_state["prompts.table.weight"]  # rows: alpha, beta
+    torch.testing.assert_close(state["prompts.table.weight"][0], table[1])  # beta by name
+    torch.testing.assert_close(state["prompts.table.weight"][1], table.mean(0))  # new: mean prompt
+    key = "backbone.stem.norm.norms.{}.weight"
+    torch.testing.assert_close(state[key.format("beta")], base_state[key.format("beta")])
+    want = (base_state[key.format("alpha")] + base_state[key.format("beta")]) / 2
+    torch.testing.assert_close(state[key.format(TARGET)], want)
+    torch.testing.assert_close(state["head.proj.weight"], base_state["head.proj.weight"])
+    assert key.format(TARGET) in report["derived"] and "head.text_gamma" in report["kept"]
+
+
+@pytest.mark.parametrize("stage", ["dapt", "pointpeft", "full"])
+def test_peft_checkpoint_reloads_and_reproduces_predictions(base_state, tmp_path, stage):
+    base_path = tmp_path / "base.pth"
+    torch.save({"model": base_state}, base_path)
+    model = segmentor(TARGET_NAMES, seed=1)
+    load_base_weights(model, base_path)
+    bank = memory_bank(model) if stage == "pointpeft" else None
+    cfg = PeftConfig(stage=stage)
+    apply_stage(model, cfg, bank, domain=TARGET)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(2):
+        opt.zero_grad()
+        batch = target_batch(step)
+        segmentation_loss(model(batch), batch["segment"]).backward()
+        opt.step()
+    model.eval()
+    batch = target_batch(5)
+    with torch.no_grad():
+        want = model(batch)
+    ckpt = tmp_path / "model_best.pth"
+    save_peft_checkpoint(ckpt, model, cfg, base_path, extra={"epoch": 1}, domain=TARGET)
+    data = torch.load(ckpt, weights_only=False)
+    assert data["base"]["fingerprint"] == file_fingerprint(base_path) and data["epoch"] == 1
+    if stage != "full":
+        stored = sum(v.numel() for v in data["model"].values() if torch.is_tensor(v))
+        assert stored < parameter_counts(model)[1] / 2
+    fresh = segmentor(TARGET_NAMES, seed=9)  # different init: everything must come from files
+    load_peft_checkpoint(ckpt, fresh).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batch), want)
+    torch.save({"model": {k: v + 1 if v.is_floating_point() else v for k, v in base_state.items()}}, base_path)
+    with pytest.raises(ValueError, match="changed since fine-tuning"):
+        load_peft_checkpoint(ckpt, segmentor(TARGET_NAMES))
