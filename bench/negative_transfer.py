@@ -1,0 +1,230 @@
+"""Negative-transfer study on the three-domain synthetic data, with the engine's own trainer.
+
+    python bench/negative_transfer.py                    # full study (27 runs, ~50 min on 2 busy cores)
+    python bench/negative_transfer.py --quick --out /tmp/nt --results /tmp/nt   # smoke (< 1 min)
+    python bench/negative_transfer.py --report-only      # table + chart from finished runs
+
+Every run is ``ppt.engine.trainer.train(cfg, exp_dir)`` in this process (the code
+``tools/train.py`` calls) with the same model size, step count and seeds; only the data mix,
+the prompt adapter and the head change:
+
+    alone_<d>   one dataset, plain SpUNet + linear head (prompt none, head union)
+    naive       three datasets 1:1:1, no prompts, one head over the union of the classes
+    ppt         PDNorm (decoupled BN, zero-init) + language-guided head (MiniLM text)
+    inject      direct prompt injection + language head
+    xattn       prompt cross-attention + language head
+    pdnorm_decoupled  PDNorm + one linear head per dataset
+    pdnorm_union      PDNorm + unionized head
+
+The score of a run is the val mIoU of each dataset it trained on, measured by the trainer's
+final evaluation (``ppt.engine.evaluate``: every original point, no TTA). A run writes
+``<out>/<variant>_s<seed>/result.json`` when it finishes; runs whose result exists are skipped,
+so the study resumes after an interruption. The summary (mean ± std over seeds per dataset)
+goes to ``<results>/negative_transfer.json`` and ``negative_transfer.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS_DIR, format_table, machine_info, save_json  # noqa: E402
+
+DOMAINS = ("scannet", "s3dis", "structured3d")
+JOINT = "{scannet: 1, s3dis: 1, structured3d: 1}"
+
+# Variant -> (data mix, model overrides). The alone runs use a plain network: with a single
+# dataset the "union" head is one linear classifier over that dataset's classes.
+PLAIN = ["model.prompt=none", "model.head=union"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    **{f"alone_{d}": (f"{{{d}: 1}}", PLAIN) for d in DOMAINS},
+    "naive": (JOINT, PLAIN),
+    "ppt": (JOINT, ["model.prompt=pdnorm", "model.head=language"]),
+    "inject": (JOINT, ["model.prompt=inject", "model.head=language"]),
+    "xattn": (JOINT, ["model.prompt=xattn", "model.head=language"]),
+    "pdnorm_decoupled": (JOINT, ["model.prompt=pdnorm", "model.head=decoupled"]),
+    "pdnorm_union": (JOINT, ["model.prompt=pdnorm", "model.head=union"]),
+}
+LABELS = {"alone": "(a) each alone", "naive": "(b) naive joint", "ppt": "(c) PPT: PDNorm+language",
+          "inject": "(d) injection+language", "xattn": "(e) cross-attn+language",
+          "pdnorm_decoupled": "(f) PDNorm+decoupled", "pdnorm_union": "(g) PDNorm+union"}
+
+# The study's shared recipe: the small CPU model of configs/demo.yaml, coarse voxels, a few
+# hundred steps. Everything is spelled out here so the study does not move when a config does.
+STUDY = [
+    "model.channels=[16, 32, 48, 64, 64, 48, 32, 32]", "model.layers=[1, 1, 1, 1, 1, 1, 1, 1]",
+    "model.prompt_dim=64", "model.text_encoder=minilm", "model.template='a point of {}'",
+    "data.voxel_size=0.1", "data.batch_size=2", "data.num_workers=1", "data.mix3d_prob=0.8",
+    "data.loop=100", "data.check=false", "data.val=[]",
+    "optim.name=sgd", "optim.lr=0.05", "optim.prompt_lr_scale=0.1", "optim.scheduler=onecycle",
+    "optim.pct_start=0.05", "optim.final_div_factor=1000.0",
+    "train.epochs=1", "train.eval_every=1", "train.device=cpu", "train.threads=1",
+    "train.log_every=50", "train.amp=false",
+]
+QUICK = ["model.channels=[8, 8, 16, 16, 16, 16, 8, 8]", "model.prompt_dim=16", "data.num_workers=0"]
+
+
+def run_config(variant: str, seed: int, data_root: str, steps: int, extra: list[str]):
+    from ppt.config import load_config
+
+    mix, overrides = VARIANTS[variant]
+    return load_config(None, [*STUDY, *overrides, f"data.mix={mix}", f"data.root={data_root!r}",
+                              f"train.steps_per_epoch={steps}", f"train.seed={seed}", *extra])
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace, extra: list[str]) -> dict:
+    """Train one variant/seed (or read its finished result)."""
+    from ppt.engine.trainer import train
+
+    run_dir = Path(args.out) / f"{variant}_s{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts over
+    cfg = run_config(variant, seed, args.data, args.steps, extra)
+    start = time.time()
+    summary = train(cfg, run_dir)
+    result = {"variant": variant, "seed": seed, "steps": summary["steps"],
+              "wall_s": round(time.time() - start, 1), "skipped_steps": summary["skipped_steps"],
+              "val": {d: {k: r[k] for k in ("mIoU", "mAcc", "allAcc")} for d, r in summary["val"].items()},
+              "config": cfg.to_dict()}
+    for ckpt in (run_dir / "model").glob("*.pth"):
+        ckpt.unlink()  # the study keeps scores, not weights
+    save_json(result, result_path)
+    return result
+
+
+def aggregate(results: list[dict]) -> dict:
+    """{row: {dataset: {mean, std, n, seeds}}} with the three alone runs merged into "alone"."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        row = "alone" if r["variant"].startswith("alone_") else r["variant"]
+        for d, m in r["val"].items():
+            scores.setdefault(row, {}).setdefault(d, []).append(m["mIoU"])
+    table = {}
+    for row, per in scores.items():
+        table[row] = {d: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                          "n": len(v)} for d, v in per.items()}
+        # Mean over datasets; its std is over seeds, so only when every dataset has every seed.
+        n = {len(v) for v in per.values()}
+        seed_means = np.mean([per[d] for d in per], axis=0) if len(n) == 1 else None
+        table[row]["mean"] = {"mean": float(np.mean([table[row][d]["mean"] for d in per])),
+                              "std": float(np.std(seed_means, ddof=1)) if seed_means is not None
+                              and len(seed_means) > 1 else 0.0, "n": min(n)}
+    return table
+
+
+def markdown(table: dict) -> str:
+    rows = []
+    for row in LABELS:
+        if row not in table:
+            continue
+        cells = {"variant": LABELS[row]}
+        for d in (*DOMAINS, "mean"):
+            s = table[row].get(d)
+            cells[d] = f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s else "-"
+        if "alone" in table and row != "alone":
+            delta = [table[row][d]["mean"] - table["alone"][d]["mean"] for d in DOMAINS
+                     if d in table[row] and d in table["alone"]]
+            cells["delta"] = f"{100 * np.mean(delta):+.1f}" if delta else "-"
+        rows.append(cells)
+    cols = ["variant", *DOMAINS, "mean", "delta"]
+    heads = ["variant", *(f"{d} mIoU" for d in DOMAINS), "mean", "Δ vs alone"]
+    return format_table(rows, cols, heads)
+
+
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in LABELS if r in table]
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=80)
+    x = np.arange(len(DOMAINS))
+    for i, row in enumerate(rows):
+        means = [100 * table[row].get(d, {"mean": np.nan})["mean"] for d in DOMAINS]
+        stds = [100 * table[row].get(d, {"std": 0.0})["std"] for d in DOMAINS]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=LABELS[row])
+    ax.set_xticks(x, DOMAINS)
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title("Synthetic three-domain study (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/synthetic_study", help="synthetic data root (made if missing)")
+    p.add_argument("--scenes", type=int, default=30, help="rooms per domain when making the data")
+    p.add_argument("--out", default="exp/negative_transfer", help="folder of the runs")
+    p.add_argument("--results", default=str(RESULTS_DIR), help="folder of the summary JSON and PNG")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps per run")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
+    p.add_argument("--quick", action="store_true", help="smoke mode: tiny data, model and steps, one seed")
+    p.add_argument("--report-only", action="store_true", help="summarise finished runs, train nothing")
+    p.add_argument("overrides", nargs="*", help="extra config overrides for every run (key=value)")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+    extra = list(args.overrides)
+    if args.quick:
+        args.scenes, args.steps, args.seeds = 6, 2, args.seeds[:1]
+        args.variants = [v for v in args.variants if v in ("alone_scannet", "naive", "ppt")] or args.variants
+        extra = QUICK + extra
+
+    import torch
+
+    torch.set_num_threads(1)
+    if not args.report_only and not Path(args.data, "scannet").is_dir():
+        from ppt.data.synthetic import generate
+
+        generate(args.data, args.scenes, seed=0)
+        print(f"made synthetic data in {args.data} ({args.scenes} rooms per domain)")
+
+    results = []
+    order = [(v, s) for s in args.seeds for v in args.variants]
+    for i, (variant, seed) in enumerate(order):
+        done = (Path(args.out) / f"{variant}_s{seed}" / "result.json").is_file()
+        if args.report_only and not done:
+            continue
+        r = run_one(variant, seed, args, extra)
+        scores = " ".join(f"{d} {100 * m['mIoU']:.1f}" for d, m in r["val"].items())
+        print(f"[{i + 1}/{len(order)}] {variant} seed {seed}: {scores} ({r['wall_s']:.0f} s"
+              f"{', cached' if done else ''})", flush=True)
+        results.append(r)
+    if not results:
+        print("no finished runs")
+        return 1
+
+    table = aggregate(results)
+    text = markdown(table)
+    print(text)
+    summary = {"machine": machine_info(), "command": " ".join(sys.argv), "steps": args.steps,
+               "seeds": args.seeds, "data": args.data, "recipe": STUDY + extra,
+               "total_run_wall_s": round(sum(r["wall_s"] for r in results), 1),
+               "table": table, "markdown": text, "runs": [{k: v for k, v in r.items() if k != "config"}
+                                                        for r in results]}
+    out = Path(args.results)
+    save_json(summary, out / "negative_transfer.json")
+    plot(table, out / "negative_transfer.png")
+    print(f"wrote {out / 'negative_transfer.json'} and {out / 'negative_transfer.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
