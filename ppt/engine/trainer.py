@@ -231,7 +231,12 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
         raise SetupError(err.args[0] if err.args else str(err)) from None
     stored_text = text_embeddings_from_state(resume_ckpt["model"]) if resume_ckpt else None
     model = build_model(cfg, stored_text).to(device)
-    weights_report = ckpt_io.load_weights(model, weights) if weights else None
+    if cfg.peft.stage != "none":  # base weights mapped by name, then the stage (ppt.models.peft)
+        from ppt.models.peft.checkpoint import prepare_peft_model
+
+        weights_report = prepare_peft_model(model, cfg, exp_dir, device, resume_ckpt)
+    else:
+        weights_report = ckpt_io.load_weights(model, weights) if weights else None
     if world > 1:
         import torch.distributed as dist
 

@@ -144,7 +144,7 @@ class LanguageHead(nn.Module):
         for key, value in state_dict.items():
             name = key[len(prefix):]
             if key.startswith(prefix + TEXT_PREFIX) and "." not in name and not hasattr(self, name):
-                self.register_buffer(name, torch.empty_like(value))
+                self.register_buffer(name, torch.empty_like(value, device=self.proj.weight.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, dataset: str) -> torch.Tensor:

@@ -16,9 +16,10 @@ block input; PEFT modules hook into the same blocks (``SpUNet.blocks()`` lists t
 
 spconv algorithm: convs are built with spconv's default algorithm (implicit GEMM on CUDA; the
 k5 stem has 125 kernel offsets, above spconv's implicit-GEMM limit of 32, so spconv itself
-keeps it Native, as in Pointcept). At each forward, :meth:`SpUNet.forward` switches every conv
-to ``ConvAlgo.Native`` when the features are on the CPU and back to its CUDA default otherwise
-(the weight layout is the same for all algorithms in spconv 2.2+, so switching is free).
+keeps it Native, as in Pointcept). At each forward, :meth:`SpUNet.forward_sparse` switches
+every conv to ``ConvAlgo.Native`` when the features are on the CPU and back to its CUDA default
+otherwise
+(spconv 2.2+ stores weights in one layout for all algorithms, so switching is free).
 
 Mixed precision: spconv has no bf16 kernels. Under CUDA autocast (fp16 or bf16) spconv's own
 ``custom_fwd`` runs every sparse conv in fp16; the norms here compute in fp32 and return fp32,
