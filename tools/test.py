@@ -97,6 +97,10 @@ def load_experiment(exp: Path, weights: str, device):
         state = ckpt.get("model", ckpt)
         # The class embeddings travel in the checkpoint: no text encoder needed here.
         model = build_model(cfg, text_embeddings_from_state(state))
+        if cfg.peft.stage != "none":  # PEFT run: base weights + stage, then its trainable part
+            from ppt.models.peft.checkpoint import prepare_peft_model
+
+            prepare_peft_model(model, cfg, exp, ckpt=ckpt)
         load_model_state(model, state, ckpt_path)
     except (ConfigError, CheckpointError) as err:
         raise UsageError(str(err)) from None
@@ -169,6 +173,16 @@ def scene_writer(out_dir: Path, save_pred: bool, ply: bool, num_classes: int):
     return save
 
 
+def embed(class_names, cfg):
+    """(K, D) class-name embeddings with the experiment's text encoder and template."""
+    from ppt.text import TextEncoderUnavailable, class_embeddings
+
+    try:
+        return class_embeddings(list(class_names), cfg.model.text_encoder, cfg.model.template)
+    except TextEncoderUnavailable as err:
+        raise UsageError(str(err)) from None
+
+
 def resolve_datasets(text: str, cfg) -> list[str]:
     from ppt.data.classes import DATASETS
     from ppt.engine.build import model_datasets
@@ -207,10 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             raise UsageError(f"--classes lists a name twice: {args.classes!r}")
         if cfg.model.head != "language":
             raise UsageError(f"--classes needs the language head; this model's head is {cfg.model.head!r}")
-        from ppt.text import class_embeddings
-
-        model.set_label_space(OPEN_VOCAB, label_set, class_embeddings(
-            label_set, cfg.model.text_encoder, cfg.model.template).to(device))
+        model.set_label_space(OPEN_VOCAB, label_set, embed(label_set, cfg).to(device))
 
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     entries = {}
@@ -223,10 +234,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             if cfg.model.head != "language":
                 raise UsageError(f"the {cfg.model.head} head has no classes for {name!r}; evaluate a trained "
                                  f"dataset or use a language-head model")
-            from ppt.text import class_embeddings  # zero-shot on an unseen dataset: embed its names
-
-            model.set_label_space(name, info.class_names, class_embeddings(
-                info.class_names, cfg.model.text_encoder, cfg.model.template).to(device))
+            # Zero-shot on a dataset the model never saw: embed its class names.
+            model.set_label_space(name, info.class_names, embed(info.class_names, cfg).to(device))
         try:
             dataset = build_dataset(name, args.data_root or cfg.data.root, args.split)
         except (KeyError, FileNotFoundError) as err:
