@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from spconv.core import ConvAlgo
 from spconv.pytorch import ops
 
+from ppt.config import ConfigError, load_config
 from ppt.losses import segmentation_loss
 from ppt.models.peft.adapters import prompt_attention, scatter_max, scatter_mean
 from ppt.models.peft.checkpoint import (
@@ -271,9 +272,11 @@ def test_gradients_reach_every_trainable_parameter(base_state, stage):
 
 def test_stage_errors(base_state):
     with pytest.raises(ValueError, match="unknown PEFT stage"):
-        PeftConfig(stage="lora")
-    with pytest.raises(KeyError, match="valid"):
-        PeftConfig.from_dict({"stage": "dapt", "rank": 4})
+        apply_stage(target_model(base_state), PeftConfig(stage="lora"))
+    with pytest.raises(ConfigError, match="peft.stage"):
+        load_config(None, ["peft.stage=lora"])
+    with pytest.raises(ConfigError, match="needs base weights"):
+        load_config(None, ["peft.stage=dapt"])
     with pytest.raises(ValueError, match="memory bank"):
         apply_stage(target_model(base_state), PeftConfig(stage="pointpeft"))
     _, model = staged(base_state, "dapt")

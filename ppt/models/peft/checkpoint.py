@@ -26,8 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ppt.models.peft.memory_bank import MemoryBank
-from ppt.models.peft.stages import PeftConfig, PeftSpUNet, apply_stage, trainable_state_dict
+from ppt.models.peft.memory_bank import (
+    MemoryBank, build_memory_bank, load_memory_bank, save_memory_bank, training_scene_batches,
+)
+from ppt.models.peft.stages import (
+    PeftConfig, PeftSpUNet, apply_stage, parameter_counts, trainable_state_dict,
+)
 
 PROMPT_TABLE = "prompts.table.weight"
 _NORM_KEY = re.compile(r"^(?P<prefix>.*\.norms\.)(?P<domain>[^.]+)\.(?P<param>[^.]+)$")
@@ -179,7 +183,7 @@ def restore_peft_model(model: nn.Module, data: dict, base_path: str | Path | Non
         data: the loaded PEFT checkpoint.
         base_path: the base weights (default: the path recorded in the checkpoint).
     """
-    cfg = PeftConfig.from_dict(data["peft"])
+    cfg = PeftConfig(**data["peft"])
     path = Path(base_path or data["base"]["path"])
     if not path.is_file():
         raise FileNotFoundError(f"PEFT checkpoint refers to base weights {path}, which do not exist "
@@ -213,3 +217,90 @@ def load_peft_checkpoint(path: str | Path, model: nn.Module,
     if not is_peft_checkpoint(data):
         raise ValueError(f"{path} is not a PEFT checkpoint (no 'peft' and 'base' entries)")
     return restore_peft_model(model, data, base_path)
+
+
+# --- engine glue: tools/train.py (through ppt.engine.trainer) and tools/test.py -------------
+
+MEMORY_BANK_FILE = "memory_bank.pt"
+
+
+def _bank_from_state(state: dict) -> MemoryBank | None:
+    key = "backbone.memory_bank."
+    if key + "features" not in state:
+        return None
+    return MemoryBank(state[key + "features"], state[key + "_extra_state"]["names"])
+
+
+def prepare_peft_model(model: nn.Module, cfg, exp_dir: str | Path, device: torch.device | str = "cpu",
+                       ckpt: dict | None = None) -> str:
+    """Base weights (mapped by name) + ``cfg.peft`` stage on a fresh model; returns a report line.
+
+    Args:
+        model: the target Segmentor built from ``cfg`` (``ppt.config.Config``).
+        cfg: the run's config; ``cfg.peft.base`` names the base weights.
+        exp_dir: experiment folder (the memory bank is cached there).
+        device: where the memory bank is built.
+        ckpt: a checkpoint of this run being resumed or evaluated: its base fingerprint must
+            match the base file, and its memory bank is used as is.
+    """
+    from ppt.engine.checkpoint import CheckpointError
+
+    p = cfg.peft
+    base = Path(p.base)
+    if not base.is_file():
+        raise CheckpointError(f"peft.base: base weights {base} do not exist")
+    fingerprint = file_fingerprint(base)
+    if ckpt is not None and "base" in ckpt and ckpt["base"]["fingerprint"] != fingerprint:
+        raise CheckpointError(f"base weights {base} changed since this PEFT run started: fingerprint "
+                              f"{fingerprint}, the checkpoint expects {ckpt['base']['fingerprint']}")
+    report = load_base_weights(model, base)
+    bank = _bank_from_state(ckpt["model"]) if ckpt is not None else None
+    if p.stage == "pointpeft" and bank is None:
+        cache = Path(exp_dir) / MEMORY_BANK_FILE
+        bank = load_memory_bank(cache, fingerprint)
+        if bank is None:
+            batches, total = training_scene_batches(cfg)
+            bank = build_memory_bank(model.to(device), batches, total, device)
+            save_memory_bank(bank, cache, fingerprint)
+    domain = next(iter(cfg.data.mix)) if len(cfg.data.mix) == 1 else None
+    apply_stage(model, p, bank, domain=domain)
+    model.peft_base = {"path": str(base), "fingerprint": fingerprint}
+    model.peft_domain = domain
+    model.peft_config = asdict(p)
+    trainable, total = parameter_counts(model)
+    return (f"peft {p.stage} from {base}: {len(report['copied'])} tensors copied, {len(report['derived'])} "
+            f"derived from the base datasets' mean, {len(report['kept'])} initialised; "
+            f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return getattr(model, "peft_base", None) is not None
+
+
+def checkpoint_entries(model: nn.Module) -> dict:
+    """The engine checkpoint's model entries for a model set up by `prepare_peft_model`: the
+    trainable part as "model", plus "peft", "peft_domain" and "base" (path + fingerprint)."""
+    return {"model": peft_model_state(model), "peft": dict(model.peft_config),
+            "peft_domain": model.peft_domain, "base": dict(model.peft_base)}
+
+
+def checkpoint_keys(model: nn.Module) -> set[str]:
+    """State-dict keys a PEFT checkpoint of `model` holds."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not isinstance(model.backbone, PeftSpUNet):
+        return set(model.state_dict())
+    return {k for k in model.state_dict() if k in trainable or k.startswith(("backbone.memory_bank.", "head.text_"))}
+
+
+def peft_run_overrides(stage: str, weights: str | Path) -> list[str]:
+    """Config overrides of a PEFT run (``tools/train.py --peft STAGE --weights FILE``): the
+    stage, the base weights and the base model's ``model`` section (widths, prompt, head and
+    text encoder must match the weights), read from the config stored in the base checkpoint."""
+    import json
+
+    data = torch.load(weights, map_location="cpu", weights_only=False)
+    base_cfg = data.get("config") or {} if isinstance(data, dict) else {}
+    overrides = [f"model.{k}={json.dumps(v)}" for k, v in base_cfg.get("model", {}).items()]
+    if "voxel_size" in base_cfg.get("data", {}):  # the base's features are for its voxel size
+        overrides.append(f"data.voxel_size={base_cfg['data']['voxel_size']}")
+    return overrides + [f"peft.stage={stage}", f"peft.base={json.dumps(str(weights))}"]

@@ -181,3 +181,23 @@ def load_memory_bank(path: str | Path, fingerprint: str | None = None) -> Memory
     if fingerprint is not None and data.get("fingerprint") != fingerprint:
         return None
     return MemoryBank(data["features"], data["names"])
+
+
+def training_scene_batches(cfg) -> tuple[Iterable[dict], int]:
+    """(batches, count): every training scene of ``cfg.data.mix`` once, one scene per batch,
+    through the deterministic validation pipeline (no augmentation, no Mix3D). `cfg` is a
+    ``ppt.config.Config``."""
+    from ppt.data.collate import collate
+    from ppt.data.datasets import build_dataset
+    from ppt.data.transforms import build_transforms
+
+    datasets = [build_dataset(name, cfg.data.root, "train",
+                              build_transforms(name, "val", cfg.data.voxel_size))
+                for name in cfg.data.mix]
+
+    def batches():
+        for ds in datasets:
+            for i in range(len(ds)):
+                yield collate([ds[i]])
+
+    return batches(), sum(len(ds) for ds in datasets)

@@ -24,12 +24,12 @@ block's :class:`PeftBlock`; the new modules live under ``<block>.peft`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from ppt.config import PEFT_STAGES, PeftConfig
 from ppt.models.peft.adapters import PeftContext
 from ppt.models.peft.dapt import DaptAdapter, head_prompt
 from ppt.models.peft.frozen_conv import freeze_sparse_convs
@@ -37,58 +37,7 @@ from ppt.models.peft.memory_bank import MemoryBank, pooled_bottom
 from ppt.models.peft.point_peft import PointPeftAdapter
 from ppt.models.spunet import BasicBlock, DomainContext, SpUNet
 
-STAGES = ("full", "linear", "bitfit", "dapt", "pointpeft")
-
-
-@dataclass
-class PeftConfig:
-    """Fine-tuning stage settings.
-
-    Args:
-        stage: one of STAGES.
-        reduction: DAPT bottleneck r = max(min_rank, C // reduction).
-        min_rank: smallest bottleneck width.
-        dropout: DAPT adapter dropout.
-        num_tokens: Point-PEFT prompt tokens per encoder block.
-        prior_rank: Point-PEFT bottleneck width of the retrieved-set adapter.
-        geo_reduction: Point-PEFT geometry adapter r = max(min_rank, C // geo_reduction).
-        neighbour_attention: geometry adapter mixes neighbours by weight-free attention instead
-            of a 3x3x3 submanifold conv.
-        top_k: memory-bank entries retrieved per scene.
-        temperature: softmax temperature of the retrieval weights.
-        input_grad_only: frozen sparse convs skip the filter gradient and keep no input.
-        no_grad_prefix: run the frozen prefix of the backbone without autograd.
-    """
-
-    stage: str = "dapt"
-    reduction: int = 6
-    min_rank: int = 8
-    dropout: float = 0.1
-    num_tokens: int = 10
-    prior_rank: int = 16
-    geo_reduction: int = 8
-    neighbour_attention: bool = False
-    top_k: int = 8
-    temperature: float = 0.1
-    input_grad_only: bool = True
-    no_grad_prefix: bool = True
-
-    def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown PEFT stage {self.stage!r}; valid: {', '.join(STAGES)}")
-        for name in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"peft.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_tokens < 0 or not 0 <= self.dropout < 1 or self.temperature <= 0:
-            raise ValueError("peft: num_tokens >= 0, 0 <= dropout < 1 and temperature > 0 required")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PeftConfig":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - valid)
-        if unknown:
-            raise KeyError(f"unknown peft keys {unknown}; valid: {sorted(valid)}")
-        return cls(**d)
+STAGES = tuple(s for s in PEFT_STAGES if s != "none")
 
 
 class PeftBlock(BasicBlock):
@@ -195,11 +144,13 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
 
     Args:
         model: a trained Segmentor (base weights already loaded).
-        cfg: the stage settings.
+        cfg: the stage settings (``ppt.config.PeftConfig``, the config's ``peft`` section).
         memory_bank: required by `pointpeft` (see memory_bank.py).
         domain: the target dataset; when given, only its PDNorm norms train (bitfit, dapt).
     """
     backbone = model.backbone
+    if cfg.stage not in STAGES:
+        raise ValueError(f"unknown PEFT stage {cfg.stage!r}; valid: {', '.join(STAGES)}")
     if isinstance(backbone, PeftSpUNet):
         raise ValueError(f"a PEFT stage ({backbone.peft_stage}) is already applied to this model")
     if cfg.stage == "full":
