@@ -159,14 +159,54 @@ class TrainConfig:
     threads: int = 0
 
 
+PEFT_STAGES = ("none", "full", "linear", "bitfit", "dapt", "pointpeft")
+
+
+@dataclass
+class PeftConfig:
+    """Fine-tuning stage on top of trained base weights (``ppt.models.peft``; SPEC §8).
+
+    Args:
+        stage: "none" (plain training) or full / linear / bitfit / dapt / pointpeft.
+        base: base weights the stage starts from (``tools/train.py --weights`` sets it).
+        reduction: DAPT bottleneck r = max(min_rank, C // reduction).
+        min_rank: smallest bottleneck width.
+        dropout: DAPT adapter dropout.
+        num_tokens: Point-PEFT prompt tokens per encoder block.
+        prior_rank: Point-PEFT bottleneck width of the retrieved-set adapter.
+        geo_reduction: Point-PEFT geometry adapter r = max(min_rank, C // geo_reduction).
+        neighbour_attention: geometry adapter mixes neighbours by weight-free attention instead
+            of a 3x3x3 submanifold conv.
+        top_k: memory-bank entries retrieved per scene.
+        temperature: softmax temperature of the retrieval weights.
+        input_grad_only: frozen sparse convs skip the filter gradient and keep no input.
+        no_grad_prefix: run the frozen prefix of the backbone without autograd.
+    """
+
+    stage: str = "none"
+    base: str = ""
+    reduction: int = 6
+    min_rank: int = 8
+    dropout: float = 0.1
+    num_tokens: int = 10
+    prior_rank: int = 16
+    geo_reduction: int = 8
+    neighbour_attention: bool = False
+    top_k: int = 8
+    temperature: float = 0.1
+    input_grad_only: bool = True
+    no_grad_prefix: bool = True
+
+
 @dataclass
 class Config:
-    """One experiment. Sections: ``data``, ``model``, ``optim``, ``train``."""
+    """One experiment. Sections: ``data``, ``model``, ``optim``, ``train``, ``peft``."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def to_dict(self) -> dict:
         """Plain YAML-friendly dict (tuples as lists)."""
@@ -289,7 +329,8 @@ def validate(cfg: Config, where: str = "") -> Config:
                "optim.scheduler": (cfg.optim.scheduler, ("onecycle", "cosine")),
                "model.prompt": (cfg.model.prompt, ("none", "pdnorm", "inject", "xattn")),
                "model.head": (cfg.model.head, ("language", "decoupled", "union")),
-               "train.device": (cfg.train.device, ("auto", "cpu", "cuda"))}
+               "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+               "peft.stage": (cfg.peft.stage, PEFT_STAGES)}
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise bad(key, f"is {value!r}; valid: {', '.join(valid)}")
@@ -314,6 +355,11 @@ def validate(cfg: Config, where: str = "") -> Config:
         raise bad("data.mix3d_prob", f"must be in [0, 1], got {cfg.data.mix3d_prob}")
     if not 0.0 < cfg.optim.pct_start < 1.0:
         raise bad("optim.pct_start", f"must be in (0, 1), got {cfg.optim.pct_start}")
+    if cfg.peft.stage != "none" and not cfg.peft.base:
+        raise bad("peft.base", f"is empty; stage {cfg.peft.stage!r} needs base weights (--weights FILE)")
+    for key in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k"):
+        if getattr(cfg.peft, key) < 1:
+            raise bad(f"peft.{key}", f"must be >= 1, got {getattr(cfg.peft, key)}")
     if cfg.model.template.count("{}") != 1:
         raise bad("model.template", f"must contain exactly one '{{}}', got {cfg.model.template!r}")
     return cfg

@@ -10,6 +10,9 @@ Flags:
                           (replaces data.mix; the same datasets are validated)
     --data-root DIR       replaces data.root
     --weights FILE        initialise the model from a checkpoint (fine-tuning)
+    --peft STAGE          parameter-efficient fine-tuning of --weights: full, linear, bitfit,
+                          dapt or pointpeft (config default configs/peft_STAGE.yaml; the model
+                          section comes from the base checkpoint; ppt.models.peft)
     --resume              continue exp/NAME from model/model_last.pth, exactly
     --exp-root DIR        parent of experiment folders (default exp)
     key=value ...         config overrides (dotted keys, YAML values): optim.lr=0.01
@@ -53,11 +56,12 @@ def parse_mix(text: str) -> dict[str, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--weights", default=None)
+    parser.add_argument("--peft", default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--exp-root", default="exp")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -67,6 +71,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace):
     """Validate everything that needs no model: config, mix, data root, weights, resume."""
     overrides = list(args.overrides)
+    if args.peft is not None:
+        from ppt.config import PEFT_STAGES
+
+        stages = [s for s in PEFT_STAGES if s != "none"]
+        if args.peft not in stages:
+            raise InputError(f"--peft: unknown stage {args.peft!r}; valid: {', '.join(stages)}")
+        if args.weights is None or not Path(args.weights).is_file():
+            raise InputError(f"--peft {args.peft} needs the base model: --weights FILE (got {args.weights})")
+        from ppt.models.peft.checkpoint import peft_run_overrides
+
+        overrides = peft_run_overrides(args.peft, args.weights) + overrides
+        args.config = args.config or f"configs/peft_{args.peft}.yaml"
+    if args.config is None:
+        raise InputError("--config is required (or --peft STAGE, which defaults to configs/peft_STAGE.yaml)")
     if args.datasets is not None:
         mix = parse_mix(args.datasets)
         overrides += ["data.mix={" + ", ".join(f"{k}: {v}" for k, v in mix.items()) + "}", "data.val=[]"]

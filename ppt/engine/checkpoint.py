@@ -117,6 +117,12 @@ def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> 
     """Strict load with a readable summary of what does not fit."""
     state = _strip_prefix(state)
     own = model.state_dict()
+    peft = getattr(model, "peft_base", None) is not None
+    if peft:  # a PEFT run's checkpoint holds only its trainable part (ppt.models.peft.checkpoint)
+        from ppt.models.peft.checkpoint import checkpoint_keys
+
+        keys = checkpoint_keys(model)
+        own = {k: v for k, v in own.items() if k in keys}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
@@ -131,16 +137,21 @@ def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> 
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(problems)} "
                               f"(was it trained with another config?)")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not peft)
 
 
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer, scheduler, scaler, loader,
                     epoch: int, step: int, best_metric: float, best_epoch: int, nonfinite_steps: int,
                     config: dict, rng: list[dict]) -> None:
     """Write the full training state (see module docstring) atomically."""
+    model_entries = {"model": model.state_dict()}
+    if getattr(model, "peft_base", None) is not None:  # trainable part + base reference
+        from ppt.models.peft.checkpoint import checkpoint_entries
+
+        model_entries = checkpoint_entries(model)
     atomic_save({
         "version": CHECKPOINT_VERSION,
-        "model": model.state_dict(),
+        **model_entries,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
