@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ppt.data.synthetic import generate
+
+# Tests run tiny tensors: with several intra-op threads on a loaded 2-core machine OpenMP
+# barriers dominate (measured ~100x slower per op), so the suite runs single-threaded.
+torch.set_num_threads(1)
 
 TINY_SCENES = 5          # per domain: scannet 4 train + 1 val, s3dis Area_1..5, structured3d 4 + 1
 
