@@ -153,6 +153,19 @@ def test_tta_batched_equals_one_fragment_at_a_time(scannet):
     torch.testing.assert_close(single.sum(1), torch.from_numpy(appearances).float(), rtol=1e-5, atol=1e-4)
 
 
+def test_tta_streamed_views_vote_like_all_fragments_at_once(scannet):
+    # evaluate() streams one view per loader item and batches across views; the votes must be
+    # those of all 13 views' fragments of the scene together.
+    model = ContextModel()
+    result = evaluate(model, scannet, "cpu", tta=True, voxel_size=VOXEL, max_points=700, keep_predictions=True,
+                      num_workers=2)
+    for i in range(3):
+        raw = scannet.load(i)
+        scores = predict_scene_tta(model, build_test_views(raw, VOXEL), len(raw["coord"]), K, "scannet",
+                                   None, torch.device("cpu"))
+        np.testing.assert_array_equal(result["predictions"][raw["name"]], scores.argmax(1).numpy())
+
+
 def test_tta_evaluate_is_exact_with_an_oracle(scannet):
     model = Oracle()
     result = evaluate(model, scannet, "cpu", tta=True, voxel_size=VOXEL, max_points=5000)

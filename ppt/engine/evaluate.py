@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ppt.data.collate import collate
-from ppt.data.grid import build_test_views
+from ppt.data.grid import TTA_ANGLES, TTA_SCALES, build_test_views
 from ppt.data.transforms import build_transforms
 from ppt.metrics import ConfusionMeter
 
@@ -36,12 +36,20 @@ from ppt.metrics import ConfusionMeter
 MAX_POINTS = 600_000
 
 
-class SceneViews(torch.utils.data.Dataset):
-    """Per scene: the model inputs (one val view or all TTA fragments) and the original labels.
+def tta_views() -> list[tuple[float, float, bool]]:
+    """(z-angle, scale, x-flip) of the 13 test-time views, in ``build_test_views`` order."""
+    return [(a, s, False) for a in TTA_ANGLES for s in TTA_SCALES] + [(0.0, 1.0, True)]
 
-    Item: ``name`` str, ``coord`` f32 (M, 3) original points, ``segment`` i64 (M,) or None,
-    ``fragments`` list of samples (val: one sample with ``inverse``; TTA: fragments with
-    ``index``). Runs in DataLoader workers, so transforms overlap with the forward passes.
+
+class SceneViews(torch.utils.data.Dataset):
+    """Model inputs per scene (validation) or per (scene, view) (TTA), made in loader workers.
+
+    Validation item: ``name``, ``coord`` f32 (M, 3) original points, ``segment`` i64 (M,) or
+    None, ``fragments`` = [the grid-sampled sample with ``inverse``].
+    TTA item: ``name``, ``view`` (0..12), ``last`` (bool), ``num_points`` M, ``fragments`` of
+    that one view (with ``index``); the first view of a scene also carries ``coord`` and
+    ``segment``. One view per item keeps a scene's 13 views x fragments out of memory at once
+    (large S3DIS rooms would need gigabytes) and spreads a scene over the workers.
 
     Args:
         dataset: a ``ppt.data.datasets.SceneDataset`` (needs ``load(i)``, ``info``, ``scenes``).
@@ -53,21 +61,36 @@ class SceneViews(torch.utils.data.Dataset):
     def __init__(self, dataset, indices: Sequence[int], tta: bool, voxel_size: float):
         self.dataset, self.indices = dataset, list(indices)
         self.tta, self.voxel_size = tta, voxel_size
+        self.views = tta_views() if tta else [None]
         self.val_transform = None if tta else build_transforms(dataset.info.name, "val", voxel_size)
+        self._cache: tuple[int, dict] | None = None  # last scene loaded by this worker
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) * len(self.views)
+
+    def _load(self, index: int) -> dict:
+        if self._cache is None or self._cache[0] != index:
+            self._cache = (index, self.dataset.load(index))
+        return self._cache[1]
 
     def __getitem__(self, i: int) -> dict:
-        index = self.indices[i]
-        raw = self.dataset.load(index)
-        item = {"name": raw["name"], "coord": raw["coord"], "segment": raw.get("segment")}
-        if self.tta:
-            item["fragments"] = build_test_views(raw, self.voxel_size)
-        else:
+        position, v = divmod(i, len(self.views))
+        index = self.indices[position]
+        raw = self._load(index)
+        item = {"name": raw["name"], "num_points": len(raw["coord"])}
+        if v == 0:
+            item.update(coord=raw["coord"], segment=raw.get("segment"))
+        if not self.tta:
             # Seed per scene: the kept point of each voxel does not depend on order or workers.
             self.val_transform.set_rng(np.random.default_rng(index))
             item["fragments"] = [self.val_transform(dict(raw))]
+            return item
+        angle, scale, flip = self.views[v]
+        fragments = build_test_views(raw, self.voxel_size, angles=() if flip else (angle,),
+                                     scales=() if flip else (scale,), flip=flip)
+        for fragment in fragments:
+            fragment["view"] = v
+        item.update(view=v, last=v == len(self.views) - 1, fragments=fragments)
         return item
 
 
@@ -104,6 +127,14 @@ def _forward(model: nn.Module, samples: list[dict], label_space: str, prompt: st
     return batch, logits.float()
 
 
+def vote(model: nn.Module, fragments: list[dict], scores: torch.Tensor, label_space: str,
+         prompt: str | None, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """One forward over ``fragments`` (of one scene); adds softmax(logits) rows into
+    ``scores`` (M, K) at the fragments' original point ids (``index``)."""
+    batch, logits = _forward(model, fragments, label_space, prompt, device, amp_dtype)
+    scores.index_add_(0, batch["index"], logits.softmax(1))
+
+
 def predict_scene_tta(model: nn.Module, fragments: list[dict], num_points: int, num_classes: int,
                       label_space: str, prompt: str | None, device: torch.device,
                       max_points: int = MAX_POINTS, amp_dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
@@ -119,8 +150,7 @@ def predict_scene_tta(model: nn.Module, fragments: list[dict], num_points: int, 
     """
     scores = torch.zeros(num_points, num_classes, device=device)
     for group in chunk_by_points([len(f["coord"]) for f in fragments], max_points):
-        batch, logits = _forward(model, [fragments[i] for i in group], label_space, prompt, device, amp_dtype)
-        scores.index_add_(0, batch["index"], logits.softmax(1))
+        vote(model, [fragments[i] for i in group], scores, label_space, prompt, device, amp_dtype)
     return scores
 
 
@@ -199,8 +229,8 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
             on_scene({"name": item["name"], "coord": item["coord"], "segment": segment, "pred": pred})
         stats["scenes"] += 1
         stats["points"] += len(pred)
-        if log is not None and stats["scenes"] % max(1, len(views) // 10) == 0:
-            log(f"evaluate {dataset.info.name}: {stats['scenes']}/{len(views)} scenes")
+        if log is not None and stats["scenes"] % max(1, len(views.indices) // 10) == 0:
+            log(f"evaluate {dataset.info.name}: {stats['scenes']}/{len(views.indices)} scenes")
 
     pending: list[dict] = []  # validation scenes waiting to share one forward
 
@@ -215,12 +245,27 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
             finish(item, pred[lo:hi])
         pending.clear()
 
+    scene: dict = {}  # TTA: the scene being voted on (first view's item + scores)
+    waiting: list[dict] = []  # TTA: fragments of that scene not yet forwarded
+
+    def vote_waiting(all_of_them: bool) -> None:
+        groups = chunk_by_points([len(f["coord"]) for f in waiting], max_points)
+        if not all_of_them:
+            groups = groups[:-1]  # the last group may still grow with the next view
+        for group in groups:
+            vote(model, [waiting[i] for i in group], scene["scores"], label_space, prompt, device, amp_dtype)
+        del waiting[:sum(len(g) for g in groups)]
+
     try:
         for item in loader:
             if tta:
-                scores = predict_scene_tta(model, item["fragments"], len(item["coord"]), len(class_names),
-                                           label_space, prompt, device, max_points, amp_dtype)
-                finish(item, scores.argmax(1))
+                if item["view"] == 0:
+                    scene = {k: v for k, v in item.items() if k != "fragments"}
+                    scene["scores"] = torch.zeros(item["num_points"], len(class_names), device=device)
+                waiting.extend(item["fragments"])
+                vote_waiting(all_of_them=item["last"])
+                if item["last"]:
+                    finish(scene, scene["scores"].argmax(1))
                 continue
             size = len(item["fragments"][0]["coord"])
             if pending and sum(len(p["fragments"][0]["coord"]) for p in pending) + size > max_points:
