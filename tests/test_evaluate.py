@@ -221,7 +221,7 @@ def tiny_segmentor() -> nn.Module:
 
 def test_real_model_tta_batched_equals_one_fragment_at_a_time(scannet):
     raw = scannet.load(2)
-    fragments = build_test_views(raw, VOXEL)[:8]
+    fragments = build_test_views(raw, VOXEL)[:4]
     model, n = tiny_segmentor(), len(raw["coord"])
     with torch.inference_mode():
         single = predict_scene_tta(model, fragments, n, K, "scannet", "mean", torch.device("cpu"), max_points=1)

@@ -193,8 +193,9 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
 
     Returns:
         ``ConfusionMeter.summary`` (mIoU, mAcc, allAcc, per_class, per_class_acc, confusion,
-        ...) plus ``scenes``, ``points``, ``seconds`` and, if asked, ``predictions``. Scenes
-        without labels are predicted but not scored.
+        ...; summed over all processes) plus ``scenes``, ``points``, ``seconds`` and, if asked,
+        ``predictions`` (these four cover this process's scenes only). Scenes without labels
+        are predicted but not scored.
     """
     import torch.distributed as dist
 
@@ -292,11 +293,9 @@ def confusion_image(confusion: np.ndarray, class_names: Sequence[str]) -> np.nda
     Returns:
         uint8 (H, W, 3) RGB image.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    # Figure + Agg canvas directly: no pyplot, no global backend switch, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     confusion = np.asarray(confusion, np.float64)
     k = len(class_names)
