@@ -150,3 +150,19 @@ def test_bad_input_gives_one_error_line(experiment, tmp_path, capsys, case, mess
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (exp / "result" / "metrics.json").exists()
+
+
+def test_unlabelled_scenes_are_predicted_not_scored(experiment, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    n = 300
+    write_scene(tmp_path / "scannet" / "test" / "scene0707_00", {
+        "coord": rng.uniform(0, 2, (n, 3)).astype(np.float32),
+        "color": rng.integers(0, 255, (n, 3)).astype(np.uint8),
+        "normal": np.tile(np.float32([0, 0, 1]), (n, 1))})
+    rc, out, err = run_tool(capsys, "--exp", experiment, "--dataset", "scannet", "--split", "test",
+                            "--data-root", tmp_path, "--save-pred")
+    assert rc == 0, err
+    entry = json.loads((experiment / "result" / "metrics.json").read_text())["scannet"]
+    assert entry["mIoU"] is None and entry["split"] == "test" and entry["points"] == n
+    assert "scannet: mIoU n/a" in out
+    assert np.load(experiment / "result" / "scannet" / "scene0707_00_pred.npy").shape == (n,)

@@ -123,6 +123,10 @@ def _finite(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
+
+
 def write_metrics(path: Path, entries: dict[str, dict]) -> dict:
     """Merge ``{dataset: entry}`` into the JSON file at ``path`` (atomic); returns the whole file."""
     merged = {}
@@ -205,8 +209,9 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but CUDA is not available")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          args.device if args.device != "auto" else "cpu")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     exp = Path(args.exp)
     cfg, model, ckpt_path = load_experiment(exp, args.weights, device)
     datasets = resolve_datasets(args.dataset, cfg)
@@ -254,8 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         prompt = args.prompt or name
         print(format_table(result, title=f"{name} {args.split}: {result['scenes']} scenes, "
                                          f"prompt {prompt}, tta {'on' if args.tta else 'off'}"))
-        print(f"{name}: mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
-              f"allAcc {100 * result['allAcc']:.2f}  ({result['scenes'] / seconds:.2f} scenes/s, "
+        print(f"{name}: mIoU {_pct(result['mIoU'])}  mAcc {_pct(result['mAcc'])}  "
+              f"allAcc {_pct(result['allAcc'])}  ({result['scenes'] / seconds:.2f} scenes/s, "
               f"{result['points'] / seconds:.0f} points/s)\n", flush=True)
         entries[name] = {
             "mIoU": _finite(result["mIoU"]), "mAcc": _finite(result["mAcc"]), "allAcc": _finite(result["allAcc"]),
