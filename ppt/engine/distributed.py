@@ -7,7 +7,7 @@ Backend: nccl on CUDA, gloo on CPU. Only rank 0 writes files.
 Why our own synchronised BN: ``torch.nn.SyncBatchNorm`` refuses CPU tensors ("expected input
 tensor to be on GPU"), so CPU/gloo runs would silently normalise with per-process statistics
 and drift from single-process training. :class:`SyncBatchNorm1d` all-reduces the batch sum,
-count and squared deviations with the differentiable ``torch.distributed.nn`` all-reduce, so
+count and squared deviations with a differentiable all-reduce, so
 both the forward statistics and the backward gradient are those of the global batch. It runs
 on its own process group so its collectives never interleave with DDP's gradient buckets.
 """
@@ -103,6 +103,23 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over processes: the gradient of a sum is the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class SyncBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm over (N, C) features whose statistics span every process (any backend).
 
@@ -128,15 +145,13 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         x = x.float()
         if not (self.training and is_distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         local = torch.cat([x.sum(0), x.new_tensor([float(x.shape[0])])])
-        total = all_reduce(local, group=self.group)
+        total = _AllReduceSum.apply(local, self.group)
         count = total[c]
         mean = total[:c] / count
         centred = x - mean
-        var = all_reduce(centred.pow(2).sum(0), group=self.group) / count
+        var = _AllReduceSum.apply(centred.pow(2).sum(0), self.group) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

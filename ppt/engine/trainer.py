@@ -192,7 +192,7 @@ def evaluate_all(model: nn.Module, val_sets: dict, cfg: Config, device: torch.de
     from ppt.engine.evaluate import evaluate
 
     return {name: evaluate(model, ds, device, voxel_size=cfg.data.voxel_size,
-                           amp_dtype=amp_dtype or torch.float16, num_workers=min(cfg.data.num_workers, 2))
+                           amp_dtype=amp_dtype, num_workers=min(cfg.data.num_workers, 2))
             for name, ds in val_sets.items()}
 
 
@@ -288,7 +288,7 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
                                     scaler=scaler, loader=loader, epoch=state.epoch, step=state.step,
                                     best_metric=state.best_metric, best_epoch=state.best_epoch,
                                     nonfinite_steps=state.nonfinite_steps, config=cfg.to_dict(), rng=rng)
-            logger.info(f"saved {last_path} (epoch {state.epoch + 1}, step {state.step})")
+            logger.info(f"saved {last_path} (step {state.step}, {state.epoch} epochs done)")
         dist_utils.barrier()
 
     # ---- the loop

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Train (and then test) a PPT experiment.
+#
+#   tools/train.sh                       # no arguments: the synthetic demo end to end
+#   tools/train.sh --config configs/ppt_joint.yaml --name ppt --gpus 8
+#   tools/train.sh --config configs/ppt_joint.yaml --datasets scannet:2,s3dis:1 --gpus 4 optim.lr=0.02
+#   tools/train.sh --config configs/scannet_spunet.yaml --name ft --weights exp/ppt/model/model_best.pth
+#   tools/train.sh --peft dapt --weights exp/ppt/model/model_best.pth --datasets s3dis --name s3dis_dapt
+#   tools/train.sh --config configs/ppt_joint.yaml --name ppt --gpus 8 --machines 2 --rank 0 --master 10.0.0.1:29500
+#
+# Flags: --config FILE, --name NAME (default: config file name), --datasets name:ratio,...,
+# --data-root DIR, --gpus N (processes per machine), --machines M, --rank R (this machine),
+# --master ADDR:PORT, --weights FILE (initialise, fine-tune), --peft STAGE (parameter-efficient
+# fine-tuning of --weights: full|linear|bitfit|dapt|pointpeft, config configs/peft_STAGE.yaml
+# unless --config is given), --resume, --no-test; anything
+# of the form key=value is a config override. More than one process -> torchrun.
+# With no arguments: make data/synthetic if missing, train configs/demo.yaml into exp/demo
+# (resumed if it already exists), then run tools/test.py on it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+die() { echo "error: $*" >&2; exit 2; }
+
+CONFIG="" NAME="" DATASETS="" DATA_ROOT="" GPUS=1 MACHINES=1 RANK_ID=0 MASTER="" WEIGHTS=""
+RESUME=0 TEST=1 OVERRIDES=() PEFT=""
+DEMO=0
+[[ $# -eq 0 ]] && DEMO=1
+
+need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --config) need "$@"; CONFIG="$2"; shift 2 ;;
+    --name) need "$@"; NAME="$2"; shift 2 ;;
+    --datasets) need "$@"; DATASETS="$2"; shift 2 ;;
+    --data-root) need "$@"; DATA_ROOT="$2"; shift 2 ;;
+    --gpus) need "$@"; GPUS="$2"; shift 2 ;;
+    --machines) need "$@"; MACHINES="$2"; shift 2 ;;
+    --rank) need "$@"; RANK_ID="$2"; shift 2 ;;
+    --master) need "$@"; MASTER="$2"; shift 2 ;;
+    --weights) need "$@"; WEIGHTS="$2"; shift 2 ;;
+    --peft) need "$@"; PEFT="$2"; shift 2 ;;
+    --resume) RESUME=1; shift ;;
+    --no-test) TEST=0; shift ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *=*) OVERRIDES+=("$1"); shift ;;
+    *) die "unknown argument '$1' (flags: --config --name --datasets --data-root --gpus --machines --rank --master --weights --peft --resume --no-test, or key=value)" ;;
+  esac
+done
+
+if [[ $DEMO -eq 1 ]]; then
+  CONFIG=configs/demo.yaml NAME=demo
+  if [[ ! -d data/synthetic ]]; then
+    echo "demo: generating synthetic data in data/synthetic"
+    "$PY" tools/make_synthetic.py --out data/synthetic --scenes 30 --seed 0
+  fi
+  [[ -f exp/demo/model/model_last.pth ]] && RESUME=1  # a rerun finishes (or just re-tests) it
+fi
+
+[[ -z "$CONFIG" && -n "$PEFT" ]] && CONFIG="configs/peft_$PEFT.yaml"
+[[ -n "$CONFIG" ]] || die "--config is required (e.g. --config configs/demo.yaml), or run without arguments for the demo"
+[[ -f "$CONFIG" ]] || die "config file $CONFIG does not exist"
+for n in "$GPUS" "$MACHINES"; do [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "--gpus/--machines must be positive integers, got '$n'"; done
+[[ "$RANK_ID" =~ ^[0-9]+$ && "$RANK_ID" -lt "$MACHINES" ]] || die "--rank must be in 0..$((MACHINES - 1)), got '$RANK_ID'"
+if [[ "$MACHINES" -gt 1 && -z "$MASTER" ]]; then die "--machines $MACHINES needs --master ADDR:PORT (address of the rank-0 machine)"; fi
+[[ -z "$MASTER" || "$MASTER" =~ ^[^:]+:[0-9]+$ ]] || die "--master must look like ADDR:PORT, got '$MASTER'"
+[[ -n "$NAME" ]] || NAME="$(basename "$CONFIG" .yaml)"
+
+ARGS=(--config "$CONFIG" --name "$NAME")
+[[ -n "$DATASETS" ]] && ARGS+=(--datasets "$DATASETS")
+[[ -n "$DATA_ROOT" ]] && ARGS+=(--data-root "$DATA_ROOT")
+[[ -n "$WEIGHTS" ]] && ARGS+=(--weights "$WEIGHTS")
+[[ -n "$PEFT" ]] && ARGS+=(--peft "$PEFT")
+[[ $RESUME -eq 1 ]] && ARGS+=(--resume)
+ARGS+=("${OVERRIDES[@]+"${OVERRIDES[@]}"}")
+
+if [[ "$GPUS" -gt 1 || "$MACHINES" -gt 1 ]]; then
+  if [[ -x .venv/bin/torchrun ]]; then RUN=(.venv/bin/torchrun); else RUN=("$PY" -m torch.distributed.run); fi
+  if [[ "$MACHINES" -gt 1 ]]; then
+    RUN+=(--nnodes "$MACHINES" --node_rank "$RANK_ID" --master_addr "${MASTER%:*}" --master_port "${MASTER##*:}")
+  else
+    RUN+=(--standalone)
+  fi
+  RUN+=(--nproc_per_node "$GPUS" tools/train.py)
+else
+  RUN=("$PY" tools/train.py)
+fi
+
+start=$(date +%s)
+"${RUN[@]}" "${ARGS[@]}"
+echo "training took $(( $(date +%s) - start )) s"
+
+if [[ $TEST -eq 1 && "$RANK_ID" -eq 0 ]]; then
+  TEST_ARGS=(--exp "exp/$NAME")
+  [[ -n "$DATA_ROOT" ]] && TEST_ARGS+=(--data-root "$DATA_ROOT")
+  [[ -f "exp/$NAME/model/model_best.pth" ]] || TEST_ARGS+=(--weights "exp/$NAME/model/model_last.pth")
+  "$PY" tools/test.py "${TEST_ARGS[@]}"
+fi
+echo "total $(( $(date +%s) - start )) s; experiment in exp/$NAME (tensorboard --logdir exp/$NAME)"
