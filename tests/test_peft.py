@@ -147,6 +147,32 @@ def test_frozen_conv_input_grad_equals_spconv_and_skips_filter_grad(monkeypatch)
     assert saved_frozen < saved_ref  # inputs are no longer kept
 
 
+def test_frozen_norm_matches_batch_norm_without_keeping_its_input():
+    from ppt.models.peft.stages import _FrozenNorm, _swap_class
+
+    g = torch.Generator().manual_seed(0)
+    bn = torch.nn.BatchNorm1d(6, eps=1e-3)
+    with torch.no_grad():
+        for t in (bn.running_mean, bn.weight, bn.bias):
+            t.copy_(torch.randn(6, generator=g))
+        bn.running_var.copy_(torch.rand(6, generator=g) + 0.5)
+    bn.requires_grad_(False).eval()
+    frozen = copy.deepcopy(bn)
+    _swap_class(frozen, _FrozenNorm, "Frozen")
+    x = torch.randn(50, 6, generator=g)
+    results = []
+    for norm in (bn, frozen):
+        xi = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = norm(xi)
+        (y * x).sum().backward()
+        results.append((y.detach(), xi.grad, sum(saved)))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    assert results[1][2] < x.numel() <= results[0][2]
+
+
 # --- shared pieces ---------------------------------------------------------------------------
 
 def test_scatter_and_prompt_attention_are_per_scene():

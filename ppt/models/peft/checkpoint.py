@@ -17,9 +17,7 @@ names; other heads' classifiers of a new dataset keep their fresh initialisation
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -134,18 +132,6 @@ def load_base_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]
     return report
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def peft_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a PEFT checkpoint stores of the model: the trainable part for a PEFT stage, the
     whole state dict for full fine-tuning (no stage applied)."""
@@ -167,8 +153,10 @@ def save_peft_checkpoint(path: str | Path, model: nn.Module, cfg: PeftConfig,
                          base_path: str | Path, extra: dict | None = None,
                          base_fingerprint: str | None = None, domain: str | None = None) -> None:
     """Atomically write a PEFT checkpoint (plus `extra` entries, e.g. optimiser, epoch)."""
+    from ppt.engine.checkpoint import atomic_save
+
     payload = peft_payload(model, cfg, base_path, base_fingerprint, domain)
-    _atomic_save({**(extra or {}), **payload}, Path(path))
+    atomic_save({**(extra or {}), **payload}, Path(path))
 
 
 def is_peft_checkpoint(data: dict) -> bool:

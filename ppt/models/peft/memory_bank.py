@@ -13,8 +13,6 @@ at a temperature. The retrieved set per scene is (k + 2, D): [query, weighted su
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -154,18 +152,10 @@ def build_memory_bank(model: nn.Module, batches: Iterable[dict], total: int | No
 
 
 def save_memory_bank(bank: MemoryBank, path: str | Path, fingerprint: str) -> None:
-    """Atomic write of {features, names, fingerprint} to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"features": bank.features.cpu(), "names": bank.names,
-                    "fingerprint": fingerprint}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Atomic write (temp file + rename) of {features, names, fingerprint} to `path`."""
+    from ppt.engine.checkpoint import atomic_save
+
+    atomic_save({"features": bank.features.cpu(), "names": bank.names, "fingerprint": fingerprint}, path)
 
 
 def load_memory_bank(path: str | Path, fingerprint: str | None = None) -> MemoryBank | None:

@@ -11,7 +11,8 @@ Stages (what trains; everything else is frozen):
 | `pointpeft` | Point-PEFT adapters and prompt tokens (point_peft.py) + head        |
 
 For every stage but `full`: BatchNorm running statistics are frozen (norm layers stay in eval
-mode), frozen sparse convolutions compute only their input gradient (frozen_conv.py), and the
+mode), frozen sparse convolutions compute only their input gradient (frozen_conv.py), norms
+whose affine is frozen too run as a constant scale-and-shift (no saved input), and the
 longest prefix of the backbone (stem, down-sampling layers, blocks, in execution order) that has
 nothing trainable runs under ``torch.no_grad`` (no activations kept for it at all). The
 domain prompts stay frozen, PDNorm modulations too.
@@ -93,14 +94,37 @@ class _NoGrad:
             return super().forward(*args, **kwargs)
 
 
-_NO_GRAD_CLASSES: dict[type, type] = {}
+class _FrozenNorm:
+    """Mixin for a BatchNorm with frozen statistics and affine: while autograd records, apply it
+    as ``x * scale + shift`` with constant scale/shift, so backward keeps only ``scale`` instead
+    of the (N, C) input F.batch_norm saves. Same function as eval-mode BatchNorm (float rounding
+    aside); without autograd, or once anything in it trains, the module's own forward runs."""
+
+    def forward(self, x, *args, **kwargs):
+        if self.training or not torch.is_grad_enabled() or \
+                (self.affine and self.weight.requires_grad) or self.running_var is None:
+            return super().forward(x, *args, **kwargs)
+        x = x.float()
+        scale = torch.rsqrt(self.running_var + self.eps)
+        shift = -self.running_mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return torch.addcmul(shift.detach(), x, scale.detach())
+
+
+_SWAPPED: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, mixin: type, prefix: str) -> None:
+    """Give `module` a subclass of its class with `mixin` first (names and state unchanged)."""
+    base = type(module)
+    if (mixin, base) not in _SWAPPED:
+        _SWAPPED[mixin, base] = type(f"{prefix}{base.__name__}", (mixin, base), {})
+    module.__class__ = _SWAPPED[mixin, base]
 
 
 def _run_without_grad(module: nn.Module) -> None:
-    base = type(module)
-    if base not in _NO_GRAD_CLASSES:
-        _NO_GRAD_CLASSES[base] = type(f"NoGrad{base.__name__}", (_NoGrad, base), {})
-    module.__class__ = _NO_GRAD_CLASSES[base]
+    _swap_class(module, _NoGrad, "NoGrad")
 
 
 def backbone_units(backbone: SpUNet) -> Iterator[nn.Module]:
@@ -167,6 +191,10 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
     if cfg.stage in ("bitfit", "dapt"):
         for p in norm_affine_parameters(backbone, domain):
             p.requires_grad_(True)
+    if cfg.input_grad_only:
+        for m in backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                _swap_class(m, _FrozenNorm, "Frozen")
 
     for s, is_encoder, block in stage_blocks(backbone):
         c_in, c_out = _block_channels(block)
