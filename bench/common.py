@@ -145,3 +145,77 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and batches of the compute benchmarks
+
+DEFAULT_CHANNELS = (32, 64, 128, 256, 256, 128, 96, 96)
+DEFAULT_LAYERS = (2, 3, 4, 6, 2, 2, 2, 2)
+DEMO_CHANNELS = (16, 32, 48, 64, 64, 48, 32, 32)
+DEMO_LAYERS = (1, 1, 1, 1, 1, 1, 1, 1)
+TEXT_DIM = 512  # CLIP ViT-B/16 text width, the paper's setting
+
+# Benchmark model name -> (prompt adapter, head, datasets). "spunet" is the plain network on
+# one dataset (its single linear head); the others are PPT models over the three datasets.
+BENCH_MODELS = {
+    "spunet": ("none", "decoupled", ("scannet",)),
+    "pdnorm_language": ("pdnorm", "language", ("scannet", "s3dis", "structured3d")),
+    "pdnorm_decoupled": ("pdnorm", "decoupled", ("scannet", "s3dis", "structured3d")),
+    "pdnorm_union": ("pdnorm", "union", ("scannet", "s3dis", "structured3d")),
+}
+
+
+def build_bench_model(name: str, channels=DEFAULT_CHANNELS, layers=DEFAULT_LAYERS, prompt_dim: int = 256,
+                      seed: int = 0):
+    """A randomly initialised Segmentor (compute does not depend on the weights).
+
+    The language head gets random unit (K, 512) class embeddings: the width of CLIP ViT-B/16's
+    text features, without loading a text encoder.
+    """
+    import torch
+
+    from ppt.data.classes import get_dataset_info
+    from ppt.models.segmentor import Segmentor
+
+    if name not in BENCH_MODELS:
+        raise KeyError(f"unknown benchmark model {name!r}; valid: {', '.join(BENCH_MODELS)}")
+    prompt, head, datasets = BENCH_MODELS[name]
+    names = {d: get_dataset_info(d).class_names for d in datasets}
+    g = torch.Generator().manual_seed(seed)
+    text = None
+    if head == "language":
+        text = {d: torch.nn.functional.normalize(torch.randn(len(c), TEXT_DIM, generator=g), dim=1)
+                for d, c in names.items()}
+    torch.manual_seed(seed)
+    return Segmentor(names, backbone=dict(channels=tuple(channels), layers=tuple(layers)), prompt=prompt,
+                     prompt_dim=prompt_dim, head=head, text_embeddings=text)
+
+
+def synthetic_batch(total_points: int, scenes: int = 2, voxel_size: float = 0.02, seed: int = 0) -> dict:
+    """A training batch of ``scenes`` synthetic ScanNet-style rooms with about
+    ``total_points`` voxels in all (grid-sampled at ``voxel_size``, sphere-cropped to size).
+
+    Returns the collated batch (``ppt.data.collate``) on the CPU.
+    """
+    import numpy as np
+
+    from ppt.data.collate import collate
+    from ppt.data.grid import GridSample
+    from ppt.data.synthetic import make_scene
+    from ppt.data.transforms import CenterShift, Collect, Compose, NormalizeColor, SphereCrop
+
+    per_scene = total_points // scenes
+    samples = []
+    for i in range(scenes):
+        rng = np.random.default_rng([seed, i])
+        raw = make_scene("scannet", rng, num_points=int(per_scene * 2.5))
+        raw["segment"] = raw.pop("segment20").astype(np.int64)
+        raw.pop("instance", None)
+        pipeline = Compose([CenterShift(apply_z=True), GridSample(voxel_size), SphereCrop(point_max=per_scene),
+                            CenterShift(apply_z=False), NormalizeColor(), Collect()])
+        pipeline.set_rng(rng)
+        sample = pipeline(raw)
+        sample.update(dataset="scannet", name=f"bench_{i}")
+        samples.append(sample)
+    return collate(samples)

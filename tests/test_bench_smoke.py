@@ -1,0 +1,71 @@
+"""Each benchmark's --quick path runs end to end, prints its table and writes its JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_bench(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / script), *args],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_common_timing_and_table(tmp_path):
+    from bench.common import format_table, save_json, time_call
+
+    calls = []
+    timing = time_call(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and timing["repeats"] == 3 and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+    table = format_table([{"a": 1.23456, "b": None}, {"a": 12345.0, "b": "x"}], ["a", "b"])
+    assert table.splitlines()[2] == "| 1.23 | - |" and "12,345" in table
+    path = save_json({"x": np.arange(3)}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"x": [0, 1, 2]}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_synthetic_batch_has_the_requested_size():
+    from bench.common import synthetic_batch
+
+    batch = synthetic_batch(6000, scenes=2, seed=1)
+    assert batch["offset"].tolist() == [3000, 6000]
+    assert batch["feat"].shape == (6000, 6) and batch["grid_coord"].min() >= 0
+
+
+def test_train_step_quick(tmp_path):
+    out = tmp_path / "ts.json"
+    stdout = run_bench("train_step.py", "--quick", "--out", str(out))
+    assert "| model |" in stdout and "pdnorm_language" in stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["spunet", "pdnorm_language"]
+    for r in rows:
+        assert "error" not in r and r["finite_loss"] and r["step_s"] > 0 and r["actual_points"] == 4000
+
+
+def test_inference_quick(tmp_path):
+    out = tmp_path / "inf.json"
+    stdout = run_bench("inference.py", "--quick", "--data", str(tmp_path / "data"), "--out", str(out))
+    assert "points/s" in stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["scenes"] == 1 and row["points"] > 1000 and row["points_per_s"] > 0
+
+
+def test_negative_transfer_quick_and_resume(tmp_path):
+    args = ["--quick", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path), "--variants", "alone_scannet", "naive"]
+    stdout = run_bench("negative_transfer.py", *args)
+    assert "(b) naive joint" in stdout and "Δ vs alone" in stdout
+    summary = json.loads((tmp_path / "negative_transfer.json").read_text())
+    assert set(summary["table"]["naive"]) == {"scannet", "s3dis", "structured3d", "mean"}
+    assert (tmp_path / "negative_transfer.png").stat().st_size > 1000
+    assert not list((tmp_path / "runs").rglob("*.pth"))  # scores kept, weights dropped
+    again = run_bench("negative_transfer.py", *args)  # resumed: every run has its result
+    assert again.count("cached") == 2 and "started" not in again
