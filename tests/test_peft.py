@@ -363,3 +363,49 @@ def test_peft_checkpoint_reloads_and_reproduces_predictions(base_state, tmp_path
     torch.save({"model": {k: v + 1 if v.is_floating_point() else v for k, v in base_state.items()}}, base_path)
     with pytest.raises(ValueError, match="changed since fine-tuning"):
         load_peft_checkpoint(ckpt, segmentor(TARGET_NAMES))
+
+
+def test_engine_checkpoints_of_a_peft_run_hold_the_trainable_part(base_state, tmp_path):
+    """The hooks in ppt.engine.checkpoint: save writes the trainable part + base reference,
+    a resumed/evaluated run rebuilds base + stage and loads it (weights_only file)."""
+    from types import SimpleNamespace
+
+    from ppt.engine import checkpoint as ckpt_io
+    from ppt.models.peft.checkpoint import peft_run_overrides, prepare_peft_model
+
+    base_path = tmp_path / "base.pth"
+    torch.save({"model": base_state, "config": {"model": {"channels": list(TINY["channels"])},
+                                                "data": {"voxel_size": 0.05}}}, base_path)
+    overrides = peft_run_overrides("dapt", base_path)
+    assert "model.channels=[8, 8, 16, 16, 16, 16, 8, 8]" in overrides and "data.voxel_size=0.05" in overrides
+    cfg = SimpleNamespace(peft=PeftConfig(stage="dapt", base=str(base_path)), data=SimpleNamespace(mix={TARGET: 1}))
+    model = segmentor(TARGET_NAMES, seed=1)
+    report = prepare_peft_model(model, cfg, tmp_path)
+    assert "dapt" in report and "parameters train" in report
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    batch = target_batch(0)
+    segmentation_loss(model(batch), batch["segment"]).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        want = model(target_batch(3))
+    path = tmp_path / "model_last.pth"
+    ckpt_io.save_checkpoint(path, model=model, optimizer=opt,
+                            scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                            scaler=torch.amp.GradScaler("cpu", enabled=False),
+                            loader=SimpleNamespace(state_dict=lambda: {}), epoch=1, step=1, best_metric=0.0,
+                            best_epoch=1, nonfinite_steps=0, config={}, rng=[])
+    ckpt = ckpt_io.load_checkpoint(path)  # weights_only load
+    assert ckpt["base"]["fingerprint"] == file_fingerprint(base_path) and ckpt["peft"]["stage"] == "dapt"
+    assert len(ckpt["model"]) < len(model.state_dict()) / 2
+    fresh = segmentor(TARGET_NAMES, seed=5)
+    prepare_peft_model(fresh, cfg, tmp_path, ckpt=ckpt)
+    ckpt_io.load_model_state(fresh, ckpt["model"], path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(target_batch(3)), want)
+    del ckpt["model"]["head.proj.weight"]  # a trainable tensor missing: a clear error
+    other = segmentor(TARGET_NAMES)
+    prepare_peft_model(other, cfg, tmp_path, ckpt=ckpt)
+    with pytest.raises(ckpt_io.CheckpointError, match="1 missing keys"):
+        ckpt_io.load_model_state(other, ckpt["model"], path)
