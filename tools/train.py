@@ -122,26 +122,32 @@ def prepare(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+
+    def fail(err: Exception, status: int = 2) -> int:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return status
+
     from ppt.data.scene_io import SceneError
+
+    try:  # cheap checks first: a typo fails in a second, before torch is imported
+        cfg, exp_dir = prepare(args)
+    except (InputError, ConfigError, SceneError) as err:
+        return fail(err)
+
     from ppt.engine.checkpoint import CheckpointError
+    from ppt.engine.distributed import cleanup
     from ppt.engine.trainer import NonFiniteError, SetupError, train
     from ppt.text import TextEncoderUnavailable
 
-    rank = int(os.environ.get("RANK", 0))
     try:
-        cfg, exp_dir = prepare(args)
         summary = train(cfg, exp_dir, resume=args.resume, weights=args.weights)
-    except (InputError, ConfigError, SetupError, CheckpointError, SceneError, TextEncoderUnavailable) as err:
-        if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (SetupError, CheckpointError, SceneError, TextEncoderUnavailable) as err:
+        return fail(err)
     except NonFiniteError as err:
-        if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail(err, 1)
     finally:
-        from ppt.engine.distributed import cleanup
-
         cleanup()
     if rank == 0:
         val = " ".join(f"{k} {v['mIoU']:.4f}" for k, v in summary["val"].items())
