@@ -39,6 +39,10 @@ from spconv.pytorch.conv import SparseConvolution
 from spconv.pytorch import functional as Fsp
 from spconv.pytorch import ops
 
+# as spconv's own functions: under CUDA autocast the convolution runs in fp16
+_AMP_FWD = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float16)
+_AMP_BWD = torch.amp.custom_bwd(device_type="cuda")
+
 __all__ = ["IndiceConvInputGrad", "freeze_sparse_conv", "is_frozen_sparse_conv",
            "input_grad_only", "transpose_filter"]
 
@@ -64,6 +68,7 @@ class IndiceConvInputGrad(Function):
     """
 
     @staticmethod
+    @_AMP_FWD
     def forward(ctx, features, filters, indice_pairs, indice_pair_num, num_activate_out, algo,
                 inverse: bool, subm: bool):
         ctx.save_for_backward(indice_pairs, indice_pair_num, filters)
@@ -74,6 +79,7 @@ class IndiceConvInputGrad(Function):
 
     @staticmethod
     @once_differentiable
+    @_AMP_BWD
     def backward(ctx, grad_output):
         indice_pairs, indice_pair_num, filters = ctx.saved_tensors
         # Transposed rulebook = the same pairs read the other way round (inverse flag flipped).
@@ -87,6 +93,7 @@ class _ImplicitGemmDropFilterGrad(Function):
     """spconv's implicit-GEMM convolution with the filter gradient discarded (CUDA fallback)."""
 
     @staticmethod
+    @_AMP_FWD
     def forward(ctx, features, filters, pair_fwd, pair_bwd, pair_mask_fwd_splits,
                 pair_mask_bwd_splits, mask_argsort_fwd_splits, mask_argsort_bwd_splits,
                 num_activate_out, masks, is_train, is_subm, timer, fp32_accum):
@@ -101,6 +108,7 @@ class _ImplicitGemmDropFilterGrad(Function):
 
     @staticmethod
     @once_differentiable
+    @_AMP_BWD
     def backward(ctx, grad_output):
         features, filters, pair_fwd, pair_bwd = ctx.saved_tensors
         (mf, mb, af, ab, mask_out, masks, mask_width, is_subm, timer, fp32) = ctx.extra
