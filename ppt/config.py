@@ -145,6 +145,8 @@ class TrainConfig:
         steps_per_epoch: cap on steps per epoch (0 = the loader's full epoch); for demos/tests.
         log_every: write a train.log / TensorBoard line every N steps.
         threads: torch CPU threads per process (0 = torch's default).
+        sync_bn: with several processes, normalise with the statistics of the global batch
+            (``ppt.engine.distributed.SyncBatchNorm1d``), as one process would.
     """
 
     epochs: int = 100
@@ -157,6 +159,7 @@ class TrainConfig:
     steps_per_epoch: int = 0
     log_every: int = 10
     threads: int = 0
+    sync_bn: bool = True
 
 
 PEFT_STAGES = ("none", "full", "linear", "bitfit", "dapt", "pointpeft")

@@ -237,7 +237,7 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
         weights_report = prepare_peft_model(model, cfg, exp_dir, device, resume_ckpt)
     else:
         weights_report = ckpt_io.load_weights(model, weights) if weights else None
-    if world > 1:
+    if world > 1 and cfg.train.sync_bn:
         import torch.distributed as dist
 
         dist_utils.convert_sync_batchnorm(model, dist.new_group(backend=dist.get_backend()))
