@@ -31,20 +31,25 @@ def sync(device: str) -> None:
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str = "cpu") -> dict:
     """Median wall time of ``fn`` after ``warmup`` untimed calls.
 
+    Also records this process's CPU time per call (``cpu_median_s``): with one torch thread
+    it is what the call costs on an idle core, even when other processes share the machine.
+
     Returns:
-        dict(median_s, min_s, max_s, repeats, warmup, times_s list).
+        dict(median_s, min_s, max_s, cpu_median_s, repeats, warmup, times_s list).
     """
     for _ in range(warmup):
         fn()
         sync(device)
-    times = []
+    times, cpu = [], []
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "repeats": len(times), "warmup": warmup, "times_s": [round(t, 4) for t in times]}
+            "cpu_median_s": statistics.median(cpu), "repeats": len(times), "warmup": warmup,
+            "times_s": [round(t, 4) for t in times]}
 
 
 def peak_rss_mb() -> float:

@@ -12,7 +12,9 @@ synthetic ScanNet domain (``tools/make_synthetic.py``; made if missing).
 Each row runs ``evaluate`` exactly as tools/test.py does (every original point predicted, voxel
 batches of up to ``MAX_POINTS``, autocast bf16/fp16 on CUDA), after one untimed warm-up scene.
 ``--scenes`` sets how many scenes each row times (default: demo 6 / TTA 2, default model 2 / TTA
-1, on CPU); throughput = scenes and ORIGINAL points per second. TTA = 13 augmented views, each
+1, on CPU); throughput = scenes and ORIGINAL points per second of wall time, and per second of this
+process's CPU time (single torch thread, no workers: the cost on an idle core, robust to other
+processes sharing the machine). TTA = 13 augmented views, each
 split into fragments covering every point (SPEC §7). Results: ``bench/results/inference.json``.
 """
 from __future__ import annotations
@@ -64,16 +66,18 @@ def bench_row(model_name: str, tta: bool, scenes: int, dataset, device: str, wor
     evaluate(model, Subset(dataset, [len(dataset) - 1]), dev, tta=tta, voxel_size=voxel, amp_dtype=amp)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = evaluate(model, Subset(dataset, range(n)), dev, tta=tta, voxel_size=voxel, num_workers=workers,
                       amp_dtype=amp)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     return {"model": model_name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "voxel_m": voxel, "tta": tta, "device": device, "scenes": result["scenes"], "points": result["points"],
             "seconds": round(seconds, 2), "scenes_per_s": round(result["scenes"] / seconds, 4),
-            "points_per_s": round(result["points"] / seconds), "s_per_scene": round(seconds / result["scenes"], 2)}
+            "points_per_s": round(result["points"] / seconds), "s_per_scene": round(seconds / result["scenes"], 2),
+            "cpu_s_per_scene": round(cpu / result["scenes"], 2),
+            "cpu_points_per_s": round(result["points"] / cpu) if workers == 0 and dev.type == "cpu" else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, nargs=4, default=None,
                    help="scenes timed per row: demo, demo+TTA, default, default+TTA")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--workers", type=int, default=1, help="scene-preparing processes (tools/test.py --workers)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="scene-preparing processes (tools/test.py --workers); 0 keeps all work in this "
+                        "process, so its CPU time is the whole cost")
     p.add_argument("--quick", action="store_true", help="smoke test: demo model, one scene, no TTA")
     p.add_argument("--out", default=str(RESULTS_DIR / "inference.json"))
     args = p.parse_args(argv)
@@ -116,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{device} {model_name} tta={tta}: {row['scenes']} scenes in {row['seconds']:.1f} s, "
                   f"{row['points_per_s']:,} points/s", flush=True)
     table = format_table(rows, ["device", "model", "params_m", "voxel_m", "tta", "scenes", "s_per_scene",
-                                "scenes_per_s", "points_per_s"],
+                                "scenes_per_s", "points_per_s", "cpu_s_per_scene", "cpu_points_per_s"],
                          ["device", "model", "params (M)", "voxel (m)", "TTA", "scenes timed", "s/scene",
-                          "scenes/s", "points/s"])
+                          "scenes/s", "points/s", "CPU s/scene", "points/CPU s"])
     print(table)
     summary = {"machine": machine_info(), "command": " ".join(["python", *sys.argv]), "data": args.data,
                "threads": args.threads, "workers": args.workers, "wall_s": round(time.time() - start, 1),
