@@ -229,22 +229,27 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         model.set_label_space(OPEN_VOCAB, label_set, embed(label_set, cfg).to(device))
 
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    entries = {}
+    # Check every dataset (prompt, label set, data root) before spending time on any of them.
+    built = {}
     for name in datasets:
         info = get_dataset_info(name)
         if name not in domains and args.prompt is None:
             raise UsageError(f"the model was not trained on {name!r} (domains: {', '.join(sorted(domains))}); "
                              f"pass --prompt NAME or --prompt mean")
-        if label_set is None and name not in domains:
-            if cfg.model.head != "language":
-                raise UsageError(f"the {cfg.model.head} head has no classes for {name!r}; evaluate a trained "
-                                 f"dataset or use a language-head model")
-            # Zero-shot on a dataset the model never saw: embed its class names.
-            model.set_label_space(name, info.class_names, embed(info.class_names, cfg).to(device))
+        if label_set is None and name not in domains and cfg.model.head != "language":
+            raise UsageError(f"the {cfg.model.head} head has no classes for {name!r}; evaluate a trained "
+                             f"dataset or use a language-head model")
         try:
-            dataset = build_dataset(name, args.data_root or cfg.data.root, args.split)
+            built[name] = build_dataset(name, args.data_root or cfg.data.root, args.split)
         except (KeyError, FileNotFoundError) as err:
             raise UsageError(err.args[0] if err.args else str(err)) from None
+
+    entries = {}
+    for name, dataset in built.items():
+        info = dataset.info
+        if label_set is None and name not in domains:
+            # Zero-shot on a dataset the model never saw: embed its class names.
+            model.set_label_space(name, info.class_names, embed(info.class_names, cfg).to(device))
         out_dir = exp / "result" / name
         on_scene = scene_writer(out_dir, args.save_pred, args.ply, len(label_set or info.class_names)) \
             if args.save_pred or args.ply else None
@@ -269,8 +274,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             "weights": str(ckpt_path), "scenes": result["scenes"], "points": result["points"],
             "seconds": round(seconds, 3),
         }
-    path = write_metrics(exp / "result" / "metrics.json", entries)
-    print(f"metrics written to {exp / 'result' / 'metrics.json'} ({', '.join(path)})")
+    merged = write_metrics(exp / "result" / "metrics.json", entries)
+    print(f"metrics written to {exp / 'result' / 'metrics.json'} ({', '.join(merged)})")
     return entries
 
 
