@@ -73,8 +73,7 @@ class Poisoned(nn.Module):
 
 
 def test_prompt_group_peaks_at_a_tenth_of_the_base_lr(synthetic_root):
-    cfg = tiny_config(synthetic_root, "model.head=language", "model.text_encoder=minilm", "model.prompt=pdnorm")
-    cfg.model.head = "decoupled"  # no text encoder needed for the parameter groups
+    cfg = tiny_config(synthetic_root, "model.prompt=pdnorm")
     model = build_model(cfg)
     for scheduler in ("onecycle", "cosine"):
         cfg.optim.scheduler = scheduler

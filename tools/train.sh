@@ -20,6 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+# spconv's torch.cuda.amp deprecation warnings drown the log; set PYTHONWARNINGS to see them
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
 die() { echo "error: $*" >&2; exit 2; }
 
 CONFIG="" NAME="" DATASETS="" DATA_ROOT="" GPUS=1 MACHINES=1 RANK_ID=0 MASTER="" WEIGHTS=""
