@@ -44,7 +44,7 @@ while [[ $# -gt 0 ]]; do
     --peft) need "$@"; PEFT="$2"; shift 2 ;;
     --resume) RESUME=1; shift ;;
     --no-test) TEST=0; shift ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *=*) OVERRIDES+=("$1"); shift ;;
     *) die "unknown argument '$1' (flags: --config --name --datasets --data-root --gpus --machines --rank --master --weights --peft --resume --no-test, or key=value)" ;;
   esac
