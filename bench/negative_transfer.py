@@ -9,6 +9,7 @@ Every run is ``ppt.engine.trainer.train(cfg, exp_dir)`` in this process (the cod
 the prompt adapter and the head change:
 
     alone_<d>   one dataset, plain SpUNet + linear head (prompt none, head union)
+    matched_<d> the same with a third of the steps: the per-dataset steps of a joint run
     naive       three datasets 1:1:1, no prompts, one head over the union of the classes
     ppt         PDNorm (decoupled BN, zero-init) + language-guided head (MiniLM text)
     inject      direct prompt injection + language head
@@ -51,15 +52,19 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "xattn": (JOINT, ["model.prompt=xattn", "model.head=language"]),
     "pdnorm_decoupled": (JOINT, ["model.prompt=pdnorm", "model.head=decoupled"]),
     "pdnorm_union": (JOINT, ["model.prompt=pdnorm", "model.head=union"]),
+    # Control for the step budget: a joint run gives each dataset a third of its steps.
+    **{f"matched_{d}": (f"{{{d}: 1}}", PLAIN) for d in DOMAINS},
 }
-LABELS = {"alone": "(a) each alone", "naive": "(b) naive joint", "ppt": "(c) PPT: PDNorm+language",
+ABLATIONS = ("inject", "xattn", "pdnorm_decoupled", "pdnorm_union")
+LABELS = {"alone": "(a) each alone", "matched": "(a') each alone, 1/3 of the steps",
+          "naive": "(b) naive joint", "ppt": "(c) PPT: PDNorm+language",
           "inject": "(d) injection+language", "xattn": "(e) cross-attn+language",
           "pdnorm_decoupled": "(f) PDNorm+decoupled", "pdnorm_union": "(g) PDNorm+union"}
 
 # The study's shared recipe: the small CPU model of configs/demo.yaml, coarse voxels, 200 steps.
 # AdamW and no Mix3D because the budget is a few hundred steps: in a pilot (100 steps, ScanNet
 # alone, seed 0) AdamW 5e-3 without Mix3D reached 11.0 mIoU, SGD 0.05 with Mix3D 9.0 and SGD 0.1
-# 9.1 (walls and floors only). Everything is spelled out here so the study does not move when a
+# without Mix3D 9.1 (walls and floors only). Everything is spelled out here so the study does not move when a
 # config does.
 STUDY = [
     "model.channels=[16, 32, 48, 64, 64, 48, 32, 32]", "model.layers=[1, 1, 1, 1, 1, 1, 1, 1]",
@@ -79,6 +84,8 @@ def run_config(variant: str, seed: int, data_root: str, steps: int, extra: list[
     from ppt.config import load_config
 
     mix, overrides = VARIANTS[variant]
+    if variant.startswith("matched_"):
+        steps = max(1, steps // len(DOMAINS))
     return load_config(None, [*STUDY, *overrides, f"data.mix={mix}", f"data.root={data_root!r}",
                               f"train.steps_per_epoch={steps}", f"train.seed={seed}", *extra])
 
@@ -109,7 +116,7 @@ def aggregate(results: list[dict]) -> dict:
     """{row: {dataset: {mean, std, n, seeds}}} with the three alone runs merged into "alone"."""
     scores: dict[str, dict[str, list[float]]] = {}
     for r in results:
-        row = "alone" if r["variant"].startswith("alone_") else r["variant"]
+        row = r["variant"].split("_")[0] if r["variant"].startswith(("alone_", "matched_")) else r["variant"]
         for d, m in r["val"].items():
             scores.setdefault(row, {}).setdefault(d, []).append(m["mIoU"])
     table = {}
@@ -204,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"made synthetic data in {args.data} ({args.scenes} rooms per domain)")
 
     results = []
-    ablations = ("inject", "xattn", "pdnorm_decoupled", "pdnorm_union")
-    # The core comparison (alone, naive, ppt) over every seed first, then the ablations.
-    order = [(v, s) for s in args.seeds for v in args.variants if v not in ablations]
-    order += [(v, s) for s in args.seeds[:args.ablation_seeds] for v in args.variants if v in ablations]
+    # The core comparison (alone, naive, ppt) over every seed first, then the ablations, then
+    # the step-budget control.
+    order = [(v, s) for s in args.seeds for v in args.variants if v not in ABLATIONS and "matched" not in v]
+    order += [(v, s) for s in args.seeds[:args.ablation_seeds] for v in args.variants if v in ABLATIONS]
+    order += [(v, s) for s in args.seeds for v in args.variants if "matched" in v]
     for i, (variant, seed) in enumerate(order):
         done = (Path(args.out) / f"{variant}_s{seed}" / "result.json").is_file()
         if args.report_only and not done:
