@@ -64,8 +64,8 @@ LABELS = {"alone": "(a) each alone", "matched": "(a') each alone, 1/3 of the ste
 # The study's shared recipe: the small CPU model of configs/demo.yaml, coarse voxels, 200 steps.
 # AdamW and no Mix3D because the budget is a few hundred steps: in a pilot (100 steps, ScanNet
 # alone, seed 0) AdamW 5e-3 without Mix3D reached 11.0 mIoU, SGD 0.05 with Mix3D 9.0 and SGD 0.1
-# without Mix3D 9.1 (walls and floors only). Everything is spelled out here so the study does not move when a
-# config does.
+# without Mix3D 9.1 (walls and floors only). Everything is spelled out here so the study does
+# not move when a config does.
 STUDY = [
     "model.channels=[16, 32, 48, 64, 64, 48, 32, 32]", "model.layers=[1, 1, 1, 1, 1, 1, 1, 1]",
     "model.prompt_dim=64", "model.text_encoder=minilm", "model.template='a point of {}'",
