@@ -43,7 +43,7 @@ BASE_MIX = "{structured3d: 2, scannet: 1}"
 TARGET = "s3dis"
 
 # (cost widths, cost voxel size, cost repeats, base steps, stage steps, batch size, voxel size)
-FULL = dict(widths=DEFAULT_WIDTHS, cost_voxel=0.04, repeats=3, base_steps=60, stage_steps=30,
+FULL = dict(widths=DEFAULT_WIDTHS, cost_voxel=0.05, repeats=2, base_steps=50, stage_steps=30,
             batch_size=4, voxel=0.08)
 QUICK = dict(widths=[8, 16, 16, 32, 32, 16, 16, 16], cost_voxel=0.1, repeats=1, base_steps=3,
              stage_steps=2, batch_size=2, voxel=0.12)

@@ -6,6 +6,7 @@
 - :func:`prompt_attention`: weight-free attention of every voxel over its own scene's prompt
   tokens (softmax of scaled dot products; keys = values = the tokens).
 - :class:`GatedPromptReader`: that attention times one zero-initialised scalar gate.
+- :func:`recompute`: activation checkpointing of an adapter branch.
 - :class:`PeftContext`: the per-forward state blocks share (internal prompts, retrieved set).
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ppt.models.spunet import DomainContext
 
@@ -41,6 +43,14 @@ def scatter_max(x: torch.Tensor, batch: torch.Tensor, num_scenes: int) -> torch.
     out = x.new_full((num_scenes, x.shape[1]), float("-inf"))
     out = out.scatter_reduce(0, batch[:, None].expand_as(x), x, reduce="amax", include_self=True)
     return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+
+
+def recompute(fn, *args):
+    """``fn(*args)``; while autograd records, its inner activations are recomputed in backward
+    instead of kept (non-reentrant activation checkpointing; dropout masks are replayed)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def prompt_attention(x: torch.Tensor, tokens: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:

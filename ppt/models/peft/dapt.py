@@ -15,6 +15,10 @@ the last stage's prompts to the voxel features the head reads (added, not concat
 head input width and the base head weights stay valid; it is zero while the adapters are
 silent).
 
+Memory: the adapter and the prompt reader are recomputed in backward (``adapters.recompute``):
+their inner activations (LayerNorm output, bottleneck, attention output, ...) would otherwise
+double what a block keeps for backward. The block input and output are kept anyway.
+
 The dynamic scale's bias starts at 1 (weights ~N(0, 0.02)), so at step 0 every voxel passes the
 adapter's gradient (ReLU of a centred Linear would zero it for about half the voxels).
 """
@@ -28,7 +32,8 @@ from torch import nn
 import spconv.pytorch as spconv
 
 from ppt.models.peft.adapters import (
-    INIT_STD, BottleneckAdapter, GatedPromptReader, PeftContext, bottleneck_rank, scatter_mean,
+    INIT_STD, BottleneckAdapter, GatedPromptReader, PeftContext, bottleneck_rank, recompute,
+    scatter_mean,
 )
 
 
@@ -59,12 +64,14 @@ class DaptAdapter(nn.Module):
                 ctx: PeftContext) -> torch.Tensor:
         """Block input x (N, C_in), block output out (N, C_out) -> adapted (N, C_out) features."""
         batch = out.indices[:, 0].long()
-        feats = x.features
-        delta = self.adapter(feats) * F.relu(self.scale(feats))
+        delta = recompute(self._delta, x.features)
         prompts = ctx.prompts.setdefault(self.stage, [])
         prompts.append(scatter_mean(delta, batch, out.batch_size))
         y = out.features + delta
-        return y + self.reader(y, torch.stack(prompts, dim=1), batch)
+        return y + recompute(self.reader, y, torch.stack(prompts, dim=1), batch)
+
+    def _delta(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.adapter(feats) * F.relu(self.scale(feats))
 
 
 def head_prompt(ctx: PeftContext, stage: int, batch: torch.Tensor) -> torch.Tensor | None:

@@ -10,6 +10,9 @@ Per basic block:
   scene by a weight-free attention over the retrieved set (memory bank, see memory_bank.py)
   passed through a bottleneck adapter (zero-init, so the tokens start as the learnable ones);
   voxels read the tokens through the zero-gated weight-free attention of adapters.py.
+
+Both adapters are recomputed in backward (``adapters.recompute``) so their inner activations
+are not kept.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 import spconv.pytorch as spconv
 
 from ppt.models.peft.adapters import (
-    INIT_STD, BottleneckAdapter, GatedPromptReader, PeftContext,
+    INIT_STD, BottleneckAdapter, GatedPromptReader, PeftContext, recompute,
 )
 
 NEIGHBOUR_RADIUS = 1  # 3x3x3 neighbourhood, as the block's own convolutions
@@ -121,16 +124,16 @@ class PointPeftAdapter(nn.Module):
         prior_dim: width D of the memory-bank features (encoder-bottom width).
         num_tokens: learnable prompt tokens; 0 disables the prompts (decoder blocks).
         prior_rank: bottleneck width of the retrieved-set adapter.
-        geo_reduction: geometry adapter r = max(min_rank, C_in // geo_reduction).
+        geo_reduction: geometry adapter r = max(min_rank, C_out // geo_reduction).
         min_rank: smallest bottleneck width.
         neighbour_attention: see :class:`GeometryAdapter`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, indice_key: str, prior_dim: int = 256,
-                 num_tokens: int = 10, prior_rank: int = 16, geo_reduction: int = 8,
+                 num_tokens: int = 10, prior_rank: int = 16, geo_reduction: int = 12,
                  min_rank: int = 8, neighbour_attention: bool = False):
         super().__init__()
-        rank = max(min_rank, in_channels // geo_reduction)
+        rank = max(min_rank, out_channels // geo_reduction)  # C_out: a decoder block's concat input is wide
         self.geometry = GeometryAdapter(in_channels, out_channels, rank, indice_key, neighbour_attention)
         self.tokens = self.prior = self.reader = None
         if num_tokens > 0:
@@ -149,11 +152,12 @@ class PointPeftAdapter(nn.Module):
     def forward(self, x: spconv.SparseConvTensor, out: spconv.SparseConvTensor,
                 ctx: PeftContext) -> torch.Tensor:
         """Block input x (N, C_in), block output out (N, C_out) -> adapted (N, C_out) features."""
-        y = out.features + self.geometry(x, out, ctx)
+        y = out.features + recompute(lambda feats: self.geometry(x.replace_feature(feats), out, ctx), x.features)
         if self.tokens is None:
             return y
         if ctx.retrieved is None:
             raise ValueError("Point-PEFT prompts need the retrieved set (ctx.retrieved); "
                              "apply the stage with a memory bank")
         batch = out.indices[:, 0].long()
-        return y + self.reader(y, self.prompt_tokens(ctx.retrieved.to(y.dtype)), batch)
+        tokens = self.prompt_tokens(ctx.retrieved.to(y.dtype))
+        return y + recompute(self.reader, y, tokens, batch)
