@@ -177,7 +177,7 @@ class PeftConfig:
         dropout: DAPT adapter dropout.
         num_tokens: Point-PEFT prompt tokens per encoder block.
         prior_rank: Point-PEFT bottleneck width of the retrieved-set adapter.
-        geo_reduction: Point-PEFT geometry adapter r = max(min_rank, C // geo_reduction).
+        geo_reduction: Point-PEFT geometry adapter r = max(min_rank, C_out // geo_reduction).
         neighbour_attention: geometry adapter mixes neighbours by weight-free attention instead
             of a 3x3x3 submanifold conv.
         top_k: memory-bank entries retrieved per scene.
@@ -193,7 +193,7 @@ class PeftConfig:
     dropout: float = 0.1
     num_tokens: int = 10
     prior_rank: int = 16
-    geo_reduction: int = 8
+    geo_reduction: int = 12
     neighbour_attention: bool = False
     top_k: int = 8
     temperature: float = 0.1
