@@ -270,8 +270,9 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
     if weights_report:
         logger.info(weights_report)
     if resume_ckpt is not None:
-        logger.info(f"resuming at epoch {state.epoch + 1} step {state.step} (loader position "
-                    f"{loader.position}), best mIoU {state.best_metric:.4f}")
+        where = (f"at epoch {state.epoch + 1} step {state.step} (loader position {loader.position})"
+                 if state.epoch < cfg.train.epochs else f"a finished run ({state.epoch} epochs, step {state.step})")
+        logger.info(f"resuming {where}, best mIoU {state.best_metric:.4f}")
     import yaml
 
     logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
