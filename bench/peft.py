@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="exp/bench_peft", help="experiment folders of the transfer runs")
     p.add_argument("--results", default=str(RESULTS_DIR))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--base-steps", type=int, default=None, help="override the base model's training steps")
+    p.add_argument("--stage-steps", type=int, default=None, help="override the steps of every stage")
+    p.add_argument("--name", default=None, help="results file name (default peft.json / peft_quick.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tricks", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--widths", default=None, help=argparse.SUPPRESS)
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = dict(QUICK if args.quick else FULL)
     settings["widths_transfer"] = QUICK["widths"] if args.quick else SMALL_WIDTHS
+    for key in ("base_steps", "stage_steps"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     out_dir = Path(args.out + ("_quick" if args.quick else ""))
     result = {"machine": machine_info(), "settings": settings, "quick": args.quick}
     tic = time.perf_counter()
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                            ["stage", "trainable", "% of total", "val mIoU", "val mAcc", "train+eval s",
                             "checkpoint MB"]))
     result["seconds"] = time.perf_counter() - tic
-    name = "peft_quick.json" if args.quick else "peft.json"
+    name = args.name or ("peft_quick.json" if args.quick else "peft.json")
     path = save_json(result, Path(args.results) / name)
     print(f"wrote {path} ({result['seconds']:.0f} s)")
     return 0
