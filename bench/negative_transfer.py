@@ -16,6 +16,7 @@ the prompt adapter and the head change:
     xattn       prompt cross-attention + language head
     pdnorm_decoupled  PDNorm + one linear head per dataset
     pdnorm_union      PDNorm + unionized head
+    ppt_sharedbn      diagnostic: PPT with one set of BN statistics for all datasets
 
 The score of a run is the val mIoU of each dataset it trained on, measured by the trainer's
 final evaluation (``ppt.engine.evaluate``: every original point, no TTA). A run writes
@@ -52,14 +53,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "xattn": (JOINT, ["model.prompt=xattn", "model.head=language"]),
     "pdnorm_decoupled": (JOINT, ["model.prompt=pdnorm", "model.head=decoupled"]),
     "pdnorm_union": (JOINT, ["model.prompt=pdnorm", "model.head=union"]),
+    # Diagnostic: PPT with one BN shared by the datasets (the prompt still modulates it).
+    "ppt_sharedbn": (JOINT, ["model.prompt=pdnorm", "model.head=language", "model.decoupled_bn=false"]),
     # Control for the step budget: a joint run gives each dataset a third of its steps.
     **{f"matched_{d}": (f"{{{d}: 1}}", PLAIN) for d in DOMAINS},
 }
-ABLATIONS = ("inject", "xattn", "pdnorm_decoupled", "pdnorm_union")
+ABLATIONS = ("inject", "xattn", "pdnorm_decoupled", "pdnorm_union", "ppt_sharedbn")
 LABELS = {"alone": "(a) each alone", "matched": "(a') each alone, 1/3 of the steps",
           "naive": "(b) naive joint", "ppt": "(c) PPT: PDNorm+language",
           "inject": "(d) injection+language", "xattn": "(e) cross-attn+language",
-          "pdnorm_decoupled": "(f) PDNorm+decoupled", "pdnorm_union": "(g) PDNorm+union"}
+          "pdnorm_decoupled": "(f) PDNorm+decoupled", "pdnorm_union": "(g) PDNorm+union",
+          "ppt_sharedbn": "(c') PPT, BN statistics shared"}
 
 # The study's shared recipe: the small CPU model of configs/demo.yaml, coarse voxels, 200 steps.
 # AdamW and no Mix3D because the budget is a few hundred steps: in a pilot (100 steps, ScanNet

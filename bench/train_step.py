@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device visible to torch")
 
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # so machine_info reports the rows' thread count
     start = time.time()
     rows = []
     for row in plan_rows(args):
