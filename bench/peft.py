@@ -2,7 +2,8 @@
 
     python bench/peft.py                 # full run (FULL below): 13 min of CPU time on 2 cores
                                          # (32 min wall while other jobs shared the cores)
-    python bench/peft.py --quick         # smoke test (tiny widths, 2-3 steps; no "+tricks off" rows)
+    python bench/peft.py --quick         # smoke test: tiny widths, 2-3 steps, no "+tricks off" rows
+                                         # (~2.5 min on 2 shared cores, mostly process start-up)
     python bench/peft.py --skip-transfer # cost table only
 
 Part 1, cost (same batch for every stage, one fresh subprocess per stage so peak RSS is the
@@ -46,7 +47,7 @@ TARGET = "s3dis"
 # (cost widths, cost voxel size, cost repeats, base steps, stage steps, batch size, voxel size)
 FULL = dict(widths=DEFAULT_WIDTHS, cost_voxel=0.05, repeats=2, base_steps=50, stage_steps=30,
             batch_size=4, voxel=0.08)
-QUICK = dict(widths=[8, 16, 16, 32, 32, 16, 16, 16], cost_voxel=0.1, repeats=1, base_steps=3,
+QUICK = dict(widths=[8, 16, 16, 32, 32, 16, 16, 16], cost_voxel=0.2, repeats=1, base_steps=3,
              stage_steps=2, batch_size=2, voxel=0.12)
 
 
