@@ -137,6 +137,7 @@ def save_json(data: Any, path: str | os.PathLike) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, default=_jsonable)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

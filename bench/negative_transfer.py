@@ -10,6 +10,7 @@ the prompt adapter and the head change:
 
     alone_<d>   one dataset, plain SpUNet + linear head (prompt none, head union)
     matched_<d> the same with a third of the steps: the per-dataset steps of a joint run
+    naive_x3, ppt_x3  joint runs with 3x the steps: each dataset gets the steps of its alone run
     naive       three datasets 1:1:1, no prompts, one head over the union of the classes
     ppt         PDNorm (decoupled BN, zero-init) + language-guided head (MiniLM text)
     inject      direct prompt injection + language head
@@ -55,15 +56,20 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "pdnorm_union": (JOINT, ["model.prompt=pdnorm", "model.head=union"]),
     # Diagnostic: PPT with one BN shared by the datasets (the prompt still modulates it).
     "ppt_sharedbn": (JOINT, ["model.prompt=pdnorm", "model.head=language", "model.decoupled_bn=false"]),
-    # Control for the step budget: a joint run gives each dataset a third of its steps.
+    # Controls for the step budget: a joint run gives each dataset a third of its steps, so
+    # compare with alone runs of a third of the steps and with joint runs of 3x the steps.
     **{f"matched_{d}": (f"{{{d}: 1}}", PLAIN) for d in DOMAINS},
+    "naive_x3": (JOINT, PLAIN),
+    "ppt_x3": (JOINT, ["model.prompt=pdnorm", "model.head=language"]),
 }
+EXTRA = ("naive_x3", "ppt_x3")  # run only when named with --variants
 ABLATIONS = ("inject", "xattn", "pdnorm_decoupled", "pdnorm_union", "ppt_sharedbn")
 LABELS = {"alone": "(a) each alone", "matched": "(a') each alone, 1/3 of the steps",
-          "naive": "(b) naive joint", "ppt": "(c) PPT: PDNorm+language",
+          "naive": "(b) naive joint", "naive_x3": "(b') naive joint, 3x the steps",
+          "ppt": "(c) PPT: PDNorm+language", "ppt_sharedbn": "(c') PPT, BN statistics shared",
+          "ppt_x3": "(c'') PPT, 3x the steps",
           "inject": "(d) injection+language", "xattn": "(e) cross-attn+language",
-          "pdnorm_decoupled": "(f) PDNorm+decoupled", "pdnorm_union": "(g) PDNorm+union",
-          "ppt_sharedbn": "(c') PPT, BN statistics shared"}
+          "pdnorm_decoupled": "(f) PDNorm+decoupled", "pdnorm_union": "(g) PDNorm+union"}
 
 # The study's shared recipe: the small CPU model of configs/demo.yaml, coarse voxels, 200 steps.
 # AdamW and no Mix3D because the budget is a few hundred steps: in a pilot (100 steps, ScanNet
@@ -90,6 +96,8 @@ def run_config(variant: str, seed: int, data_root: str, steps: int, extra: list[
     mix, overrides = VARIANTS[variant]
     if variant.startswith("matched_"):
         steps = max(1, steps // len(DOMAINS))
+    elif variant.endswith("_x3"):
+        steps *= len(DOMAINS)
     return load_config(None, [*STUDY, *overrides, f"data.mix={mix}", f"data.root={data_root!r}",
                               f"train.steps_per_epoch={steps}", f"train.seed={seed}", *extra])
 
@@ -141,7 +149,7 @@ def markdown(table: dict) -> str:
     for row in LABELS:
         if row not in table:
             continue
-        cells = {"variant": LABELS[row]}
+        cells = {"variant": LABELS[row], "seeds": table[row]["mean"]["n"]}
         for d in (*DOMAINS, "mean"):
             s = table[row].get(d)
             cells[d] = f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s else "-"
@@ -150,8 +158,8 @@ def markdown(table: dict) -> str:
                      if d in table[row] and d in table["alone"]]
             cells["delta"] = f"{100 * np.mean(delta):+.1f}" if delta else "-"
         rows.append(cells)
-    cols = ["variant", *DOMAINS, "mean", "delta"]
-    heads = ["variant", *(f"{d} mIoU" for d in DOMAINS), "mean", "Δ vs alone"]
+    cols = ["variant", "seeds", *DOMAINS, "mean", "delta"]
+    heads = ["variant", "seeds", *(f"{d} mIoU" for d in DOMAINS), "mean", "Δ vs alone"]
     return format_table(rows, cols, heads)
 
 
@@ -163,7 +171,7 @@ def plot(table: dict, path: Path) -> None:
 
     rows = [r for r in LABELS if r in table]
     width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=80)
+    fig, ax = plt.subplots(figsize=(9.5, 3.8), dpi=80)
     x = np.arange(len(DOMAINS))
     for i, row in enumerate(rows):
         means = [100 * table[row].get(d, {"mean": np.nan})["mean"] for d in DOMAINS]
@@ -172,7 +180,7 @@ def plot(table: dict, path: Path) -> None:
     ax.set_xticks(x, DOMAINS)
     ax.set_ylabel("val mIoU (%)")
     ax.set_title("Synthetic three-domain study (mean ± std over seeds)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="optimiser steps per run")
     p.add_argument("--ablation-seeds", type=int, default=1,
                    help="the ablations (inject, xattn, pdnorm_*) run on the first N seeds only (time budget)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in EXTRA], help=f"subset of {', '.join(VARIANTS)}")
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny data, model and steps, one seed")
     p.add_argument("--report-only", action="store_true", help="summarise finished runs, train nothing")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -217,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     # The core comparison (alone, naive, ppt) over every seed first, then the ablations, then
     # the step-budget control.
-    order = [(v, s) for s in args.seeds for v in args.variants if v not in ABLATIONS and "matched" not in v]
+    order = [(v, s) for s in args.seeds for v in args.variants
+             if v not in ABLATIONS and v not in EXTRA and "matched" not in v]
     order += [(v, s) for s in args.seeds[:args.ablation_seeds] for v in args.variants if v in ABLATIONS]
-    order += [(v, s) for s in args.seeds for v in args.variants if "matched" in v]
+    order += [(v, s) for s in args.seeds for v in args.variants if "matched" in v or v in EXTRA]
     for i, (variant, seed) in enumerate(order):
         done = (Path(args.out) / f"{variant}_s{seed}" / "result.json").is_file()
         if args.report_only and not done:
