@@ -176,7 +176,8 @@ def plot(table: dict, path: Path) -> None:
     for i, row in enumerate(rows):
         means = [100 * table[row].get(d, {"mean": np.nan})["mean"] for d in DOMAINS]
         stds = [100 * table[row].get(d, {"std": 0.0})["std"] for d in DOMAINS]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=LABELS[row])
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=LABELS[row],
+               color=plt.get_cmap("tab20")(i % 20))
     ax.set_xticks(x, DOMAINS)
     ax.set_ylabel("val mIoU (%)")
     ax.set_title("Synthetic three-domain study (mean ± std over seeds)", fontsize=10)
