@@ -12,7 +12,7 @@ synthetic ScanNet domain (``tools/make_synthetic.py``; made if missing).
 Each row runs ``evaluate`` exactly as tools/test.py does (every original point predicted, voxel
 batches of up to ``MAX_POINTS``, autocast bf16/fp16 on CUDA), after one untimed warm-up scene.
 ``--scenes`` sets how many scenes each row times (default: demo 6 / TTA 2, default model 2 / TTA
-1, on CPU); throughput = scenes and ORIGINAL points per second of wall time, and per second of this
+1, on CPU; at most the split's scenes less the warm-up one); throughput = scenes and ORIGINAL points per second of wall time, and per second of this
 process's CPU time (single torch thread, no workers: the cost on an idle core, robust to other
 processes sharing the machine). TTA = 13 augmented views, each
 split into fragments covering every point (SPEC §7). Results: ``bench/results/inference.json``.
