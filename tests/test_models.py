@@ -20,15 +20,6 @@ PROMPTS = ("none", "pdnorm", "inject", "xattn")
 HEADS = ("language", "decoupled", "union")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (100x under a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def text_embeddings(dim: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {d: F.normalize(torch.randn(len(n), dim, generator=g), dim=-1) for d, n in NAMES.items()}

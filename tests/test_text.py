@@ -14,15 +14,6 @@ from ppt.data.classes import S3DIS13
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (100x under a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def counting_encoder(monkeypatch):
     """Replace the real encoder by a deterministic fake that counts its calls."""
