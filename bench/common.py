@@ -12,10 +12,11 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from ppt.io import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -130,19 +131,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence
 
 def save_json(data: Any, path: str | os.PathLike) -> Path:
     """Write ``data`` as indented JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=_jsonable)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(data, indent=1, default=_jsonable) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _jsonable(value: Any) -> Any:

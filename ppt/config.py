@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ from typing import Any
 
 import yaml
 
+from ppt.io import atomic_write
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
 
 
 class ConfigError(ValueError):
@@ -442,14 +441,5 @@ def config_from_dict(data: dict, where: str = "") -> Config:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=None)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import urllib.parse
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ppt.io import atomic_write
 
 DEFAULT_TEMPLATE = "a point of {}"
 DEFAULT_CACHE_DIR = Path(os.environ.get("PPT_CACHE", Path.home() / ".cache" / "ppt")) / "text_embeddings"
@@ -73,18 +74,9 @@ def cache_path(class_names: Sequence[str], encoder: str, template: str, cache_di
 def save_embeddings(path: str | Path, embeddings: torch.Tensor, class_names: Sequence[str],
                     encoder: str, template: str) -> None:
     """Write an embedding file atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"embeddings": embeddings.cpu(), "class_names": list(class_names), "encoder": encoder,
               "template": template, "weights": weights_identity(encoder)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(record, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(record, f))
 
 
 def load_embeddings(path: str | Path, class_names: Sequence[str] | None = None) -> torch.Tensor:

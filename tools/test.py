@@ -28,15 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ppt.io import atomic_write  # noqa: E402
 
 OPEN_VOCAB = "open_vocab"  # label-set name of --classes inside the model
 
@@ -107,18 +107,6 @@ def load_experiment(exp: Path, weights: str, device):
     return cfg, model.to(device).eval(), ckpt_path
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _finite(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
@@ -137,7 +125,7 @@ def write_metrics(path: Path, entries: dict[str, dict]) -> dict:
             merged = {}  # a broken old file is replaced, not fatal
     merged.update(entries)
     text = json.dumps(merged, indent=2, sort_keys=False) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
     return merged
 
 
@@ -163,7 +151,7 @@ def write_ply(path: Path, coord: np.ndarray, pred: np.ndarray, gt: np.ndarray | 
     for i, channel in enumerate(("red", "green", "blue")):
         vertex[channel] = colours[:, i]
     vertex["pred"], vertex["gt"] = pred, gt
-    _atomic_write(path, PlyData([PlyElement.describe(vertex, "vertex")]).write)
+    atomic_write(path, PlyData([PlyElement.describe(vertex, "vertex")]).write)
 
 
 def scene_writer(out_dir: Path, save_pred: bool, ply: bool, num_classes: int):
@@ -171,7 +159,7 @@ def scene_writer(out_dir: Path, save_pred: bool, ply: bool, num_classes: int):
     def save(scene: dict) -> None:
         stem = scene["name"].replace("/", "-")
         if save_pred:
-            _atomic_write(out_dir / f"{stem}_pred.npy", lambda f: np.save(f, scene["pred"].astype(np.int16)))
+            atomic_write(out_dir / f"{stem}_pred.npy", lambda f: np.save(f, scene["pred"].astype(np.int16)))
         if ply:
             write_ply(out_dir / f"{stem}_pred.ply", scene["coord"], scene["pred"], scene["segment"], num_classes)
     return save

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ppt.io import atomic_write
+
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "loader", "epoch", "step", "rng", "config")
 MAX_LISTED = 6
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class CheckpointError(RuntimeError):
@@ -42,19 +39,7 @@ def _summary(keys, limit: int = MAX_LISTED) -> str:
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same folder, then ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict:
