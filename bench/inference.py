@@ -1,41 +1,41 @@
-"""Inference throughput of the tools/test.py path (``ppt.engine.evaluate``), with and without TTA.
+"""Test-time augmentation on a trained model: time, mIoU and peak memory of plain / fast / fragments.
 
-    python bench/inference.py                        # CPU (+ CUDA when available), < 10 min on 2 cores
-    python bench/inference.py --device cuda --scenes 6 6 6 6
-    python bench/inference.py --quick                # smoke: demo model, 1 scene, no TTA
+    python tools/make_synthetic.py --out data/synthetic --scenes 30 --seed 0
+    python tools/train.py --config configs/demo.yaml --name tta_bench --data-root data/synthetic
+    python bench/inference.py --exp exp/tta_bench          # all val scenes of the three domains
+    python bench/inference.py --quick                      # smoke: random demo model, 1 scene, no TTA
 
-Two models, both PPT (PDNorm + language head, random weights and random 512-d class
-embeddings: speed does not depend on them): the demo size of ``configs/demo.yaml`` at its
-8 cm voxels, and the default 39 M SpUNet at the paper's 2 cm. Data: validation rooms of the
-synthetic ScanNet domain (``tools/make_synthetic.py``; made if missing).
-
-Each row runs ``evaluate`` exactly as tools/test.py does (every original point predicted, voxel
-batches of up to ``MAX_POINTS``, autocast bf16/fp16 on CUDA), after one untimed warm-up scene.
-``--scenes`` sets how many scenes each row times (default: demo 6 / TTA 2, default model 2 / TTA
-1, on CPU; at most the split's scenes less the warm-up one); throughput = scenes and ORIGINAL points per second of wall time, and per second of this
-process's CPU time (single torch thread, no workers: the cost on an idle core, robust to other
-processes sharing the machine). TTA = 13 augmented views, each
-split into fragments covering every point (SPEC §7). Results: ``bench/results/inference.json``.
+Each protocol runs in its own child process (``--protocol``), so its peak RSS is its own:
+``off`` (one grid-sampled pass), ``fast`` (13 views, each voxelised once, votes carried to every
+point; ``tools/test.py --tta``) and ``fragments`` (the reference's 13 views x covering
+fragments; ``--tta fragments``). Each child loads the experiment as tools/test.py does, runs one
+untimed warm-up scene, then ``ppt.engine.evaluate.evaluate`` on the first ``--scenes`` val scenes
+of every trained dataset (default all), in one thread and no loader workers, so its CPU time is
+the whole cost (robust to other processes sharing the machine; wall time is not). Reported per
+protocol and dataset: seconds and CPU seconds per scene, the ratio to ``off``, mIoU (classes
+present) and mIoU_ref (all classes), and the child's peak RSS (``ru_maxrss``) and its RSS
+before evaluating. The machine's 1-minute load average is recorded next to every figure.
+Results: ``bench/results/inference_tta.json`` (``--quick``: ``bench/results/inference_quick.json``).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    DEFAULT_CHANNELS, DEFAULT_LAYERS, DEMO_CHANNELS, DEMO_LAYERS, RESULTS_DIR, build_bench_model, format_table,
-    machine_info, save_json,
+    DEMO_CHANNELS, DEMO_LAYERS, RESULTS_DIR, build_bench_model, current_rss_mb, format_table, machine_info,
+    peak_rss_mb, save_json,
 )
 
-# name -> (channels, layers, prompt_dim, voxel size in metres)
-MODELS = {"demo": (DEMO_CHANNELS, DEMO_LAYERS, 64, 0.08), "default": (DEFAULT_CHANNELS, DEFAULT_LAYERS, 256, 0.02)}
-ROWS = (("demo", False), ("demo", True), ("default", False), ("default", True))
-CPU_SCENES = (6, 2, 2, 1)  # scenes timed per row on CPU, in ROWS order
-CUDA_SCENES = (6, 6, 6, 6)
+PROTOCOLS = ("off", "fast", "fragments")
 
 
 class Subset:
@@ -52,85 +52,123 @@ class Subset:
         return self.dataset.load(self.indices[i])
 
 
-def bench_row(model_name: str, tta: bool, scenes: int, dataset, device: str, workers: int) -> dict:
+def _load(i: int) -> float:
+    return round(os.getloadavg()[i], 2)
+
+
+def run_protocol(exp: Path, protocol: str, scenes: int, data_root: str) -> dict:
+    """Child process: every trained dataset's val scenes under one protocol (see module doc)."""
+    import importlib.util
+
     import torch
 
+    from ppt.data.datasets import build_dataset
     from ppt.engine.evaluate import evaluate
 
-    channels, layers, prompt_dim, voxel = MODELS[model_name]
-    model = build_bench_model("pdnorm_language", channels, layers, prompt_dim=prompt_dim).to(device).eval()
-    dev = torch.device(device)
-    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    n = max(1, min(scenes, len(dataset) - 1))
-    # Warm-up on the last scene (spconv builds its tables, allocators fill), then the timed ones.
-    evaluate(model, Subset(dataset, [len(dataset) - 1]), dev, tta=tta, voxel_size=voxel, amp_dtype=amp)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    spec = importlib.util.spec_from_file_location("ppt_test_tool", Path(__file__).resolve().parents[1] / "tools" / "test.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg, model, _ = tool.load_experiment(exp, "", torch.device("cpu"))
+    root = data_root or cfg.data.root
+    datasets = {name: build_dataset(name, root, "val") for name in cfg.data.mix}
+    first = next(iter(datasets.values()))
+    evaluate(model, Subset(first, [len(first.scenes) - 1]), "cpu", tta=protocol, voxel_size=cfg.data.voxel_size)
+    rows = []
+    for name, dataset in datasets.items():
+        subset = Subset(dataset, range(min(scenes or len(dataset.scenes), len(dataset.scenes))))
+        rss_before, load_before = current_rss_mb(), _load(0)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = evaluate(model, subset, "cpu", tta=protocol, voxel_size=cfg.data.voxel_size)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        rows.append({"dataset": name, "protocol": protocol, "scenes": result["scenes"], "points": result["points"],
+                     "s_per_scene": round(seconds / result["scenes"], 3),
+                     "cpu_s_per_scene": round(cpu / result["scenes"], 3),
+                     "mIoU": round(100 * result["mIoU"], 2), "mIoU_ref": round(100 * result["mIoU_ref"], 2),
+                     "rss_before_mb": round(rss_before), "load_1min": [load_before, _load(0)]})
+        print(f"  {protocol} {name}: {rows[-1]['cpu_s_per_scene']} CPU s/scene, mIoU {rows[-1]['mIoU']}", flush=True)
+    return {"protocol": protocol, "voxel_m": cfg.data.voxel_size, "rows": rows, "peak_rss_mb": round(peak_rss_mb())}
+
+
+def quick(args: argparse.Namespace) -> int:
+    """Smoke test: the random-weight demo model on one synthetic ScanNet val scene, no TTA."""
+    import torch
+
+    from ppt.data.datasets import build_dataset
+    from ppt.engine.evaluate import evaluate
+
+    if not Path(args.data, "scannet", "val").is_dir():
+        from ppt.data.synthetic import generate
+
+        generate(args.data, 10, seed=0, domains=("scannet",))
+    dataset = build_dataset("scannet", args.data, "val")
+    model = build_bench_model("pdnorm_language", DEMO_CHANNELS, DEMO_LAYERS, prompt_dim=64).eval()
     start, start_cpu = time.perf_counter(), time.process_time()
-    result = evaluate(model, Subset(dataset, range(n)), dev, tta=tta, voxel_size=voxel, num_workers=workers,
-                      amp_dtype=amp)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    result = evaluate(model, Subset(dataset, [0]), torch.device("cpu"), voxel_size=0.08)
     seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    return {"model": model_name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "voxel_m": voxel, "tta": tta, "device": device, "scenes": result["scenes"], "points": result["points"],
-            "seconds": round(seconds, 2), "scenes_per_s": round(result["scenes"] / seconds, 4),
-            "points_per_s": round(result["points"] / seconds), "s_per_scene": round(seconds / result["scenes"], 2),
-            "cpu_s_per_scene": round(cpu / result["scenes"], 2),
-            "cpu_points_per_s": round(result["points"] / cpu) if workers == 0 and dev.type == "cpu" else None}
+    row = {"protocol": "off", "scenes": result["scenes"], "points": result["points"], "seconds": round(seconds, 3),
+           "points_per_s": round(result["points"] / seconds), "cpu_s_per_scene": round(cpu, 3)}
+    print(f"quick: {row['points']:,} points in {seconds:.2f} s, {row['points_per_s']:,} points/s")
+    save_json({"machine": machine_info(), "command": " ".join(["python", *sys.argv]), "rows": [row]}, args.out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/synthetic_study", help="synthetic data root (made if missing)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto = CPU, then CUDA too when available")
-    p.add_argument("--scenes", type=int, nargs=4, default=None,
-                   help="scenes timed per row: demo, demo+TTA, default, default+TTA")
+    p.add_argument("--exp", default="exp/tta_bench", help="trained experiment (see the module doc)")
+    p.add_argument("--data", default="", help="data root (default: the experiment's; --quick: data/synthetic_study)")
+    p.add_argument("--scenes", type=int, default=0, help="val scenes per dataset (default all)")
+    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--workers", type=int, default=0,
-                   help="scene-preparing processes (tools/test.py --workers); 0 keeps all work in this "
-                        "process, so its CPU time is the whole cost")
-    p.add_argument("--quick", action="store_true", help="smoke test: demo model, one scene, no TTA")
-    p.add_argument("--out", default=str(RESULTS_DIR / "inference.json"))
+    p.add_argument("--quick", action="store_true", help="smoke test: random demo model, one scene, no TTA")
+    p.add_argument("--protocol", choices=PROTOCOLS, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--out", default="")
     args = p.parse_args(argv)
 
     import torch
 
-    from ppt.data.datasets import build_dataset
-
     torch.set_num_threads(args.threads)
-    if not Path(args.data, "scannet", "val").is_dir():
-        from ppt.data.synthetic import generate
+    if args.quick:
+        args.data = args.data or "data/synthetic_study"
+        args.out = args.out or str(RESULTS_DIR / "inference_quick.json")
+        return quick(args)
+    exp = Path(args.exp)
+    if not (exp / "model" / "model_best.pth").is_file():
+        p.error(f"{exp / 'model' / 'model_best.pth'} is missing: train the model first (see --help)")
+    if args.protocol:  # child: one protocol, JSON to --out
+        save_json(run_protocol(exp, args.protocol, args.scenes, args.data), args.out)
+        return 0
 
-        generate(args.data, 10 if args.quick else 30, seed=0, domains=("scannet",))
-    dataset = build_dataset("scannet", args.data, "val")
-    devices = {"auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []), "cpu": ["cpu"],
-               "cuda": ["cuda"]}[args.device]
-    if "cuda" in devices and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device visible to torch")
-    start = time.time()
+    out = Path(args.out or RESULTS_DIR / "inference_tta.json")
+    start, uptime = time.time(), Path("/proc/loadavg").read_text().split()[:3]
+    children = {}
+    for protocol in args.protocols:
+        with tempfile.TemporaryDirectory() as tmp:
+            child = Path(tmp) / "child.json"
+            cmd = [sys.executable, __file__, "--exp", str(exp), "--protocol", protocol, "--scenes", str(args.scenes),
+                   "--threads", str(args.threads), "--out", str(child)] + (["--data", args.data] if args.data else [])
+            print(f"{protocol}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True)
+            children[protocol] = json.loads(child.read_text())
+    base = {r["dataset"]: r for r in children.get("off", {"rows": []})["rows"]}
     rows = []
-    for device in devices:
-        plan = zip(ROWS, args.scenes or (CUDA_SCENES if device == "cuda" else CPU_SCENES))
-        if args.quick:
-            plan = [(("demo", False), 1)]
-        for (model_name, tta), scenes in plan:
-            row = bench_row(model_name, tta, scenes, dataset, device, 0 if args.quick else args.workers)
-            rows.append(row)
-            print(f"{device} {model_name} tta={tta}: {row['scenes']} scenes in {row['seconds']:.1f} s, "
-                  f"{row['points_per_s']:,} points/s", flush=True)
-    table = format_table(rows, ["device", "model", "params_m", "voxel_m", "tta", "scenes", "s_per_scene",
-                                "scenes_per_s", "points_per_s", "cpu_s_per_scene", "cpu_points_per_s"],
-                         ["device", "model", "params (M)", "voxel (m)", "TTA", "scenes timed", "s/scene",
-                          "scenes/s", "points/s", "CPU s/scene", "points/CPU s"])
+    for protocol, child in children.items():
+        for r in child["rows"]:
+            plain = base.get(r["dataset"])
+            r["x_off_cpu"] = round(r["cpu_s_per_scene"] / plain["cpu_s_per_scene"], 1) if plain else None
+            r["peak_rss_mb"] = child["peak_rss_mb"]
+            r["load"] = "/".join(map(str, r["load_1min"]))
+            rows.append(r)
+    table = format_table(rows, ["protocol", "dataset", "scenes", "s_per_scene", "cpu_s_per_scene", "x_off_cpu",
+                                "mIoU", "mIoU_ref", "rss_before_mb", "peak_rss_mb", "load"],
+                         ["protocol", "dataset", "scenes", "s/scene", "CPU s/scene", "x off (CPU)", "mIoU",
+                          "mIoU_ref", "RSS before (MB)", "peak RSS (MB)", "load 1 min (start/end)"])
     print(table)
-    summary = {"machine": machine_info(), "command": " ".join(["python", *sys.argv]), "data": args.data,
-               "threads": args.threads, "workers": args.workers, "wall_s": round(time.time() - start, 1),
-               "rows": rows, "markdown": table}
-    save_json(summary, args.out)
-    print(f"wrote {args.out} ({summary['wall_s']:.0f} s)")
+    summary = {"machine": machine_info(), "command": " ".join(["python", *sys.argv]), "exp": str(exp),
+               "voxel_m": next(iter(children.values()))["voxel_m"], "threads": args.threads, "workers": 0,
+               "loadavg_at_start": uptime, "wall_s": round(time.time() - start, 1), "rows": rows, "markdown": table}
+    save_json(summary, out)
+    print(f"wrote {out} ({summary['wall_s']:.0f} s)")
     return 0
 
 

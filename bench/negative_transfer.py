@@ -13,11 +13,11 @@ the prompt adapter and the head change:
     naive_x3, ppt_x3  joint runs with 3x the steps: each dataset gets the steps of its alone run
     naive       three datasets 1:1:1, no prompts, one head over the union of the classes
     ppt         PDNorm (decoupled BN, zero-init) + language-guided head (MiniLM text)
-    inject      direct prompt injection + language head
-    xattn       prompt cross-attention + language head
-    pdnorm_decoupled  PDNorm + one linear head per dataset
-    pdnorm_union      PDNorm + unionized head
-    ppt_sharedbn      diagnostic: PPT with one set of BN statistics for all datasets
+    pdnorm_decoupled  PDNorm + one linear head per dataset     } head ablation: all three
+    pdnorm_union      PDNorm + unionized head                  } with decoupled BN, as ppt
+    ppt_sharedbn      PDNorm + language head, ONE shared BN    } adapter ablation: all three
+    inject      direct prompt injection + language head, shared BN  } with one shared BN
+    xattn       prompt cross-attention + language head, shared BN   }
 
 The score of a run is the val mIoU of each dataset it trained on, measured by the trainer's
 final evaluation (``ppt.engine.evaluate``: every original point, no TTA). A run writes
@@ -46,16 +46,27 @@ JOINT = "{scannet: 1, s3dis: 1, structured3d: 1}"
 # Variant -> (data mix, model overrides). The alone runs use a plain network: with a single
 # dataset the "union" head is one linear classifier over that dataset's classes.
 PLAIN = ["model.prompt=none", "model.head=union"]
+# Adapter ablation (PDNorm vs injection vs cross-attention): every variant normalises with ONE
+# BN shared by the datasets, so the rows differ in how the prompt enters and in nothing else.
+# Decoupled (per-dataset) BN is itself a domain-specific path that works without any prompt,
+# and at this step budget its running statistics are stale (RESULTS.md, finding 4); giving it
+# to the PDNorm row only (as before) compared BN choices, not adapters. Shared rather than
+# decoupled for all three because injection and cross-attention exist only with a shared BN
+# (ppt.models.segmentor), so this is the choice every adapter can take. Spelled out for inject
+# and xattn too (the Segmentor uses decoupled_bn for PDNorm only), so the recipe says it.
+SHARED_BN = "model.decoupled_bn=false"
+ADAPTER_ABLATION = ("ppt_sharedbn", "inject", "xattn")
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     **{f"alone_{d}": (f"{{{d}: 1}}", PLAIN) for d in DOMAINS},
     "naive": (JOINT, PLAIN),
     "ppt": (JOINT, ["model.prompt=pdnorm", "model.head=language"]),
-    "inject": (JOINT, ["model.prompt=inject", "model.head=language"]),
-    "xattn": (JOINT, ["model.prompt=xattn", "model.head=language"]),
+    "inject": (JOINT, ["model.prompt=inject", "model.head=language", SHARED_BN]),
+    "xattn": (JOINT, ["model.prompt=xattn", "model.head=language", SHARED_BN]),
     "pdnorm_decoupled": (JOINT, ["model.prompt=pdnorm", "model.head=decoupled"]),
     "pdnorm_union": (JOINT, ["model.prompt=pdnorm", "model.head=union"]),
-    # Diagnostic: PPT with one BN shared by the datasets (the prompt still modulates it).
-    "ppt_sharedbn": (JOINT, ["model.prompt=pdnorm", "model.head=language", "model.decoupled_bn=false"]),
+    # PPT with one BN shared by the datasets (the prompt still modulates it): the PDNorm row
+    # of the adapter ablation, and the diagnostic of stale per-dataset statistics.
+    "ppt_sharedbn": (JOINT, ["model.prompt=pdnorm", "model.head=language", SHARED_BN]),
     # Controls for the step budget: a joint run gives each dataset a third of its steps, so
     # compare with alone runs of a third of the steps and with joint runs of 3x the steps.
     **{f"matched_{d}": (f"{{{d}: 1}}", PLAIN) for d in DOMAINS},
@@ -66,9 +77,9 @@ EXTRA = ("naive_x3", "ppt_x3")  # run only when named with --variants
 ABLATIONS = ("inject", "xattn", "pdnorm_decoupled", "pdnorm_union", "ppt_sharedbn")
 LABELS = {"alone": "(a) each alone", "matched": "(a') each alone, 1/3 of the steps",
           "naive": "(b) naive joint", "naive_x3": "(b') naive joint, 3x the steps",
-          "ppt": "(c) PPT: PDNorm+language", "ppt_sharedbn": "(c') PPT, BN statistics shared",
+          "ppt": "(c) PPT: PDNorm+language", "ppt_sharedbn": "(c') PPT, BN shared (adapter ablation)",
           "ppt_x3": "(c'') PPT, 3x the steps",
-          "inject": "(d) injection+language", "xattn": "(e) cross-attn+language",
+          "inject": "(d) injection+language, BN shared", "xattn": "(e) cross-attn+language, BN shared",
           "pdnorm_decoupled": "(f) PDNorm+decoupled", "pdnorm_union": "(g) PDNorm+union"}
 
 # The study's shared recipe: the small CPU model of configs/demo.yaml, coarse voxels, 200 steps.
@@ -118,10 +129,40 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, extra: list[str])
               "wall_s": round(time.time() - start, 1), "skipped_steps": summary["skipped_steps"],
               "val": {d: {k: r[k] for k in ("mIoU", "mAcc", "allAcc")} for d, r in summary["val"].items()},
               "config": cfg.to_dict()}
+    if args.precise_bn > 0:
+        result["val_precise_bn"] = precise_bn_scores(cfg, run_dir, args.precise_bn)
     for ckpt in (run_dir / "model").glob("*.pth"):
         ckpt.unlink()  # the study keeps scores, not weights
     save_json(result, result_path)
     return result
+
+
+def precise_bn_scores(cfg, run_dir: Path, batches: int) -> dict:
+    """Val scores of a finished run's final weights after a precise-BN pass.
+
+    The study evaluates once, at the end, and running statistics never enter a training
+    forward, so the same weights scored with and without the pass isolate what it changes
+    (``train.precise_bn`` would run the same pass, with the same batches, before that
+    evaluation)."""
+    import torch
+
+    from ppt.engine import checkpoint as ckpt_io
+    from ppt.engine.build import build_model, build_train_loader, build_val_datasets, text_embeddings_from_state
+    from ppt.engine.precise_bn import update_bn_stats
+    from ppt.engine.trainer import evaluate_all
+
+    ckpt = ckpt_io.load_checkpoint(run_dir / "model" / "model_last.pth")
+    model = build_model(cfg, text_embeddings_from_state(ckpt["model"]))
+    model.load_state_dict(ckpt["model"])
+    cpu = torch.device("cpu")
+    update_bn_stats(model, build_train_loader(cfg), batches, cpu, epoch=cfg.train.epochs)
+    results = evaluate_all(model, build_val_datasets(cfg), cfg, cpu, None)
+    return {d: {k: r[k] for k in ("mIoU", "mAcc", "allAcc")} for d, r in results.items()}
+
+
+def with_precise_bn(results: list[dict]) -> list[dict]:
+    """The runs' precise-BN scores as results of their own (rows "<row>+pbn")."""
+    return [{**r, "val": r["val_precise_bn"], "pbn": True} for r in results if "val_precise_bn" in r]
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -129,6 +170,7 @@ def aggregate(results: list[dict]) -> dict:
     scores: dict[str, dict[str, list[float]]] = {}
     for r in results:
         row = r["variant"].split("_")[0] if r["variant"].startswith(("alone_", "matched_")) else r["variant"]
+        row += "+pbn" if r.get("pbn") else ""
         for d, m in r["val"].items():
             scores.setdefault(row, {}).setdefault(d, []).append(m["mIoU"])
     table = {}
@@ -146,10 +188,12 @@ def aggregate(results: list[dict]) -> dict:
 
 def markdown(table: dict) -> str:
     rows = []
-    for row in LABELS:
+    for row in [r for base in LABELS for r in (base, base + "+pbn")]:
         if row not in table:
             continue
-        cells = {"variant": LABELS[row], "seeds": table[row]["mean"]["n"]}
+        base = row.removesuffix("+pbn")
+        label = LABELS[base] + (", precise BN" if row != base else "")
+        cells = {"variant": label, "seeds": table[row]["mean"]["n"]}
         for d in (*DOMAINS, "mean"):
             s = table[row].get(d)
             cells[d] = f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s else "-"
@@ -169,14 +213,15 @@ def plot(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in LABELS if r in table]
+    rows = [r for base in LABELS for r in (base, base + "+pbn") if r in table]
     width = 0.8 / max(1, len(rows))
     fig, ax = plt.subplots(figsize=(9.5, 3.8), dpi=80)
     x = np.arange(len(DOMAINS))
     for i, row in enumerate(rows):
         means = [100 * table[row].get(d, {"mean": np.nan})["mean"] for d in DOMAINS]
         stds = [100 * table[row].get(d, {"std": 0.0})["std"] for d in DOMAINS]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=LABELS[row],
+        label = LABELS[row.removesuffix("+pbn")] + (", precise BN" if row.endswith("+pbn") else "")
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=label,
                color=plt.get_cmap("tab20")(i % 20))
     ax.set_xticks(x, DOMAINS)
     ax.set_ylabel("val mIoU (%)")
@@ -202,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in EXTRA], help=f"subset of {', '.join(VARIANTS)}")
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny data, model and steps, one seed")
     p.add_argument("--report-only", action="store_true", help="summarise finished runs, train nothing")
+    p.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                   help="also score each run's final weights after recomputing BN statistics from N "
+                        "training batches per dataset (rows '..., precise BN')")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every run, e.g. --set optim.lr=0.01")
     args = p.parse_args(argv)
@@ -243,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished runs")
         return 1
 
-    table = aggregate(results)
+    table = aggregate(results + with_precise_bn(results))
     text = markdown(table)
     print(text)
     summary = {"machine": machine_info(), "command": " ".join(sys.argv), "steps": args.steps,

@@ -1,33 +1,51 @@
-"""PEFT stages side by side: trainable share, training memory, step time, transfer mIoU.
+"""PEFT stages side by side: training memory, trainable share, step time, transfer mIoU.
 
-    python bench/peft.py                 # full run (FULL below): 13 min of CPU time on 2 cores
-                                         # (32 min wall while other jobs shared the cores)
-    python bench/peft.py --quick         # smoke test: tiny widths, 2-3 steps, no "+tricks off" rows
-                                         # (~2.5 min on 2 shared cores, mostly process start-up)
-    python bench/peft.py --skip-transfer # cost table only
+    python bench/peft.py --skip-transfer # part 1 only: the memory table of bench/RESULTS.md
+    python bench/peft.py                 # both parts (the transfer study is long on a CPU)
+    python bench/peft.py --quick         # smoke test: tiny widths, 2-3 steps, one seed
 
-Part 1, cost (same batch for every stage, one fresh subprocess per stage so peak RSS is the
-stage's own): the default SpUNet widths (about 39 M parameters), PDNorm + language head, one
-batch of two synthetic S3DIS rooms. Per stage: trainable parameters (count, % of total);
-bytes of the tensors autograd saves for backward in one forward (``saved_tensors_hooks``,
-counted once per storage; float activations and integer rulebooks/indices apart); the worker's peak RSS and its rise over the RSS before the first
-step; CUDA max allocated when run on a GPU; median step time (forward + backward + AdamW) over
-``repeats`` steps after one warm-up step. "+tricks off" rows rerun a stage with
-``input_grad_only`` and ``no_grad_prefix`` disabled, to show what those save.
+Part 1, memory (same batch for every row, one fresh subprocess per row so peak RSS is the row's
+own; ``--threads`` torch threads, default 1): the default SpUNet widths (about 39 M parameters),
+PDNorm + language head, one batch of two synthetic S3DIS rooms. Per row:
+- trainable parameters, as a share of the total and of the total without the PDNorm
+  modulation weights (frozen in every stage but `full`; for a fixed dataset they fold into the
+  norms, so they inflate the denominator);
+- held after forward: memory allocated during the forward and still held when it ends
+  (everything autograd keeps for backward, rulebooks, outputs);
+- peak allocated: what is allocated at every step's start (weights, buffers, optimiser state,
+  the batch) plus the peak allocated above it during one step (forward, backward, AdamW). Every
+  torch allocation counts, whatever the allocator does with freed memory: on CPU from the
+  profiler's allocation events, on CUDA ``torch.cuda.max_memory_allocated``. This is the
+  figure a GPU run would see, and the goal's measure;
+- the worker's peak RSS (glibc defaults) and its rise over the RSS before the first step; for the
+  five stage rows also the peak RSS with glibc's mmap threshold fixed at 1 MiB (``MMAP_ENV``),
+  where RSS follows live memory instead of glibc's heap high-water mark; each as a share of
+  full fine-tuning's. Peak RSS includes about 0.9 GB of interpreter, libraries and data;
+- step time, wall and CPU (forward + backward + AdamW; median over ``repeats`` steps after one
+  warm-up step; with one thread the CPU time is what the step costs on an idle core).
+Ablation rows (not with --quick) rerun DAPT / Point-PEFT with one memory setting changed:
+DAPT training the norm affines (its behaviour before the backbone was frozen whole), without
+block recomputation, and with every memory setting off (no input-grad-only convs, no frozen-norm
+scale-and-shift, no block recomputation, no no-grad prefix).
 
 Part 2, transfer (the engine's ``train()``, as ``tools/train.sh --peft`` runs it): a PPT model
 (PDNorm, language head, small widths) trained on synthetic Structured3D + ScanNet, then each
 stage adapts it to synthetic S3DIS (13 classes, 5 never in the base's label sets: ceiling is in
 Structured3D's but beam, column, board, bookcase and clutter are new) for the same number of
-steps with its own config; val mIoU on S3DIS Area_5 (every original point, no TTA).
+steps, with ONE optimiser setting for every stage (AdamW, same lr, weight decay and schedule, as
+the DAPT reference fine-tunes both full and DAPT) and 3 seeds (model init of the new modules,
+data order, augmentation); val mIoU on S3DIS Area_5 (every original point, no TTA), mean and
+standard deviation over the seeds.
 
-Results: printed tables and ``bench/results/peft.json``.
+Results: printed tables and ``bench/results/peft.json`` (a partial rerun with --skip-cost or
+--skip-transfer keeps the other part of an existing file).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -38,24 +56,88 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS_DIR, format_table, machine_info, save_json  # noqa: E402
 
 STAGES = ("full", "linear", "bitfit", "dapt", "pointpeft")
-TRICKS_OFF = ("linear", "dapt", "pointpeft")  # stages rerun with input_grad_only/no_grad_prefix off
+# cost rows: (row name, stage, memory settings that differ from the stage's defaults)
+ABLATIONS = (
+    ("dapt, norms train (before)", "dapt", {"train_norms": True}),
+    ("dapt, no block recompute", "dapt", {"recompute_blocks": False}),
+    ("pointpeft, no block recompute", "pointpeft", {"recompute_blocks": False}),
+    ("dapt, memory settings off", "dapt", {"tricks": False}),
+    ("pointpeft, memory settings off", "pointpeft", {"tricks": False}),
+)
 DEFAULT_WIDTHS = [32, 64, 128, 256, 256, 128, 96, 96]
 SMALL_WIDTHS = [16, 32, 48, 64, 64, 48, 32, 32]
 BASE_MIX = "{structured3d: 2, scannet: 1}"
 TARGET = "s3dis"
+# one optimiser for every stage of the transfer study (the PEFT configs' AdamW setting)
+TRANSFER_OPTIM = ["optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=1.0e-4",
+                  "optim.scheduler=cosine"]
+SEEDS = (0, 1, 2)
+# glibc raises its mmap threshold (up to 32 MiB) after the first large free, so later tensors of
+# a few to 32 MiB come from the heap, whose freed holes stay resident; fixing the threshold makes
+# every tensor above 1 MiB its own mapping, returned on free, and RSS follows live memory
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
-# (cost widths, cost voxel size, cost repeats, base steps, stage steps, batch size, voxel size)
 FULL = dict(widths=DEFAULT_WIDTHS, cost_voxel=0.05, repeats=2, base_steps=50, stage_steps=30,
-            batch_size=4, voxel=0.08)
+            batch_size=4, voxel=0.08, seeds=list(SEEDS))
 QUICK = dict(widths=[8, 16, 16, 32, 32, 16, 16, 16], cost_voxel=0.2, repeats=1, base_steps=3,
-             stage_steps=2, batch_size=2, voxel=0.12)
+             stage_steps=2, batch_size=2, voxel=0.12, seeds=[0])
 
 
 # --------------------------------------------------------------------------------------------
-# Part 1: cost worker (runs in its own process)
+# Part 1: memory worker (runs in its own process)
 
-def cost_worker(stage: str, tricks: bool, widths: list[int], voxel: float, repeats: int,
-                root: str, device: str) -> dict:
+def modulation_parameters(model) -> tuple[int, int]:
+    """(trainable, all) parameters of PDNorm's prompt modulations (Linear(prompt_dim -> 2C)
+    per norm)."""
+    from ppt.models.prompts import PDNorm
+
+    params = [p for m in model.modules() if isinstance(m, PDNorm) and m.modulation is not None
+              for p in m.modulation.parameters()]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def profiled_step(forward, backward, device: str) -> tuple[float, float]:
+    """Run one training step (``forward()`` returns what ``backward(out)`` consumes); returns
+    (MiB allocated during the forward and still held at its end, peak MiB allocated during the
+    step above its start). CPU: the profiler's allocation events (every torch allocation,
+    allocator-independent); CUDA: ``torch.cuda`` memory statistics."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = forward()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        backward(out)
+        torch.cuda.synchronize()
+        return held / 2**20, (torch.cuda.max_memory_allocated() - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("peft_bench_forward"):
+            out = forward()
+        backward(out)
+    events = prof.profiler.kineto_results.events()
+    fwd_end = max(e.end_ns() for e in events if e.name() == "peft_bench_forward")
+    live = peak = held = 0
+    for start, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        if start <= fwd_end:
+            held += nbytes
+        live += nbytes
+        peak = max(peak, live)
+    return held / 2**20, peak / 2**20
+
+
+def tensor_mb(tensors) -> float:
+    """MiB of the distinct storages among `tensors`."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) / 2**20
+
+
+def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, repeats: int,
+                root: str, device: str, threads: int) -> dict:
     import resource
 
     import torch
@@ -73,7 +155,7 @@ def cost_worker(stage: str, tricks: bool, widths: list[int], voxel: float, repea
     from ppt.models.segmentor import Segmentor
 
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
     names = get_dataset_info(TARGET).class_names
     g = torch.Generator().manual_seed(0)
     text = {TARGET: F.normalize(torch.randn(len(names), 384, generator=g), dim=-1)}
@@ -88,62 +170,83 @@ def cost_worker(stage: str, tricks: bool, widths: list[int], voxel: float, repea
     if stage == "pointpeft":  # bank over a few training rooms (its cost is not measured here)
         rooms = [collate([ds[i]]) for i in range(min(6, len(ds)))]
         bank = build_memory_bank(model, rooms, device=device, progress=False)
+    tricks = settings.get("tricks", True)
     cfg = PeftConfig(stage=stage, base="-", input_grad_only=tricks, no_grad_prefix=tricks)
-    apply_stage(model, cfg, bank, domain=TARGET)
+    apply_stage(model, cfg, bank, domain=TARGET, train_norms=settings.get("train_norms"),
+                recompute_blocks=settings.get("recompute_blocks"))
     model.train()
     trainable, total = parameter_counts(model)
+    modulation_trainable, modulation = modulation_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        segmentation_loss(model(batch), batch["segment"]).backward()
+    def forward():
+        return segmentation_loss(model(batch), batch["segment"])
+
+    def backward(loss):
+        loss.backward()
         opt.step()
-
-    storages: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, floating point)
-
-    def pack(t):
-        try:
-            storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.is_floating_point())
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
+        opt.zero_grad(set_to_none=True)
 
     rss_before = current_rss_mb()
     reset_cuda_peak(device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()  # warm-up step, also the saved-tensor count
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
+    backward(forward())  # warm-up step (spconv builds its tables, AdamW its state)
+    times, cpu_times = [], []
+    for _ in range(max(1, repeats)):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        backward(forward())
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"stage": stage, "tricks": tricks, "voxels": int(len(batch["segment"])),
-            "trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total,
-            "saved_mb": sum(b for b, fp in storages.values() if fp) / 2**20,
-            "saved_index_mb": sum(b for b, fp in storages.values() if not fp) / 2**20, "peak_rss_mb": peak,
-            "rss_rise_mb": peak - rss_before, "cuda_peak_mb": cuda_peak_mb(device),
-            "step_s": sorted(times)[len(times) // 2]}
+        cpu_times.append(time.process_time() - start_cpu)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the profiled step
+    cuda_peak = cuda_peak_mb(device)
+    # what is allocated at the start of every step: weights, buffers (memory bank, text
+    # embeddings, BN statistics), optimiser state, the batch
+    state = [t for group in opt.state.values() for t in group.values() if torch.is_tensor(t)]
+    static = tensor_mb([*model.parameters(), *model.buffers(), *state,
+                        *(v for v in batch.values() if torch.is_tensor(v))])
+    held, step_peak = profiled_step(forward, backward, device)
+    return {"stage": stage, "settings": settings, "voxels": int(len(batch["segment"])),
+            "trainable": trainable, "total": total, "modulation": modulation,
+            "trainable_pct": 100.0 * trainable / total,
+            "trainable_pct_no_mod": 100.0 * (trainable - modulation_trainable) / (total - modulation),
+            "static_mb": static, "held_mb": held, "step_peak_mb": step_peak,
+            "peak_alloc_mb": static + step_peak, "peak_rss_mb": peak, "rss_rise_mb": peak - rss_before,
+            "cuda_peak_mb": cuda_peak, "step_s": statistics.median(times),
+            "step_cpu_s": statistics.median(cpu_times), "threads": threads}
 
 
-def run_cost(settings: dict, root: str, device: str) -> list[dict]:
+def run_worker(name: str, stage: str, variant: dict, settings: dict, root: str, device: str,
+               threads: int, env: dict | None = None) -> dict:
+    cmd = [sys.executable, "-W", "ignore", __file__, "--worker", stage,
+           "--variant", json.dumps(variant), "--widths", json.dumps(settings["widths"]),
+           "--voxel", str(settings["cost_voxel"]), "--repeats", str(settings["repeats"]),
+           "--data-root", root, "--device", device, "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        raise RuntimeError(f"cost worker {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_cost(settings: dict, root: str, device: str, threads: int) -> list[dict]:
+    jobs = [(s, s, {}) for s in STAGES] + ([] if settings.get("quick") else list(ABLATIONS))
     rows = []
-    jobs = [(s, True) for s in STAGES] + [(s, False) for s in (() if settings.get("quick") else TRICKS_OFF)]
-    for stage, tricks in jobs:
-        cmd = [sys.executable, __file__, "--worker", stage, "--tricks", str(int(tricks)),
-               "--widths", json.dumps(settings["widths"]), "--voxel", str(settings["cost_voxel"]),
-               "--repeats", str(settings["repeats"]), "--data-root", root, "--device", device]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"cost worker {stage} failed:\n{out.stderr[-3000:]}")
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["name"] = stage if tricks else f"{stage} +tricks off"
-        print(f"  cost {row['name']}: {row['voxels']} voxels, {row['step_s']:.2f} s/step, saved "
-              f"{row['saved_mb']:.1f} MB float + {row['saved_index_mb']:.1f} MB index", flush=True)
+    for name, stage, variant in jobs:
+        row = run_worker(name, stage, variant, settings, root, device, threads)
+        row["name"] = name
+        if device == "cpu" and not variant:  # the same row with glibc's mmap threshold fixed
+            again = run_worker(name, stage, variant, settings, root, device, threads, MMAP_ENV)
+            row["peak_rss_mmap_mb"] = again["peak_rss_mb"]
+        print(f"  cost {name}: {row['voxels']} voxels, {row['step_s']:.2f} s/step, held after forward "
+              f"{row['held_mb']:.0f} MB, peak allocated {row['peak_alloc_mb']:.0f} MB, "
+              f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
         rows.append(row)
+    full = next(r for r in rows if r["stage"] == "full")
+    for row in rows:
+        for key in ("peak_alloc_mb", "peak_rss_mb", "peak_rss_mmap_mb", "cuda_peak_mb"):
+            if row.get(key) is not None:
+                row[key.replace("_mb", "_vs_full")] = row[key] / full[key]
     return rows
 
 
@@ -156,7 +259,7 @@ def zero_shot(base_path: Path, common: list[str], out_dir: Path, device: str) ->
     from ppt.config import load_config
     from ppt.engine.build import build_model, build_val_datasets
     from ppt.engine.evaluate import evaluate
-    from ppt.models.peft.checkpoint import peft_run_overrides, prepare_peft_model
+    from ppt.engine.peft_checkpoint import peft_run_overrides, prepare_peft_model
 
     result_file = out_dir / "zero_shot.json"
     if result_file.is_file():
@@ -173,14 +276,47 @@ def zero_shot(base_path: Path, common: list[str], out_dir: Path, device: str) ->
     return row
 
 
-def run_transfer(settings: dict, root: str, out_dir: Path, device: str) -> tuple[dict, list[dict]]:
-    import torch
+def transfer_run(stage: str, seed: int, base_path: Path, common: list[str], settings: dict,
+                 exp: Path, device: str) -> dict:
+    """One stage, one seed (cached in ``exp/result.json``)."""
+    import shutil
 
     from ppt.config import load_config
     from ppt.engine.build import build_model
+    from ppt.engine.peft_checkpoint import peft_run_overrides, prepare_peft_model
     from ppt.engine.trainer import train
-    from ppt.models.peft.checkpoint import peft_run_overrides, prepare_peft_model
     from ppt.models.peft.stages import parameter_counts
+
+    result_file = exp / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    overrides = peft_run_overrides(stage, base_path) + common + TRANSFER_OPTIM + [
+        f"data.mix={{{TARGET}: 1}}", "data.val=[]", f"train.steps_per_epoch={settings['stage_steps']}",
+        "train.eval_every=1", f"train.seed={seed}"]
+    cfg = load_config(f"configs/peft_{stage}.yaml", overrides)
+    if exp.exists():  # an interrupted run: start it again
+        shutil.rmtree(exp)
+    tic = time.perf_counter()
+    summary = train(cfg, exp)
+    seconds = time.perf_counter() - tic
+    model = build_model(cfg, None)
+    prepare_peft_model(model, cfg, exp, device)
+    trainable, total = parameter_counts(model)
+    row = {"stage": stage, "seed": seed, "val_mIoU": summary["val"][TARGET]["mIoU"],
+           "val_mAcc": summary["val"][TARGET].get("mAcc"), "steps": summary["steps"],
+           "seconds": seconds, "trainable": trainable, "total": total,
+           "trainable_pct": 100.0 * trainable / total,
+           "checkpoint_mb": (exp / "model" / "model_last.pth").stat().st_size / 2**20,
+           "optimizer": cfg.optim.name, "lr": cfg.optim.lr}
+    result_file.write_text(json.dumps(row))
+    print(f"  transfer {stage} seed {seed}: val mIoU {row['val_mIoU']:.4f} ({seconds:.0f} s)", flush=True)
+    return row
+
+
+def run_transfer(settings: dict, root: str, out_dir: Path, device: str) -> tuple[dict, list[dict], list[dict]]:
+    """(base, per-stage summary rows, per-seed rows)."""
+    from ppt.config import load_config
+    from ppt.engine.trainer import train
 
     common = [f"data.root={root}", f"data.voxel_size={settings['voxel']}", "data.num_workers=1",
               f"data.batch_size={settings['batch_size']}", "data.check=false", "train.epochs=1",
@@ -196,63 +332,45 @@ def run_transfer(settings: dict, root: str, out_dir: Path, device: str) -> tuple
         tic = time.perf_counter()
         train(cfg, base_dir)
         base_s = time.perf_counter() - tic
-    base = {"mix": BASE_MIX, "steps": settings["base_steps"], "seconds": base_s, "widths": settings["widths_transfer"]}
-    rows = [zero_shot(base_path, common, out_dir, device)]
+    base = {"mix": BASE_MIX, "steps": settings["base_steps"], "seconds": base_s,
+            "widths": settings["widths_transfer"]}
+    summary = [zero_shot(base_path, common, out_dir, device)]
+    runs = []
     for stage in STAGES:
-        exp = out_dir / stage
-        result_file = exp / "result.json"
-        if result_file.is_file():
-            rows.append(json.loads(result_file.read_text()))
-            continue
-        overrides = peft_run_overrides(stage, base_path) + common + [
-            f"data.mix={{{TARGET}: 1}}", "data.val=[]", f"train.steps_per_epoch={settings['stage_steps']}",
-            "train.eval_every=1"]
-        cfg = load_config(f"configs/peft_{stage}.yaml", overrides)
-        if exp.exists():  # an interrupted run: start it again
-            import shutil
-
-            shutil.rmtree(exp)
-        tic = time.perf_counter()
-        summary = train(cfg, exp)
-        seconds = time.perf_counter() - tic
-        model = build_model(cfg, None)
-        prepare_peft_model(model, cfg, exp, device)
-        trainable, total = parameter_counts(model)
-        ckpt = exp / "model" / "model_last.pth"
-        row = {"stage": stage, "val_mIoU": summary["val"][TARGET]["mIoU"],
-               "val_mAcc": summary["val"][TARGET].get("mAcc"), "steps": summary["steps"],
-               "seconds": seconds, "trainable": trainable, "total": total,
-               "trainable_pct": 100.0 * trainable / total, "checkpoint_mb": ckpt.stat().st_size / 2**20,
-               "lr": cfg.optim.lr, "optimizer": cfg.optim.name}
-        result_file.write_text(json.dumps(row))
-        rows.append(row)
-        print(f"  transfer {stage}: val mIoU {row['val_mIoU']:.4f} ({seconds:.0f} s)", flush=True)
-        del model
-        torch.set_num_threads(torch.get_num_threads())
-    return base, rows
+        rows = [transfer_run(stage, seed, base_path, common, settings, out_dir / f"{stage}_seed{seed}", device)
+                for seed in settings["seeds"]]
+        runs += rows
+        mious = [r["val_mIoU"] for r in rows]
+        summary.append({**{k: rows[0][k] for k in ("stage", "steps", "trainable", "total", "trainable_pct",
+                                                   "checkpoint_mb", "optimizer", "lr")},
+                        "seeds": len(rows), "val_mIoU": statistics.mean(mious),
+                        "val_mIoU_std": statistics.stdev(mious) if len(mious) > 1 else None,
+                        "val_mIoU_per_seed": mious, "seconds": statistics.mean(r["seconds"] for r in rows)})
+    return base, summary, runs
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--skip-transfer", action="store_true")
-    p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--skip-transfer", action="store_true", help="memory part only")
+    p.add_argument("--skip-cost", action="store_true", help="transfer part only")
     p.add_argument("--data-root", default="data/synthetic")
     p.add_argument("--out", default="exp/bench_peft", help="experiment folders of the transfer runs")
     p.add_argument("--results", default=str(RESULTS_DIR))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each memory worker")
     p.add_argument("--base-steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--stage-steps", type=int, default=None, help="override the steps of every stage")
     p.add_argument("--name", default=None, help="results file name (default peft.json / peft_quick.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--tricks", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--widths", default=None, help=argparse.SUPPRESS)
     p.add_argument("--voxel", type=float, default=0.04, help=argparse.SUPPRESS)
-    p.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        row = cost_worker(args.worker, bool(args.tricks), json.loads(args.widths), args.voxel,
-                          args.repeats, args.data_root, args.device)
+        row = cost_worker(args.worker, json.loads(args.variant), json.loads(args.widths), args.voxel,
+                          args.repeats, args.data_root, args.device, args.threads)
         print(json.dumps(row))
         return 0
     if not Path(args.data_root, TARGET).is_dir():
@@ -268,19 +386,23 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine_info(), "settings": settings, "quick": args.quick}
     tic = time.perf_counter()
     if not args.skip_cost:
-        print("cost per stage (fresh process each):", flush=True)
-        result["cost"] = run_cost(settings, args.data_root, args.device)
-        print(format_table(result["cost"], ["name", "trainable", "trainable_pct", "saved_mb", "saved_index_mb",
-                                            "peak_rss_mb", "rss_rise_mb", "step_s"],
-                           ["stage", "trainable", "% of total", "saved float MB", "saved index MB",
-                            "peak RSS MB", "RSS rise MB", "step s"]))
+        print(f"training memory per stage (fresh process each, {args.threads} thread(s)):", flush=True)
+        result["cost"] = run_cost(settings, args.data_root, args.device, args.threads)
+        print(format_table(result["cost"], ["name", "trainable", "trainable_pct", "trainable_pct_no_mod",
+                                            "held_mb", "peak_alloc_mb", "peak_alloc_vs_full", "peak_rss_mb",
+                                            "peak_rss_vs_full", "peak_rss_mmap_mb", "peak_rss_mmap_vs_full",
+                                            "step_s", "step_cpu_s"],
+                           ["stage", "trainable", "% of total", "% of total w/o modulation",
+                            "held after forward MB", "peak allocated MB", "/ full", "peak RSS MB", "/ full",
+                            "peak RSS, mmap 1 MiB", "/ full", "step s", "step CPU s"]))
     if not args.skip_transfer:
-        print(f"transfer {BASE_MIX} -> {TARGET}:", flush=True)
-        result["base"], result["transfer"] = run_transfer(settings, args.data_root, out_dir, args.device)
-        print(format_table(result["transfer"], ["stage", "trainable", "trainable_pct", "val_mIoU", "val_mAcc",
+        print(f"transfer {BASE_MIX} -> {TARGET}, seeds {settings['seeds']}:", flush=True)
+        result["base"], result["transfer"], result["transfer_runs"] = run_transfer(
+            settings, args.data_root, out_dir, args.device)
+        print(format_table(result["transfer"], ["stage", "trainable", "trainable_pct", "val_mIoU", "val_mIoU_std",
                                                 "seconds", "checkpoint_mb"],
-                           ["stage", "trainable", "% of total", "val mIoU", "val mAcc", "train+eval s",
-                            "checkpoint MB"]))
+                           ["stage", "trainable", "% of total", "val mIoU (mean)", "std over seeds",
+                            "train+eval s", "checkpoint MB"]))
     result["seconds" if not (args.skip_cost or args.skip_transfer) else "seconds_partial_rerun"] = \
         time.perf_counter() - tic
     name = args.name or ("peft_quick.json" if args.quick else "peft.json")

@@ -15,23 +15,16 @@ every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from ppt.io import atomic_write
+from ppt.typed_config import ConfigError, field_types, from_dict, merge_sections, parse_overrides, plain
 
-
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not match the schema (message says how to fix it)."""
+__all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "save_config", "validate"]
 
 
 @dataclass
@@ -41,14 +34,17 @@ class DataConfig:
     Args:
         root: data root holding ``<dataset>/`` folders (``data/`` or ``data/synthetic``).
         mix: dataset name -> batch ratio (``{structured3d: 4, scannet: 2, s3dis: 1}``); every
-            batch comes from one dataset, datasets take turns by these ratios.
+            batch comes from one dataset, datasets take turns by these ratios. The FIRST dataset
+            defines the epoch (one pass over it); the others are reshuffled and re-iterated
+            whenever they run out (the reference's rule; ``ppt.data.mixing``).
         val: datasets evaluated on their val split; empty = the datasets of ``mix``.
         voxel_size: grid-sampling voxel in metres.
         batch_size: samples per step summed over all processes (split evenly across them).
         num_workers: loader worker processes per training process.
         mix3d_prob: probability of merging each pair of samples (Mix3D).
         augment: apply the training augmentations (SPEC §2).
-        loop: repeat each training scene list this many times per epoch.
+        loop: repeat the first (main) dataset's scene list this many times per epoch (the
+            others cycle anyway).
         check: quick header check of the data root before training.
     """
 
@@ -80,6 +76,8 @@ class ModelConfig:
         text_encoder: "minilm" (offline) or "clip:<model>:<pretrained tag or path>".
         template: text template of a class name for the language head.
         logit_scale: fixed logit scale of the language head.
+        backbone: "spunet" (SparseUNet; ``channels`` / ``layers`` above) or "ptv3" (Point
+            Transformer V3; its settings are the top-level ``ptv3`` section).
     """
 
     channels: tuple[int, ...] = (32, 64, 128, 256, 256, 128, 96, 96)
@@ -93,6 +91,44 @@ class ModelConfig:
     text_encoder: str = "minilm"
     template: str = "a point of {}"
     logit_scale: float = 100.0
+    backbone: str = "spunet"
+
+
+PTV3_ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")  # = ppt.models.serialization.ORDERS
+
+
+@dataclass
+class PTv3Config:
+    """Point Transformer V3 backbone, used when ``model.backbone`` is "ptv3" (``ppt.models.ptv3``).
+
+    Defaults are the paper's (about 46.2 M parameters); its grid is ``data.voxel_size`` (0.02).
+    ``model.in_channels``, ``model.prompt`` and the head apply as for SpUNet.
+
+    Args:
+        enc_depths: blocks per encoder stage (5 stages, pooled by 2 between stages).
+        enc_channels: encoder stage widths.
+        enc_heads: attention heads per encoder stage (each width divisible by its heads).
+        dec_depths: blocks per decoder stage, finest stage first (one stage fewer).
+        dec_channels: decoder stage widths, finest first (``dec_channels[0]`` feeds the head).
+        dec_heads: attention heads per decoder stage, finest first.
+        patch_size: voxels per attention patch.
+        mlp_ratio: MLP hidden width / channels.
+        drop_path: largest stochastic-depth rate (linear over the blocks from 0).
+        orders: serialization orders (z, z-trans, hilbert, hilbert-trans), cycled over the blocks.
+        shuffle_orders: shuffle the order list at every forward and pooling in training.
+    """
+
+    enc_depths: tuple[int, ...] = (2, 2, 2, 6, 2)
+    enc_channels: tuple[int, ...] = (32, 64, 128, 256, 512)
+    enc_heads: tuple[int, ...] = (2, 4, 8, 16, 32)
+    dec_depths: tuple[int, ...] = (2, 2, 2, 2)
+    dec_channels: tuple[int, ...] = (64, 64, 128, 256)
+    dec_heads: tuple[int, ...] = (4, 4, 8, 16)
+    patch_size: int = 1024
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.3
+    orders: tuple[str, ...] = PTV3_ORDERS
+    shuffle_orders: bool = True
 
 
 @dataclass
@@ -104,6 +140,8 @@ class OptimConfig:
         lr: peak learning rate of the base group.
         prompt_lr_scale: prompt-related parameters (``model.prompt_parameters()``) train at
             ``lr * prompt_lr_scale``.
+        block_lr_scale: the backbone blocks' parameters (``model.block_parameters()``) train at
+            ``lr * block_lr_scale`` (the PTv3 recipe: 0.1; 1 = no separate group).
         momentum, nesterov: SGD only.
         betas: AdamW only.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
@@ -113,11 +151,16 @@ class OptimConfig:
         final_div_factor: final lr = initial lr / final_div_factor (OneCycle) or peak /
             final_div_factor (cosine).
         grad_clip: max gradient norm; 0 disables clipping.
+        cycle_momentum: OneCycle also cycles SGD's momentum (AdamW's beta1) inversely to the
+            lr, from ``max_momentum`` down to ``base_momentum`` and back, as torch's OneCycleLR
+            does by default and the reference recipe runs (SGD's ``momentum`` is then unused).
+        base_momentum, max_momentum: the momentum range of that cycle.
     """
 
     name: str = "sgd"
     lr: float = 0.05
     prompt_lr_scale: float = 0.1
+    block_lr_scale: float = 1.0
     momentum: float = 0.9
     nesterov: bool = True
     betas: tuple[float, ...] = (0.9, 0.999)
@@ -127,6 +170,9 @@ class OptimConfig:
     div_factor: float = 10.0
     final_div_factor: float = 1e4
     grad_clip: float = 0.0
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
 
 
 @dataclass
@@ -134,11 +180,20 @@ class TrainConfig:
     """Loop, precision, evaluation, checkpointing and logging.
 
     Args:
-        epochs: training epochs (an epoch ends when the first dataset runs out).
+        epochs: training epochs (an epoch = one pass over the first dataset of ``data.mix``).
         seed: seed of model init, data order, augmentation and Mix3D.
-        amp: mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU is fp32.
+        amp: mixed precision on CUDA (bf16 autocast where supported, else fp16), always with
+            loss scaling: spconv runs its convolutions in fp16 under any CUDA autocast. CPU is fp32.
         device: "auto" (CUDA if available), "cpu" or "cuda".
         eval_every: evaluate every N epochs (0 = never; the last epoch is always evaluated).
+        best_on: what ``model_best.pth`` is chosen by: "first" (the first evaluated dataset:
+            the first of ``data.val``, else of ``data.mix``; the reference keeps the best of its
+            main val dataset), "mean" (mean mIoU over the evaluated datasets) or a dataset name.
+        precise_bn: before every evaluation and before the final checkpoint, recompute each
+            dataset's BatchNorm running statistics over this many training batches of that
+            dataset (no gradients; ``ppt.engine.precise_bn``); 0 = off. Short runs and datasets
+            with a small share of the steps otherwise evaluate with stale statistics
+            (momentum 0.01).
         checkpoint_every: also write ``model_last.pth`` every N steps (0 = once per epoch).
         max_nonfinite: stop after this many consecutive skipped (non-finite) steps.
         steps_per_epoch: cap on steps per epoch (0 = the loader's full epoch); for demos/tests.
@@ -146,6 +201,8 @@ class TrainConfig:
         threads: torch CPU threads per process (0 = torch's default).
         sync_bn: with several processes, normalise with the statistics of the global batch
             (``ppt.engine.distributed.SyncBatchNorm1d``), as one process would.
+        loss: "ce" (cross-entropy) or "ce+lovasz" (+ Lovasz-softmax, equal weights: the PTv3
+            recipe); ``ppt.losses``.
     """
 
     epochs: int = 100
@@ -153,14 +210,18 @@ class TrainConfig:
     amp: bool = True
     device: str = "auto"
     eval_every: int = 1
+    best_on: str = "first"
+    precise_bn: int = 0
     checkpoint_every: int = 0
     max_nonfinite: int = 20
     steps_per_epoch: int = 0
     log_every: int = 10
     threads: int = 0
     sync_bn: bool = True
+    loss: str = "ce"
 
 
+LOSSES = ("ce", "ce+lovasz")  # = ppt.losses.LOSSES
 PEFT_STAGES = ("none", "full", "linear", "bitfit", "dapt", "pointpeft")
 
 
@@ -202,123 +263,22 @@ class PeftConfig:
 
 @dataclass
 class Config:
-    """One experiment. Sections: ``data``, ``model``, ``optim``, ``train``, ``peft``."""
+    """One experiment. Sections: ``data``, ``model``, ``optim``, ``train``, ``peft``, ``ptv3``."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    ptv3: PTv3Config = field(default_factory=PTv3Config)
 
     def to_dict(self) -> dict:
         """Plain YAML-friendly dict (tuples as lists)."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check ``value`` against annotation ``tp``; returns it converted (int -> float, list -> tuple)."""
-    def fail() -> ConfigError:
-        shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
-        return ConfigError(f"config key '{key}'{where} must be {_type_name(tp)}, "
-                           f"got {type(value).__name__} ({shown})")
-
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail()
-        return float(value)
-    if tp in (int, str, bool):
-        if type(value) is not tp:  # bool is an int subclass: reject it for int and vice versa
-            raise fail()
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise fail()
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise fail()
-        kt, vt = args
-        return {_coerce(k, kt, f"{key} (key {k!r})", where): _coerce(v, vt, f"{key}.{k}", where)
-                for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            if option is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, option, key, where)
-            except ConfigError:
-                continue
-        raise fail()
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported annotation {tp} for {key}")
-
-
-def _fields(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _all_keys(cls=Config, prefix: str = "") -> list[str]:
-    keys = []
-    for name, tp in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, f"{prefix}{name}.")
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def _unknown(key: str, where: str) -> ConfigError:
-    valid = _all_keys() if "." in key else list(_fields(Config))  # a section or a leaf
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close and "." not in key:
-        valid = _all_keys()
-    if not close:  # a bare leaf name ("lr") or a misspelt section: match on the last part
-        leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf] or \
-            difflib.get_close_matches(key, valid, n=1, cutoff=0.3)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(_fields(Config))}"
-    return ConfigError(f"unknown config key '{key}'{where}{hint}")
-
-
-def _from_dict(cls, data: Any, prefix: str, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}'{where} must be a mapping, "
-                          f"got {type(data).__name__}")
-    fields = _fields(cls)
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if name not in fields:
-            raise _unknown(key, where)
-        tp = fields[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _from_dict(tp, value if value is not None else {}, f"{key}.", where)
-        else:
-            kwargs[name] = _coerce(value, tp, key, where)
-    return cls(**kwargs)
-
 
 def validate(cfg: Config, where: str = "") -> Config:
     """Checks across keys (names, choices, shapes); raises ConfigError."""
@@ -331,6 +291,8 @@ def validate(cfg: Config, where: str = "") -> Config:
                "optim.scheduler": (cfg.optim.scheduler, ("onecycle", "cosine")),
                "model.prompt": (cfg.model.prompt, ("none", "pdnorm", "inject", "xattn")),
                "model.head": (cfg.model.head, ("language", "decoupled", "union")),
+               "model.backbone": (cfg.model.backbone, ("spunet", "ptv3")),
+               "train.loss": (cfg.train.loss, LOSSES),
                "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
                "peft.stage": (cfg.peft.stage, PEFT_STAGES)}
     for key, (value, valid) in choices.items():
@@ -362,46 +324,54 @@ def validate(cfg: Config, where: str = "") -> Config:
     for key in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k"):
         if getattr(cfg.peft, key) < 1:
             raise bad(f"peft.{key}", f"must be >= 1, got {getattr(cfg.peft, key)}")
+    evaluated = cfg.data.val or list(cfg.data.mix)
+    if cfg.train.best_on not in ("first", "mean", *evaluated):
+        raise bad("train.best_on", f"is {cfg.train.best_on!r}; valid: first, mean or an evaluated "
+                                   f"dataset ({', '.join(evaluated)})")
+    if cfg.train.precise_bn < 0:
+        raise bad("train.precise_bn", f"must be >= 0 batches, got {cfg.train.precise_bn}")
+    if cfg.train.precise_bn > 0 and cfg.peft.stage not in ("none", "full"):
+        raise bad("train.precise_bn", f"must be 0 with peft.stage {cfg.peft.stage!r}: the stage keeps the "
+                                      f"base model's BN statistics frozen")
+    if not 0.0 <= cfg.optim.base_momentum <= cfg.optim.max_momentum < 1.0:
+        raise bad("optim.base_momentum", f"and optim.max_momentum must satisfy 0 <= base <= max < 1, "
+                                         f"got {cfg.optim.base_momentum}, {cfg.optim.max_momentum}")
     if cfg.model.template.count("{}") != 1:
         raise bad("model.template", f"must contain exactly one '{{}}', got {cfg.model.template!r}")
+    _validate_ptv3(cfg, bad)
     return cfg
+
+
+def _validate_ptv3(cfg: Config, bad) -> None:
+    """Shapes and ranges of the ``ptv3`` section; PEFT stages that need SpUNet blocks."""
+    p = cfg.ptv3
+    if not (len(p.enc_depths) == len(p.enc_channels) == len(p.enc_heads) >= 2):
+        raise bad("ptv3.enc_depths", "ptv3.enc_channels and ptv3.enc_heads need the same length (>= 2 stages), "
+                                     f"got {len(p.enc_depths)}, {len(p.enc_channels)}, {len(p.enc_heads)}")
+    for key in ("dec_depths", "dec_channels", "dec_heads"):
+        if len(getattr(p, key)) != len(p.enc_depths) - 1:
+            raise bad(f"ptv3.{key}", f"needs {len(p.enc_depths) - 1} entries (one fewer than the encoder), "
+                                     f"got {len(getattr(p, key))}")
+    for key in ("enc_depths", "enc_channels", "enc_heads", "dec_depths", "dec_channels", "dec_heads"):
+        if min(getattr(p, key)) < 1:
+            raise bad(f"ptv3.{key}", f"entries must be >= 1, got {list(getattr(p, key))}")
+    for kind in ("enc", "dec"):
+        for c, h in zip(getattr(p, f"{kind}_channels"), getattr(p, f"{kind}_heads")):
+            if c % h:
+                raise bad(f"ptv3.{kind}_heads", f"must divide the stage widths; {c} channels, {h} heads")
+    if p.patch_size < 1 or p.mlp_ratio <= 0 or not 0.0 <= p.drop_path < 1.0:
+        raise bad("ptv3.patch_size", f"must be >= 1, mlp_ratio > 0 and drop_path in [0, 1); got "
+                                     f"{p.patch_size}, {p.mlp_ratio}, {p.drop_path}")
+    unknown = [o for o in p.orders if o not in PTV3_ORDERS]
+    if not p.orders or unknown:
+        raise bad("ptv3.orders", f"must be a non-empty list of {', '.join(PTV3_ORDERS)}; got {list(p.orders)}")
+    if cfg.model.backbone == "ptv3" and cfg.peft.stage not in ("none", "full"):
+        raise bad("peft.stage", f"is {cfg.peft.stage!r}, which adapts SpUNet blocks; with model.backbone "
+                                f"ptv3 only none and full are available")
 
 
 # ---------------------------------------------------------------------------------------------
 # Files and overrides
-
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
-    """``["optim.lr=0.1", "data.mix={scannet: 2}"]`` -> nested dict (values via yaml.safe_load)."""
-    nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.01)")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override")
-        node[parts[-1]] = value
-    return nested
-
-
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and prefix.count(".") < 1 \
-                and key in _fields(Config):
-            out[key] = _merge(out[key], value, f"{prefix}{key}.")
-        else:
-            out[key] = value  # leaves (including data.mix) are replaced whole
-    return out
-
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override and validate a config.
@@ -426,17 +396,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config {path} is not valid YAML: {err}") from None
-        cfg = _from_dict(Config, data, "", where)  # file errors name the file
+        cfg = from_dict(Config, data, "", where)  # file errors name the file
         data = cfg.to_dict()
     if overrides:
         where = " (command-line override)"
-        data = _merge(data, parse_overrides(overrides))
-    return validate(_from_dict(Config, data, "", where), where)
+        data = merge_sections(data, parse_overrides(overrides), set(field_types(Config)))
+    return validate(from_dict(Config, data, "", where), where)
 
 
 def config_from_dict(data: dict, where: str = "") -> Config:
     """Validate a plain dict (e.g. the config stored in a checkpoint)."""
-    return validate(_from_dict(Config, data, "", where), where)
+    return validate(from_dict(Config, data, "", where), where)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -11,8 +11,10 @@ that is predicted but never labelled has IoU 0 and IS counted. The reference (Po
 averages ``I / (U + 1e-10)`` over all classes, which counts absent classes as 0; on full
 benchmark splits, where every class occurs, both conventions give the same number. On small
 splits (a few validation scenes, an open-vocabulary label set) ours does not penalise the
-model for classes the data does not contain. ``summary`` also reports the reference number as
-``mIoU_ref`` so the two can be compared.
+model for classes the data does not contain. ``summary`` also reports the reference numbers as
+``mIoU_ref`` / ``mAcc_ref`` (mean over ALL K classes of the label set, absent classes 0, as
+Pointcept's ``SemSegEvaluator`` and tester compute them) so results can be compared with
+published ones; ``CONVENTIONS`` says which is which in words (tables, metrics.json).
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+
+# What each mean means, for tables and metrics.json.
+CONVENTIONS = {
+    "mIoU": "mean IoU over the classes present (labelled or predicted); absent classes left out",
+    "mAcc": "mean accuracy over the classes labelled",
+    "mIoU_ref": "reference (Pointcept) mIoU: mean over all classes of the label set, absent classes count 0",
+    "mAcc_ref": "reference (Pointcept) mAcc: mean over all classes of the label set, unlabelled classes count 0",
+}
 
 
 class ConfusionMeter:
@@ -86,7 +97,9 @@ class ConfusionMeter:
 
         Returns:
             dict with ``mIoU``, ``mAcc``, ``allAcc`` (floats in 0..1; NaN when nothing was
-            counted), ``mIoU_ref`` (reference convention, see module doc), ``per_class`` and
+            counted), ``mIoU_ref`` and ``mAcc_ref`` (reference convention, see module doc;
+            NaN when nothing was counted), ``classes_present`` (classes with an IoU, out of
+            ``num_classes``), ``per_class`` and
             ``per_class_acc`` ({name: float or None for absent classes}), ``intersection``,
             ``union``, ``target`` (lists of ints) and ``confusion`` (np.int64 (K, K)).
         """
@@ -102,7 +115,11 @@ class ConfusionMeter:
             "mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
             "mAcc": float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan"),
             "allAcc": float(intersection.sum() / total) if total > 0 else float("nan"),
-            "mIoU_ref": float(np.mean(intersection / (union + 1e-10))),
+            # The reference's formulas: the epsilon turns 0 / 0 into 0 (NaN only if nothing counted).
+            "mIoU_ref": float(np.mean(intersection / (union + 1e-10))) if total > 0 else float("nan"),
+            "mAcc_ref": float(np.mean(intersection / (target + 1e-10))) if total > 0 else float("nan"),
+            "classes_present": int((union > 0).sum()),
+            "num_classes": self.num_classes,
             "per_class": {n: _or_none(v) for n, v in zip(names, iou)},
             "per_class_acc": {n: _or_none(v) for n, v in zip(names, acc)},
             "intersection": intersection.tolist(),
@@ -136,4 +153,9 @@ def format_table(summary: dict, title: str = "") -> str:
                      f"{_fmt(summary['per_class_acc'][name]):>7}  {points:>10}")
     lines.append("-" * (width + 30))
     lines.append(f"mIoU {_fmt(summary['mIoU'])}  mAcc {_fmt(summary['mAcc'])}  allAcc {_fmt(summary['allAcc'])}")
+    if "mIoU_ref" in summary:
+        present = summary.get("classes_present", sum(v is not None for v in summary["per_class"].values()))
+        lines.append(f"  mIoU/mAcc: over the {present} classes present (n/a rows left out); reference convention "
+                     f"over all {len(names)} classes (n/a = 0): mIoU_ref {_fmt(summary['mIoU_ref'])}  "
+                     f"mAcc_ref {_fmt(summary.get('mAcc_ref'))}")
     return "\n".join(lines)

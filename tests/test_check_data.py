@@ -119,3 +119,44 @@ def test_cli_summary_and_exit_status(root, capsys):
     assert check_cli.main([str(root), "--quick"]) == 1
     assert "office_1/color.npy: file is missing" in capsys.readouterr().out
     assert check_cli.main([str(root), "--datasets", "bogus"]) == 2
+
+
+def test_scenes_without_normals_are_counted_not_failed(root, tmp_path, capsys):
+    import os
+
+    from ppt.data.datasets import build_dataset
+    from ppt.data.normals import NormalCache
+
+    office = root / "s3dis" / "Area_1" / "office_2"
+    write_scene(office, {k: v for k, v in scene(60, 13, seed=3).items() if k != "normal"})
+    cache = NormalCache(tmp_path / "normal_cache", next_to_scene=False)
+    for quick in (True, False):
+        report = check_data_root(root, ["s3dis"], ["train"], quick=quick, normal_cache=cache)
+        rep = report.splits["s3dis"]["train"]
+        assert report.ok and (rep.scenes, rep.with_normal, rep.cached) == (2, 1, 0)
+    assert "1 scene(s) without normal.npy" in report.format()
+    assert "1 to estimate on first use (k-NN PCA, once), 0 cached already" in report.format()
+    assert str(tmp_path / "normal_cache") in report.format()
+
+    build_dataset("s3dis", root, "train", normal_cache=cache)[1]  # office_2: estimated, cached aside
+    report = check_data_root(root, ["s3dis"], ["train"], normal_cache=cache)
+    assert "0 to estimate on first use (k-NN PCA, once), 1 cached already" in report.format()
+
+    build_dataset("s3dis", root, "train")[1]  # default: written next to the scene
+    report = check_data_root(root, ["s3dis"], ["train"], quick=False, normal_cache=cache)
+    rep = report.splits["s3dis"]["train"]
+    assert (rep.with_normal, rep.estimated) == (2, 1) and "without normal.npy" not in report.format()
+
+    # coord.npy re-exported with fewer points: the estimate is stale, not a shape error
+    np.save(office / "coord.npy", np.zeros((50, 3), np.float32))
+    later = os.stat(office / "coord.npy").st_mtime_ns + 10**9
+    os.utime(office / "coord.npy", ns=(later, later))
+    np.save(office / "color.npy", np.zeros((50, 3), np.uint8))
+    np.save(office / "segment.npy", np.zeros(50, np.int16))
+    report = check_data_root(root, ["s3dis"], ["train"], quick=False, normal_cache=cache)
+    assert report.ok and report.splits["s3dis"]["train"].with_normal == 1, report.problems
+
+    assert check_cli.main([str(root), "--datasets", "s3dis", "--normal-cache", str(tmp_path / "elsewhere")]) == 0
+    out = capsys.readouterr().out
+    assert "s3dis/train: 2 scenes" in out and "1 scene(s) without normal.npy" in out
+    assert str(tmp_path / "elsewhere") in out

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ppt.data.classes import DATASETS, SCANNET20
-from ppt.data.datasets import FolderDataset, SceneDataset, build_dataset
+from ppt.data.datasets import FolderDataset, NormalCache, SceneDataset, build_dataset
 from ppt.data.normals import estimate_normals
 from ppt.data.scene_io import SceneError, write_scene
 
@@ -142,3 +142,140 @@ def test_layouts_of_all_three_datasets(synthetic_root):
         assert s["dataset"] == name and s["name"] == first
         assert s["segment"].max() < len(DATASETS[name].class_names)
     assert DATASETS["scannet"].class_names == SCANNET20
+
+
+# --- estimated normals: computed once per scene, cached on disk -------------------------------
+
+def plane_scene(folder, n=300, slope=(0.5, 0.2), seed=0):
+    """Scene without normal.npy: points on z = a x + b y. Returns its true unit normal."""
+    rng = np.random.default_rng(seed)
+    xy = rng.random((n, 2)) * 2
+    coord = np.c_[xy, xy @ np.array(slope)].astype(np.float32)
+    write_scene(folder, {"coord": coord, "color": np.zeros((n, 3), np.uint8), "segment": np.zeros(n, np.int16)})
+    truth = np.array([-slope[0], -slope[1], 1.0])
+    return truth / np.linalg.norm(truth)
+
+
+@pytest.fixture
+def estimator_calls(monkeypatch):
+    """Count calls of the k-NN PCA estimator the normal cache uses."""
+    import ppt.data.normals as normals
+
+    calls = []
+    real = normals.estimate_normals
+
+    def counting(coord, *args, **kwargs):
+        calls.append(len(coord))
+        return real(coord, *args, **kwargs)
+
+    monkeypatch.setattr(normals, "estimate_normals", counting)
+    return calls
+
+
+def make_read_only(root, monkeypatch):
+    """Make ``root`` unwritable: chmod, and (root user ignores modes) refuse writes below it."""
+    import os
+
+    import ppt.data.normals as normals
+
+    real = normals.atomic_write
+
+    def guarded(path, write):
+        if str(root) in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(normals, "atomic_write", guarded)
+    for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        os.chmod(d, 0o555)
+
+
+def test_normals_estimated_once_and_kept_next_to_scene(tmp_path, estimator_calls):
+    truth = plane_scene(tmp_path / "data" / "train" / "plane")
+    cache = NormalCache(tmp_path / "cache")
+    ds = FolderDataset(tmp_path / "data", ("a",), "train", normal_cache=cache)
+    first = ds[0]["normal"]
+    assert estimator_calls == [300]
+    assert np.abs(first @ truth).min() > 0.999
+    # the same dataset again, and a fresh one as another DataLoader worker or process would be
+    again = ds[0]["normal"]
+    other = FolderDataset(tmp_path / "data", ("a",), "train", normal_cache=NormalCache(tmp_path / "cache"))[0]["normal"]
+    assert estimator_calls == [300]
+    assert np.array_equal(first, again) and np.array_equal(first, other)
+    folder = tmp_path / "data" / "train" / "plane"
+    assert sorted(p.name for p in folder.iterdir()) == [".normal.npy.source", "color.npy", "coord.npy",
+                                                         "normal.npy", "segment.npy"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_read_only_root_caches_in_cache_folder(tmp_path, monkeypatch, estimator_calls):
+    truth = plane_scene(tmp_path / "data" / "train" / "plane")
+    make_read_only(tmp_path / "data", monkeypatch)
+    cache_dir = tmp_path / "cache"
+    first = FolderDataset(tmp_path / "data", ("a",), "train", normal_cache=NormalCache(cache_dir))[0]["normal"]
+    second = FolderDataset(tmp_path / "data", ("a",), "train", normal_cache=NormalCache(cache_dir))[0]["normal"]
+    assert estimator_calls == [300]
+    assert np.array_equal(first, second) and np.abs(second @ truth).min() > 0.999
+    assert not (tmp_path / "data" / "train" / "plane" / "normal.npy").exists()
+    assert len(list(cache_dir.glob("*.npy"))) == 1 and not list(cache_dir.glob(".*"))  # no temp files
+
+
+@pytest.mark.parametrize("n_new", [300, 250], ids=["same_length", "new_length"])
+@pytest.mark.parametrize("read_only", [False, True], ids=["next_to_scene", "cache_folder"])
+def test_changed_coord_invalidates_cached_normals(tmp_path, monkeypatch, estimator_calls, read_only, n_new):
+    import os
+
+    folder = tmp_path / "data" / "train" / "plane"
+    plane_scene(folder)
+    if read_only:
+        make_read_only(tmp_path / "data", monkeypatch)
+    cache_dir = tmp_path / "cache"
+
+    def normals():
+        return FolderDataset(tmp_path / "data", ("a",), "train", normal_cache=NormalCache(cache_dir))[0]["normal"]
+
+    normals()
+    assert estimator_calls == [300]
+    # coord.npy (and the other arrays) re-exported in place with other points (another plane;
+    # the same or another length): the cached normals no longer fit
+    rng = np.random.default_rng(1)
+    xy = rng.random((n_new, 2)) * 2
+    new_points = {"coord": np.c_[xy, xy @ np.array([-0.3, 0.6])].astype(np.float32),
+                  "color": np.zeros((n_new, 3), np.uint8), "segment": np.zeros(n_new, np.int16)}
+    for name, array in new_points.items():
+        np.save(folder / f"{name}.npy", array)  # overwrites the files (read-only folders allow it)
+    later = os.stat(folder / "coord.npy").st_mtime_ns + 10**9  # a distinct mtime even on coarse clocks
+    os.utime(folder / "coord.npy", ns=(later, later))
+    new = normals()
+    truth = np.array([0.3, -0.6, 1.0]) / np.linalg.norm([0.3, -0.6, 1.0])
+    assert new.shape == (n_new, 3) and np.abs(new @ truth).min() > 0.999
+    assert estimator_calls == [300, n_new]
+    normals()
+    assert estimator_calls == [300, n_new]  # the new estimate is cached in turn
+    if read_only:
+        assert len(list(cache_dir.glob("*.npy"))) == 1  # the stale entry was replaced
+    else:
+        assert np.array_equal(np.load(folder / "normal.npy"), new)
+
+
+def _estimate_in_process(folder, cache_dir, barrier):
+    barrier.wait()
+    NormalCache(cache_dir).get(folder, np.load(folder / "coord.npy"))
+
+
+def test_concurrent_writers_leave_one_complete_file(tmp_path):
+    import multiprocessing
+
+    folder = tmp_path / "data" / "train" / "plane"
+    plane_scene(folder, n=3000)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_estimate_in_process, args=(folder, tmp_path / "cache", barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert sorted(p.name for p in folder.iterdir()) == [".normal.npy.source", "color.npy", "coord.npy",
+                                                         "normal.npy", "segment.npy"]
+    assert np.array_equal(np.load(folder / "normal.npy"), estimate_normals(np.load(folder / "coord.npy")))

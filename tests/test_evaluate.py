@@ -1,4 +1,5 @@
-"""Evaluation on every original point, TTA voting and fragment batching, with stand-in models.
+"""Evaluation on every original point, TTA voting (fast and fragments), streaming and batching,
+with stand-in models.
 
 The stand-ins map batch features to logits, so these tests check the mapping, voting and
 batching logic independently of the real network (tests/test_test_tool.py runs the real one).
@@ -13,8 +14,10 @@ from torch import nn
 from ppt.data.classes import SCANNET20
 from ppt.data.datasets import build_dataset
 from ppt.data.scene_io import write_scene
-from ppt.data.grid import build_test_views
-from ppt.engine.evaluate import chunk_by_points, confusion_image, evaluate, predict_scene_tta
+from ppt.data import grid
+from ppt.engine import evaluate as evaluate_module
+from ppt.data.grid import build_test_views, iter_test_views
+from ppt.engine.evaluate import confusion_image, eval_prompt, evaluate, predict_scene
 
 VOXEL = 0.1
 K = len(SCANNET20)
@@ -91,9 +94,31 @@ class ContextModel(nn.Module):
         return batch["feat"] @ self.point + mean[sample] @ self.context + batch["coord"][:, :1]
 
 
-def test_chunk_by_points_bounds_groups_and_keeps_order():
-    assert chunk_by_points([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]
-    assert chunk_by_points([2, 2, 2], 100) == [[0, 1, 2]]
+@pytest.fixture
+def batching(monkeypatch):
+    """Let CPU forwards hold several samples, as CUDA ones do (the CPU default is one)."""
+    monkeypatch.setattr(evaluate_module, "SAMPLES_PER_FORWARD", {})
+
+
+def scores_of(model, raw, tta, **kw) -> torch.Tensor:
+    return predict_scene(model, raw, voxel_size=VOXEL, label_space="scannet", prompt=None, tta=tta,
+                         device="cpu", **kw)
+
+
+class ColourViewModel(nn.Module):
+    """Logits = W[view] @ [colour, 1]: a different linear map per view; rows record batch sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(13, K, 4, generator=torch.Generator().manual_seed(1)))
+        self.rows: list[int] = []
+
+    def forward(self, batch: dict, prompt: str | None = None) -> torch.Tensor:
+        self.rows.append(len(batch["coord"]))
+        counts = torch.diff(batch["offset"], prepend=batch["offset"].new_zeros(1))
+        view = torch.repeat_interleave(batch["view"], counts)
+        x = torch.cat([batch["feat"][:, :3], torch.ones(len(view), 1)], 1)
+        return torch.einsum("nkc,nc->nk", self.weight[view], x)
 
 
 def test_validation_maps_voxel_predictions_to_every_original_point(scannet):
@@ -112,7 +137,7 @@ def test_validation_maps_voxel_predictions_to_every_original_point(scannet):
     assert model.training and not any(training for _, _, training, _ in model.calls)
 
 
-def test_validation_batches_scenes_up_to_max_points(scannet):
+def test_validation_batches_scenes_up_to_max_points(scannet, batching):
     one, many = Oracle(), Oracle()
     a = evaluate(one, scannet, "cpu", voxel_size=VOXEL, max_points=1, keep_predictions=True)
     b = evaluate(many, scannet, "cpu", voxel_size=VOXEL, max_points=10**6, keep_predictions=True)
@@ -120,6 +145,43 @@ def test_validation_batches_scenes_up_to_max_points(scannet):
     for name in a["predictions"]:
         np.testing.assert_array_equal(a["predictions"][name], b["predictions"][name])
     np.testing.assert_array_equal(a["confusion"], b["confusion"])
+
+
+def test_fast_tta_votes_are_the_sum_over_views_computed_by_hand(scannet, batching):
+    # Every voxel of this scene holds one colour cluster (see make_scene), so the kept point of a
+    # voxel has the colour of every point it stands for: the votes of point p are
+    # sum over the 13 views v of softmax(W[v] @ [colour(p) / 255, 1]), one vote per view.
+    raw = scannet.load(0)
+    model = ColourViewModel()
+    scores = scores_of(model, raw, "fast", max_points=10**6)
+    x = torch.cat([torch.from_numpy(raw["color"] / 255.0).float(), torch.ones(len(raw["coord"]), 1)], 1)
+    expected = sum(torch.softmax(x @ model.weight[v].T, 1) for v in range(13))
+    torch.testing.assert_close(scores, expected.detach(), rtol=1e-5, atol=1e-5)
+    # 13 views, each voxelised once: one forward holding one sample per view, rows = 13 x voxels.
+    assert len(model.rows) == 1 and model.rows[0] < 13 * len(raw["coord"])
+    # The reference protocol votes once per fragment appearance: more than 13 votes per point.
+    fragments = scores_of(ColourViewModel(), raw, "fragments")
+    appearances = np.bincount(np.concatenate([f["index"] for f in build_test_views(raw, VOXEL)]),
+                              minlength=len(raw["coord"]))
+    torch.testing.assert_close(fragments.sum(1), torch.from_numpy(appearances).float(), rtol=1e-5, atol=1e-4)
+    assert appearances.max() > 13
+
+
+def test_cpu_runs_one_sample_per_forward(scannet):
+    # spconv's CPU algorithm pays batch x volume for its indice pairs: never batch on the CPU.
+    model = Oracle()
+    evaluate(model, scannet, "cpu", tta="fast", voxel_size=VOXEL, max_points=10**6)
+    assert len(model.calls) == 3 * 13 and {c[3] for c in model.calls} == {1}
+
+
+def test_fast_tta_gives_each_view_one_vote_per_point(scannet):
+    raw = scannet.load(1)
+    fast = scores_of(ViewVoter(), raw, "fast")
+    torch.testing.assert_close(fast[:, :13], torch.ones(len(raw["coord"]), 13), atol=1e-4, rtol=0)
+    assert fast[:, 13:].sum() < 1e-3
+    # Fragments: every point gets mass from every view (at least once).
+    fragments = scores_of(ViewVoter(), raw, "fragments")
+    assert (fragments[:, :13] >= 0.999).all() and fragments[:, 13:].sum() < 1e-3
 
 
 def test_tta_fragments_cover_every_point_in_every_view(scannet):
@@ -136,41 +198,115 @@ def test_tta_fragments_cover_every_point_in_every_view(scannet):
             seen[f["index"]] = True
             np.add.at(owned, f["index"][f["owned"]], 1)
         assert seen.all() and (owned == 1).all()
-    # Every original point receives softmax mass from every one of the 13 views.
-    scores = predict_scene_tta(ViewVoter(), fragments, n, K, "scannet", None, torch.device("cpu"))
-    assert (scores[:, :13] >= 0.999).all() and scores[:, 13:].sum() < 1e-3
 
 
-def test_tta_batched_equals_one_fragment_at_a_time(scannet):
+def test_fast_views_keep_a_seeded_random_point_per_voxel():
+    # Points listed object by object: always keeping a voxel's first point would favour the
+    # object written first. The kept point must vary within voxels and repeat for one seed.
+    rng = np.random.default_rng(0)
+    n = 4000
+    ids = np.arange(n)
+    raw = {"coord": rng.uniform(0, 1, (n, 3)).astype(np.float32),
+           "color": np.stack([ids % 256, ids // 256, np.zeros(n)], 1).astype(np.float32),  # colour = point id
+           "normal": np.tile(np.float32([0, 0, 1]), (n, 1)), "name": "box", "dataset": "scannet"}
+
+    def kept(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        view = next(iter_test_views(raw, 0.25, "fast", seed=seed))
+        colour = np.round(view["feat"][:, :3] * 255).astype(int)
+        return colour[:, 0] + 256 * colour[:, 1], view["inverse"]
+
+    point, inverse = kept(0)
+    assert len(point) == 64 and np.array_equal(inverse[point], np.arange(64))  # each row is a point of its voxel
+    assert np.array_equal(kept(0)[0], point) and not np.array_equal(kept(1)[0], point)
+    first = np.full(64, n)
+    np.minimum.at(first, inverse, ids)
+    assert (point == first).mean() < 0.2  # ~60 points per voxel: a random pick is rarely the first
+
+
+def test_test_views_are_made_lazily(scannet, monkeypatch):
+    # Streaming starts at the source: the first fragment comes out before the others are built.
+    made = []
+    real = grid.index_points
+    monkeypatch.setattr(grid, "index_points", lambda sample, ids: made.append(len(ids)) or real(sample, ids))
+    views = iter_test_views(scannet.load(0), VOXEL, "fragments")
+    next(views)
+    assert len(made) == 1
+    assert len(list(views)) + 1 > 13  # while the whole scene has many fragments
+
+
+@pytest.mark.parametrize("tta", ["fast", "fragments"])
+def test_tta_streams_in_groups_bounded_by_the_point_budget(scannet, batching, tta):
+    raw = scannet.load(2)
+    largest = max(len(f["coord"]) for f in build_test_views(raw, VOXEL))
+    budget = 2 * largest + 1
+    model = ColourViewModel()
+    rows, views = [], []
+    streamed = scores_of(model, raw, tta, max_points=budget, on_forward=lambda r, v: (rows.append(r), views.append(v)))
+    assert len(rows) > 3 and max(model.rows) <= budget and rows == model.rows
+    assert sum(views) == 13  # every view reported finished once (progress bars)
+    whole = scores_of(ColourViewModel(), raw, tta, max_points=10**7)
+    torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_tta_batched_equals_one_sample_at_a_time_with_context(scannet, batching):
     raw = scannet.load(1)
-    fragments = build_test_views(raw, VOXEL)
-    model, n = ContextModel(), len(raw["coord"])
-    single = predict_scene_tta(model, fragments, n, K, "scannet", None, torch.device("cpu"), max_points=1)
-    batched = predict_scene_tta(model, fragments, n, K, "scannet", None, torch.device("cpu"), max_points=10**6)
-    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
-    # The votes sum to one per appearance of a point in a fragment.
-    appearances = np.bincount(np.concatenate([f["index"] for f in fragments]), minlength=n)
-    torch.testing.assert_close(single.sum(1), torch.from_numpy(appearances).float(), rtol=1e-5, atol=1e-4)
+    model = ContextModel()  # logits depend on each sample's mean: wrong offsets change them
+    for tta in ("fast", "fragments"):
+        single = scores_of(model, raw, tta, max_points=1)
+        batched = scores_of(model, raw, tta, max_points=10**6)
+        torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
 
 
-def test_tta_streamed_views_vote_like_all_fragments_at_once(scannet):
-    # evaluate() streams one view per loader item and batches across views; the votes must be
-    # those of all 13 views' fragments of the scene together.
+@pytest.mark.parametrize("tta", ["fast", "fragments"])
+def test_evaluate_votes_like_predict_scene(scannet, batching, tta):
+    # evaluate() streams samples of several scenes from two workers through shared forwards;
+    # each scene's votes must be those predict_scene computes for it alone.
     model = ContextModel()
-    result = evaluate(model, scannet, "cpu", tta=True, voxel_size=VOXEL, max_points=700, keep_predictions=True,
+    result = evaluate(model, scannet, "cpu", tta=tta, voxel_size=VOXEL, max_points=700, keep_predictions=True,
                       num_workers=2)
+    assert result["tta"] == tta
     for i in range(3):
         raw = scannet.load(i)
-        scores = predict_scene_tta(model, build_test_views(raw, VOXEL), len(raw["coord"]), K, "scannet",
-                                   None, torch.device("cpu"))
-        np.testing.assert_array_equal(result["predictions"][raw["name"]], scores.argmax(1).numpy())
+        expected = scores_of(model, raw, tta, seed=i).argmax(1).numpy()  # evaluate seeds by scene index
+        np.testing.assert_array_equal(result["predictions"][raw["name"]], expected)
 
 
-def test_tta_evaluate_is_exact_with_an_oracle(scannet):
-    model = Oracle()
-    result = evaluate(model, scannet, "cpu", tta=True, voxel_size=VOXEL, max_points=5000)
-    assert result["allAcc"] == pytest.approx(1.0) and result["mIoU"] == pytest.approx(1.0)
-    assert all(c[3] > 1 for c in model.calls)  # fragments were batched
+def test_tta_evaluate_is_exact_with_an_oracle(scannet, batching):
+    for tta in ("fast", "fragments"):
+        model = Oracle()
+        result = evaluate(model, scannet, "cpu", tta=tta, voxel_size=VOXEL, max_points=5000)
+        assert result["allAcc"] == pytest.approx(1.0) and result["mIoU"] == pytest.approx(1.0)
+        assert all(c[3] > 1 for c in model.calls)  # samples were batched
+
+
+def test_tta_true_means_fast_and_unknown_protocols_are_refused(scannet):
+    assert evaluate(Oracle(), scannet, "cpu", tta=True, voxel_size=VOXEL)["tta"] == "fast"
+    assert evaluate(Oracle(), scannet, "cpu", tta=False, voxel_size=VOXEL)["tta"] == "off"
+    with pytest.raises(ValueError, match="fragments"):
+        evaluate(Oracle(), scannet, "cpu", tta="slow", voxel_size=VOXEL)
+
+
+def test_predict_scene_on_a_bare_cloud_returns_probabilities_on_cpu(scannet):
+    raw = scannet.load(0)
+    bare = {k: raw[k] for k in ("coord", "color", "normal")}  # no name, dataset or labels
+    model = Oracle().train()
+    scores = scores_of(model, bare, "off")
+    assert scores.dtype == torch.float32 and scores.device.type == "cpu" and scores.shape == (len(bare["coord"]), K)
+    torch.testing.assert_close(scores.sum(1), torch.ones(len(scores)))
+    seg = raw["segment"]
+    np.testing.assert_array_equal(scores.argmax(1).numpy()[seg >= 0], seg[seg >= 0])
+    assert model.training and not model.calls[0][2]  # ran in eval mode, mode restored
+
+
+def test_eval_prompt_refuses_untrained_domains_and_falls_back_to_mean():
+    trained = {"scannet", "structured3d"}
+    assert eval_prompt("scannet", trained, None) == (None, "")
+    assert eval_prompt("s3dis", trained, "scannet") == ("scannet", "")
+    assert eval_prompt("s3dis", trained, "mean") == ("mean", "")
+    prompt, note = eval_prompt("s3dis", trained, None)
+    assert prompt == "mean" and "s3dis" in note and "mean" in note
+    with pytest.raises(ValueError, match="--prompt mean"):
+        eval_prompt("scannet", trained, "s3dis")
 
 
 def test_open_vocabulary_label_map_and_default_prompt(scannet):
@@ -219,12 +355,11 @@ def tiny_segmentor() -> nn.Module:
     return model.eval()
 
 
-def test_real_model_tta_batched_equals_one_fragment_at_a_time(scannet):
+def test_real_model_tta_batched_equals_one_view_at_a_time(scannet, batching):
     raw = scannet.load(2)
-    fragments = build_test_views(raw, VOXEL)[:4]
-    model, n = tiny_segmentor(), len(raw["coord"])
-    with torch.inference_mode():
-        single = predict_scene_tta(model, fragments, n, K, "scannet", "mean", torch.device("cpu"), max_points=1)
-        batched = predict_scene_tta(model, fragments, n, K, "scannet", "mean", torch.device("cpu"), max_points=10**6)
+    model = tiny_segmentor()
+    kw = dict(voxel_size=VOXEL, label_space="scannet", prompt="mean", tta="fast", device="cpu")
+    single = predict_scene(model, raw, max_points=1, **kw)
+    batched = predict_scene(model, raw, max_points=10**6, **kw)
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(single[:, 0], single[:, 1])  # the model is not constant

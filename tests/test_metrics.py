@@ -76,6 +76,7 @@ def test_out_of_range_labels_and_length_mismatch_are_errors():
 def test_empty_meter_gives_nan_not_crash():
     s = ConfusionMeter(2).summary(("a", "b"))
     assert math.isnan(s["mIoU"]) and math.isnan(s["allAcc"])
+    assert math.isnan(s["mIoU_ref"]) and s["classes_present"] == 0
     assert s["per_class"] == {"a": None, "b": None}
 
 
@@ -88,7 +89,35 @@ def test_table_shows_percentages_and_na():
     row = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in NAMES}
     assert row["floor"][1:3] == ["60.00", "75.00"]
     assert row["sofa"][1:3] == ["n/a", "n/a"]
-    assert "mIoU 53.33" in lines[-1]
+    assert "mIoU 53.33" in lines[-2]
+    # The reference convention is printed next to ours and named: (100 + 60 + 0 + 0) / 4.
+    assert "3 classes present" in lines[-1] and "all 4 classes" in lines[-1] and "mIoU_ref 40.00" in lines[-1]
+
+
+def test_reference_convention_on_a_hand_made_confusion():
+    # Rows = true class, columns = predicted. Class 2 is predicted but never labelled (IoU 0,
+    # counted by both conventions); class 3 is neither (absent: ours leaves it out, the
+    # reference counts it as 0); class 1 is labelled but never predicted correctly.
+    confusion = torch.tensor([[6, 2, 2, 0],
+                              [4, 0, 0, 0],
+                              [0, 0, 0, 0],
+                              [0, 0, 0, 0]])
+    meter = ConfusionMeter(4)
+    meter.confusion += confusion
+    s = meter.summary(NAMES)
+    iou = [6 / (10 + 10 - 6), 0 / (4 + 2 - 0), 0 / (0 + 2 - 0)]  # I / (T + P - I) of classes 0..2
+    assert s["mIoU"] == pytest.approx(sum(iou) / 3)
+    assert s["mIoU_ref"] == pytest.approx(sum(iou) / 4)
+    assert s["mIoU_ref"] < s["mIoU"]
+    assert s["classes_present"] == 3 and s["num_classes"] == 4
+    # Accuracy: ours over the 2 labelled classes, the reference over all 4.
+    assert s["mAcc"] == pytest.approx((6 / 10 + 0) / 2)
+    assert s["mAcc_ref"] == pytest.approx((6 / 10 + 0) / 4)
+    # Where every class occurs, the two conventions agree.
+    full = ConfusionMeter(2)
+    full.update(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 1]))
+    f = full.summary()
+    assert f["mIoU"] == pytest.approx(f["mIoU_ref"]) and f["mAcc"] == pytest.approx(f["mAcc_ref"])
 
 
 def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:

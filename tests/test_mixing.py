@@ -30,8 +30,8 @@ class Toy:
 RATIOS = {"structured3d": 4, "scannet": 2, "s3dis": 1}
 
 
-def toy_loader(**kw):
-    datasets = {"structured3d": Toy("structured3d", 40), "scannet": Toy("scannet", 30), "s3dis": Toy("s3dis", 10)}
+def toy_loader(sizes=(40, 30, 10), **kw):
+    datasets = {name: Toy(name, n) for name, n in zip(RATIOS, sizes)}
     return MultiDatasetLoader(datasets, RATIOS, **{"batch_size": 2, "mix3d_prob": 0.0, **kw})
 
 
@@ -42,52 +42,96 @@ def test_ratio_schedule_interleaves():
         ratio_schedule({"a": 0})
 
 
-def test_epoch_respects_ratios_and_ends_at_first_exhaustion():
-    loader = toy_loader()
+def test_first_dataset_defines_the_epoch_and_the_others_cycle():
+    # 40 / 10 / 4 samples, batch 2: the main dataset has 20 batches (5 cycles of 7 steps) while
+    # scannet (5 batches a pass) and s3dis (2 a pass) run out first. A loader that ends the epoch
+    # at the first exhausted dataset stops after 17 steps.
+    loader = toy_loader(sizes=(40, 10, 4))
+    plan = loader.plan(0)
     batches = list(loader)
-    # structured3d has 20 batches = 5 cycles of 4; the 6th cycle's first turn finds it empty.
-    assert len(batches) == len(toy_loader()) == 35
+    assert len(batches) == len(plan) == len(loader) == 35
     names = [b["dataset"] for b in batches]
     assert names[:7] == ratio_schedule(RATIOS)
     assert [names.count(k) for k in RATIOS] == [20, 10, 5]
     for b in batches:
         assert all(n.startswith(b["dataset"] + "-") for n in b["name"])
         assert b["offset"][-1] == len(b["coord"]) and len(b["offset"]) == 2
-    # No sample repeats within an epoch; each dataset is reshuffled next epoch.
-    seen = [n for b in batches for n in b["name"]]
-    assert len(seen) == len(set(seen))
+    samples = {k: [n for b in batches if b["dataset"] == k for n in b["name"]] for k in RATIOS}
+    assert len(set(samples["structured3d"])) == 40          # one pass of the main dataset
+    # scannet: two full passes, each covering every sample once, in two different orders.
+    first, second = samples["scannet"][:10], samples["scannet"][10:]
+    assert sorted(first) == sorted(second) == sorted(f"scannet-{i}" for i in range(10))
+    assert first != second
+    assert [p.pass_index for p in plan if p.dataset == "scannet"] == [0] * 5 + [1] * 5
+    # s3dis: passes of 2 batches (4 samples) -> passes 0, 0, 1, 1, 2.
+    assert [p.pass_index for p in plan if p.dataset == "s3dis"] == [0, 0, 1, 1, 2]
+    assert sorted(samples["s3dis"][:4]) == sorted(samples["s3dis"][4:8])
     assert loader.epoch == 1 and loader.position == 0
-    second = [n for b in loader for n in b["name"]]
-    assert second != seen
+    assert [n for b in loader for n in b["name"]] != [n for b in batches for n in b["name"]]
+
+
+def test_epoch_length_matches_reference_formula():
+    # len = B // r0 * sum(ratios) + B % r0 with B main batches (reference MultiDatasetDataloader).
+    for main_samples in (40, 42, 46, 8):
+        loader = toy_loader(sizes=(main_samples, 10, 4))
+        b = main_samples // 2
+        assert len(loader) == len(loader.plan(3)) == b // 4 * 7 + b % 4
+        tail = [p.dataset for p in loader.plan(3)][b // 4 * 7:]
+        assert tail == ["structured3d"] * (b % 4)   # the remainder is main batches only
+    # The main dataset is the FIRST of the mix, not the largest.
+    datasets = {"s3dis": Toy("s3dis", 4), "structured3d": Toy("structured3d", 40)}
+    loader = MultiDatasetLoader(datasets, {"s3dis": 1, "structured3d": 4}, batch_size=2, mix3d_prob=0.0)
+    assert loader.main == "s3dis" and len(loader) == 2 * 5
+    summary = loader.epoch_summary()
+    assert summary["structured3d"]["batches_per_epoch"] == 8
+    assert summary["structured3d"]["passes_per_epoch"] == pytest.approx(0.4)
+
+
+def test_repeated_samples_get_new_augmentation():
+    # s3dis sample i appears in passes 0 and 1 of one epoch: its random draw must differ.
+    batches = list(toy_loader(sizes=(40, 10, 4)))
+    coords = {}
+    for b in batches:
+        if b["dataset"] == "s3dis":
+            for name, lo, hi in zip(b["name"], [0, *b["offset"][:-1].tolist()], b["offset"].tolist()):
+                coords.setdefault(name, []).append(b["coord"][lo:hi])
+    assert all(len(v) >= 2 for v in coords.values())
+    assert all(not torch.equal(v[0], v[1]) for v in coords.values())
 
 
 def test_resume_yields_remaining_batches():
-    loader = toy_loader(seed=5)
+    loader = toy_loader(sizes=(40, 10, 4), seed=5)
     loader.set_epoch(2)
     full = list(loader)
-    loader = toy_loader(seed=5)
+    loader = toy_loader(sizes=(40, 10, 4), seed=5)
     loader.set_epoch(2)
     it = iter(loader)
-    for _ in range(9):
+    for _ in range(19):   # inside scannet's and s3dis's second pass
         next(it)
     state = loader.state_dict()
-    assert state["epoch"] == 2 and state["position"] == 9
-    resumed = toy_loader(seed=5)
+    assert state["epoch"] == 2 and state["position"] == 19
+    resumed = toy_loader(sizes=(40, 10, 4), seed=5)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)                 # the usual call at the top of the epoch loop keeps the position
     rest = list(resumed)
-    assert len(rest) == len(full) - 9
-    for a, b in zip(rest, full[9:]):
+    assert len(rest) == len(full) - 19
+    for a, b in zip(rest, full[19:]):
         assert a["name"] == b["name"] and torch.equal(a["coord"], b["coord"])
     with pytest.raises(ValueError, match="batch_size"):
-        toy_loader(seed=5, batch_size=3).load_state_dict(state)
+        toy_loader(sizes=(40, 10, 4), seed=5, batch_size=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="sizes"):   # scenes added since: the plan moved
+        toy_loader(sizes=(40, 12, 4), seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="smallest"):  # a checkpoint of the old epoch rule
+        toy_loader(sizes=(40, 10, 4), seed=5).load_state_dict({k: v for k, v in state.items()
+                                                               if k != "epoch_rule"})
 
 
 def test_rank_shards_are_disjoint_and_equal():
     shards = [toy_loader(rank=r, world_size=2).plan(0) for r in range(2)]
     assert len(shards[0]) == len(shards[1])
     for name in RATIOS:
-        ids = [set(np.concatenate([i for d, i in s if d == name]).tolist()) for s in shards]
+        ids = [set(np.concatenate([p.indices for p in s if p.dataset == name and p.pass_index == 0]).tolist())
+               for s in shards]
         assert ids[0] and not ids[0] & ids[1]
     with pytest.raises(ValueError, match="rank"):
         toy_loader(rank=2, world_size=2)

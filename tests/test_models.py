@@ -65,20 +65,64 @@ def test_forward_backward(prompt, head):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_default_parameter_count():
-    backbone = SpUNet()
-    n = count(backbone)
-    assert abs(n - 39.2e6) / 39.2e6 < 0.01, n
+def spunet_parameters(norm, in_channels: int = 6, channels=(32, 64, 128, 256, 256, 128, 96, 96),
+                     layers=(2, 3, 4, 6, 2, 2, 2, 2), stem: int = 32, block_extra=lambda c: 0) -> int:
+    """Parameters of SPEC §3's SpUNet counted from the architecture description, not the code.
+
+    ``norm(C)``: parameters of one norm over C channels; ``block_extra(C_in)``: parameters a
+    prompt adapter adds to a basic block with C_in input channels. Convs have no bias.
+    """
+    def conv(k, cin, cout):
+        return k ** 3 * cin * cout
+
+    def block(cin, cout):
+        n = block_extra(cin) + conv(3, cin, cout) + norm(cout) + conv(3, cout, cout) + norm(cout)
+        return n + (conv(1, cin, cout) + norm(cout) if cin != cout else 0)
+
+    total = conv(5, in_channels, stem) + norm(stem)
+    widths = [stem, *channels[:4]]
+    for s in range(4):  # encoder: down conv k2, then blocks at the new width
+        total += conv(2, widths[s], widths[s + 1]) + norm(widths[s + 1])
+        total += layers[s] * block(widths[s + 1], widths[s + 1])
+    coarse = channels[3]
+    for i in range(4):  # decoder: inverse conv k2, concat the skip, first block maps it back
+        out, skip = channels[4 + i], widths[3 - i]
+        total += conv(2, coarse, out) + norm(out) + block(out + skip, out) + (layers[4 + i] - 1) * block(out, out)
+        coarse = out
+    return total
+
+
+def test_default_parameter_counts_are_exact():
+    """README: plain SpUNet 39,155,904; default PPT model (PDNorm, 256-d prompts, language head
+    to 512-d CLIP space, three datasets) 43,648,704. Built on the meta device: shapes only."""
+    bn = lambda c: 2 * c  # noqa: E731  affine weight + bias
+    modulation = lambda c: 256 * 2 * c + 2 * c  # noqa: E731  Linear(256 -> 2C) after SiLU
+    pdnorm = lambda c: 3 * bn(c) + modulation(c)  # noqa: E731  one BN per dataset + modulation
+    inject = lambda c: 256 * c + c  # noqa: E731  Linear(256 -> C) per block
+
+    def xattn(c, tokens=8, heads=4):
+        inner = max(8, c // heads) * heads  # LayerNorm, query, key-value over 32-d tokens, out
+        return 2 * c + (c * inner + inner) + (256 // tokens * 2 * inner + 2 * inner) + (inner * c + c)
+
+    head = 96 * 512 + 512  # Linear(96 -> 512); the class embeddings are buffers, not parameters
+    prompts = 3 * 256
+    expected = {"pdnorm": spunet_parameters(pdnorm) + prompts + head,
+                "inject": spunet_parameters(bn, block_extra=inject) + prompts + head,
+                "xattn": spunet_parameters(bn, block_extra=xattn) + prompts + head}
+    assert spunet_parameters(bn) == 39_155_904 and expected["pdnorm"] == 43_648_704
+    with torch.device("meta"):
+        backbone = SpUNet()
+        emb = {d: torch.zeros(len(c), 512) for d, c in NAMES.items()}
+        models = {prompt: Segmentor(NAMES, prompt=prompt, text_embeddings=emb) for prompt in expected}
+    assert count(backbone) == 39_155_904
     assert sum(isinstance(m, BatchNorm) for m in backbone.modules()) == 59
     assert len(list(backbone.blocks())) == 23
-    emb = {d: torch.zeros(len(c), 512) for d, c in NAMES.items()}
-    for prompt in PROMPTS[1:]:
-        model = Segmentor(NAMES, prompt=prompt, text_embeddings=emb)
-        n_prompt = sum(p.numel() for p in model.prompt_parameters())
-        print(f"SpUNet {n / 1e6:.3f} M; +{prompt}: backbone {count(model.backbone) / 1e6:.3f} M, "
-              f"prompt-related {n_prompt / 1e6:.3f} M, total {count(model) / 1e6:.3f} M")
-        assert count(model.backbone) > n and n_prompt > 0
-    assert sum(isinstance(m, PDNorm) for m in Segmentor(NAMES, text_embeddings=emb).modules()) == 59
+    for prompt, model in models.items():
+        assert count(model) == expected[prompt], prompt
+    assert sum(isinstance(m, PDNorm) for m in models["pdnorm"].modules()) == 59
+    # trained at the prompt lr: the table and every modulation, nothing else
+    n_prompt = sum(p.numel() for p in models["pdnorm"].prompt_parameters())
+    assert n_prompt == prompts + spunet_parameters(modulation) - spunet_parameters(lambda c: 0)
 
 
 def test_output_rows_follow_input_and_spatial_shape():
@@ -194,12 +238,51 @@ def test_mean_domain_uses_mixture_statistics():
         norm(x, DomainContext("c", torch.zeros(1, 8)))
 
 
-def test_prompt_override_and_errors():
-    model = tiny_model("pdnorm").eval()
-    batch = make_batch("scannet")
+def give_domains_their_own_behaviour(model: Segmentor, seed: int = 0) -> None:
+    """Non-zero prompt modulation and distinct per-dataset BN statistics and affines.
+
+    A fresh model has zero-initialised modulation and identical fresh BNs, so every prompt
+    gives the same output and an ignored prompt override would go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        own, other, mean = model(batch), model(batch, prompt="s3dis"), model(batch, prompt="mean")
-    assert own.shape == other.shape == mean.shape
+        for m in model.modules():
+            if isinstance(m, PDNorm):
+                linear = m.modulation[1]
+                linear.weight.copy_(0.3 * torch.randn(linear.weight.shape, generator=g))
+                for bn in m.norms.values():
+                    c = bn.num_features
+                    bn.running_mean.copy_(0.5 * torch.randn(c, generator=g))
+                    bn.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                    bn.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+                    bn.bias.copy_(0.2 * torch.randn(c, generator=g))
+
+
+def test_prompt_override_selects_that_domain():
+    model = tiny_model("pdnorm").eval()
+    give_domains_their_own_behaviour(model)
+    batch = make_batch("scannet")
+    table = model.prompts.table.weight
+    with torch.no_grad():
+        logits = {p: model(batch, prompt=p) for p in (None, "s3dis", "structured3d", "mean")}
+        for p, out in logits.items():
+            assert out.shape == (len(batch["segment"]), len(NAMES["scannet"]))  # scannet's classes
+            # the same as building the domain context by hand: that prompt row, those statistics
+            domain = p or "scannet"
+            prompt = table.mean(0, keepdim=True) if p == "mean" else table[model.prompts.names.index(domain)][None]
+            by_hand = model.head(model.backbone(batch, DomainContext(domain, prompt)), "scannet")
+            assert torch.allclose(out, by_hand, atol=1e-5), p
+            if p not in (None, "mean"):  # = the backbone reading the points as that dataset's
+                as_other = model.forward_features(dict(batch, dataset=p))
+                assert torch.allclose(model.forward_features(batch, prompt=p), as_other, atol=1e-5)
+    names = list(logits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert (logits[a] - logits[b]).abs().max() > 1e-2, (a, b)  # every prompt matters
+
+
+def test_prompt_errors():
+    model = tiny_model("pdnorm").eval()
+    batch = make_batch("scannet", n=400)
     with pytest.raises(KeyError, match="scannet, s3dis, mean"):
         model(batch, prompt="scanet")
     with pytest.raises(KeyError, match="valid prompts"):

@@ -1,6 +1,8 @@
-"""PEFT stages: frozen sparse convs, adapters, memory bank, stage application, checkpoints.
+"""PEFT stages: frozen sparse convs and norms, adapters, memory bank, stage application,
+block recomputation, checkpoints.
 
-CPU, tiny widths (8-16 channels, one block per stage), two scenes of ~1000 voxels.
+CPU, tiny widths (8-16 channels, one block per stage), two scenes of ~1000 voxels; the
+implicit-GEMM frozen conv test runs only where a GPU is present.
 """
 from __future__ import annotations
 
@@ -15,20 +17,23 @@ from spconv.pytorch import ops
 
 from ppt.config import ConfigError, load_config
 from ppt.losses import segmentation_loss
+from ppt.engine.checkpoint import CheckpointError
+from ppt.engine.peft_checkpoint import (
+    file_fingerprint, load_memory_bank, load_peft_checkpoint, save_memory_bank, save_peft_checkpoint,
+)
+from ppt.engine.weights import BY_KEY, BY_NAME, FROM_MEAN, OWN, map_state, map_weights
 from ppt.models.peft.adapters import prompt_attention, scatter_max, scatter_mean
-from ppt.models.peft.checkpoint import (
-    file_fingerprint, load_base_weights, load_peft_checkpoint, map_base_state, save_peft_checkpoint,
-)
 from ppt.models.peft.frozen_conv import freeze_sparse_conv, is_frozen_sparse_conv
-from ppt.models.peft.memory_bank import (
-    MemoryBank, build_memory_bank, load_memory_bank, save_memory_bank,
-)
+from ppt.models.peft.frozen_norm import freeze_norms, is_frozen_norm
+from ppt.models.peft.memory_bank import MemoryBank, build_memory_bank
 from ppt.models.peft.point_peft import neighbour_edges
 from ppt.models.peft.stages import (
     STAGES, PeftBlock, PeftConfig, apply_stage, backbone_units, norm_affine_parameters,
     parameter_counts,
 )
+from ppt.models.prompts import PDNorm
 from ppt.models.segmentor import Segmentor
+from ppt.models.spunet import DomainContext
 
 TINY = dict(channels=(8, 8, 16, 16, 16, 16, 8, 8), layers=(1,) * 8, stem_channels=8)
 BASE_NAMES = {"alpha": ("wall", "floor", "chair"), "beta": ("wall", "floor", "table", "sofa")}
@@ -80,7 +85,7 @@ def base_state() -> dict:
 
 def target_model(base_state: dict) -> Segmentor:
     model = segmentor(TARGET_NAMES, seed=1)
-    state, _ = map_base_state(base_state, model)
+    state, _ = map_state(base_state, model)
     model.load_state_dict(state, strict=False)
     return model
 
@@ -89,13 +94,23 @@ def memory_bank(model: Segmentor) -> MemoryBank:
     return build_memory_bank(model, [target_batch(s) for s in range(3)], progress=False)
 
 
-def staged(base_state: dict, stage: str, **cfg) -> tuple[Segmentor, Segmentor]:
+def staged(base_state: dict, stage: str, train_norms: bool | None = None,
+           recompute_blocks: bool | None = None, **cfg) -> tuple[Segmentor, Segmentor]:
     """(frozen copy of the target base model, the same with `stage` applied)."""
     base = target_model(base_state)
     model = copy.deepcopy(base)
     bank = memory_bank(model) if stage == "pointpeft" else None
-    apply_stage(model, PeftConfig(stage=stage, **cfg), bank, domain=TARGET)
+    apply_stage(model, PeftConfig(stage=stage, **cfg), bank, domain=TARGET, train_norms=train_norms,
+                recompute_blocks=recompute_blocks)
     return base, model
+
+
+def saved_numel(fn) -> tuple[object, int]:
+    """(fn(), elements of the tensors autograd saves while fn runs, outside checkpoints)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = fn()
+    return out, sum(saved)
 
 
 # --- frozen sparse convolutions -------------------------------------------------------------
@@ -147,30 +162,127 @@ def test_frozen_conv_input_grad_equals_spconv_and_skips_filter_grad(monkeypatch)
     assert saved_frozen < saved_ref  # inputs are no longer kept
 
 
-def test_frozen_norm_matches_batch_norm_without_keeping_its_input():
-    from ppt.models.peft.stages import _FrozenNorm, _swap_class
+def test_frozen_conv_dispatch_takes_spconv_implicit_gemm_arguments(monkeypatch):
+    """conv.py calls Fsp.implicit_gemm with 18 positional arguments; the frozen dispatcher
+    routes a frozen filter to the input-grad-only function with the first 14 of them, and
+    anything it cannot serve (trainable filter, bias, fused activation) to spconv."""
+    from ppt.models.peft import frozen_conv as fc
 
+    calls = {}
+    monkeypatch.setattr(fc.ImplicitGemmInputGrad, "apply", lambda *a: calls.setdefault("ours", a))
+    monkeypatch.setitem(fc._ORIGINAL, "implicit_gemm", lambda *a: calls.setdefault("spconv", a))
+    features = torch.zeros(5, 4)
+    frozen, trainable = torch.zeros(8, 3, 3, 3, 4), torch.zeros(8, 3, 3, 3, 4, requires_grad=True)
+    args = lambda w, bias=None, act=fc._ACT_NONE: (features, w, *range(2, 12), "timer", True,
+                                                   bias, 0.0, 0.0, act)
+    same = lambda got, want: len(got) == len(want) and all(a is b for a, b in zip(got, want))
+    call = args(frozen)
+    fc._frozen_implicit_gemm(*call)
+    assert same(calls.pop("ours"), call[:14]) and not calls
+    for call in (args(trainable), args(frozen, bias=torch.zeros(8)),
+                 args(frozen, act=fc.tv.gemm.Activation.ReLU)):
+        fc._frozen_implicit_gemm(*call)
+        assert same(calls.pop("spconv"), call) and not calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="spconv's implicit GEMM runs on CUDA only")
+@pytest.mark.parametrize("algo", [ConvAlgo.MaskImplicitGemm, ConvAlgo.Native])
+def test_frozen_conv_input_grad_equals_spconv_on_cuda(monkeypatch, algo):
+    """The same check as on the CPU, on spconv's CUDA algorithms (implicit GEMM: the dgrad-only
+    backward of frozen_conv.ImplicitGemmInputGrad against spconv's dgrad + wgrad backward)."""
     g = torch.Generator().manual_seed(0)
-    bn = torch.nn.BatchNorm1d(6, eps=1e-3)
+    idx = torch.unique(torch.cat([torch.randint(0, 2, (4000, 1), generator=g),
+                                  torch.randint(0, 24, (4000, 3), generator=g)], 1), dim=0).int().cuda()
+    x = torch.randn(len(idx), 16, generator=g).cuda()
+    layers = [(spconv.SubMConv3d, 16, 32, 3, dict(padding=1, indice_key="s1")),
+              (spconv.SubMConv3d, 32, 32, 3, dict(padding=1, indice_key="s1")),
+              (spconv.SparseConv3d, 32, 64, 2, dict(stride=2, indice_key="d1")),
+              (spconv.SubMConv3d, 64, 64, 3, dict(padding=1, indice_key="s2")),
+              (spconv.SparseInverseConv3d, 64, 32, 2, dict(indice_key="d1"))]
+    torch.manual_seed(0)
+    ref = spconv.SparseSequential(*[kind(i, o, k, bias=False, algo=algo, **kw) for kind, i, o, k, kw in layers]).cuda()
+    frozen = copy.deepcopy(ref)
+    for conv in frozen:
+        freeze_sparse_conv(conv)
+    weight = torch.randn(len(idx), 32, generator=g).cuda()
+    spconv_backward = []
+    for name in ("implicit_gemm_backward", "indice_conv_backward"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _o=original, **k: spconv_backward.append(1) or _o(*a, **k))
+
+    def run(net):
+        feats = x.clone().requires_grad_()
+        out, saved = saved_numel(lambda: net(spconv.SparseConvTensor(feats, idx, [48, 48, 48], 2)))
+        (out.features * weight).sum().backward()
+        return out.features.detach(), feats.grad, saved
+
+    out_ref, grad_ref, saved_ref = run(ref)
+    assert len(spconv_backward) == 5
+    spconv_backward.clear()
+    out_frozen, grad_frozen, saved_frozen = run(frozen)
+    assert spconv_backward == []  # no filter gradient computed anywhere
+    torch.testing.assert_close(out_frozen, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad_frozen, grad_ref, rtol=2e-3, atol=2e-3)
+    assert grad_frozen.abs().sum() > 0
+    assert saved_frozen < saved_ref
+
+
+def _random_bn(num: int, g: torch.Generator) -> torch.nn.BatchNorm1d:
+    bn = torch.nn.BatchNorm1d(num, eps=1e-3)
     with torch.no_grad():
         for t in (bn.running_mean, bn.weight, bn.bias):
-            t.copy_(torch.randn(6, generator=g))
-        bn.running_var.copy_(torch.rand(6, generator=g) + 0.5)
-    bn.requires_grad_(False).eval()
+            t.copy_(torch.randn(num, generator=g))
+        bn.running_var.copy_(torch.rand(num, generator=g) + 0.5)
+    return bn
+
+
+def _norm_outputs(norm, x: torch.Tensor, weight: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor, int]:
+    xi = x.clone().requires_grad_()
+    y, saved = saved_numel(lambda: norm(xi, *args))
+    (y * weight).sum().backward()
+    return y.detach(), xi.grad, saved
+
+
+def test_frozen_norm_matches_batch_norm_without_keeping_its_input():
+    g = torch.Generator().manual_seed(0)
+    bn = _random_bn(6, g).requires_grad_(False).eval()
     frozen = copy.deepcopy(bn)
-    _swap_class(frozen, _FrozenNorm, "Frozen")
-    x = torch.randn(50, 6, generator=g)
-    results = []
-    for norm in (bn, frozen):
-        xi = x.clone().requires_grad_()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            y = norm(xi)
-        (y * x).sum().backward()
-        results.append((y.detach(), xi.grad, sum(saved)))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    torch.testing.assert_close(results[1][1], results[0][1])
-    assert results[1][2] < x.numel() <= results[0][2]
+    assert freeze_norms(frozen) == 1 and is_frozen_norm(frozen) and isinstance(frozen, torch.nn.BatchNorm1d)
+    x, w = torch.randn(50, 6, generator=g), torch.randn(50, 6, generator=g)
+    y_ref, grad_ref, saved_ref = _norm_outputs(bn, x, w)
+    y, grad, saved = _norm_outputs(frozen, x, w)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(grad, grad_ref)
+    assert saved < x.numel() <= saved_ref
+    with torch.no_grad():  # evaluation runs BatchNorm's own kernel: bit-identical to the base
+        assert torch.equal(frozen(x), bn(x))
+
+
+def test_frozen_pdnorm_folds_statistics_affine_and_prompt_modulation():
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    norm = PDNorm(6, ["a", "b"], prompt_dim=5, zero_init=False)
+    for d in ("a", "b"):
+        norm.norms[d] = _random_bn(6, g)
+    with torch.no_grad():
+        norm.modulation[1].weight.mul_(30)  # a modulation far from identity
+    norm.requires_grad_(False).eval()
+    frozen = copy.deepcopy(norm)
+    assert freeze_norms(frozen) == 3 and is_frozen_norm(frozen)  # PDNorm + its two BNs
+    ctx = DomainContext(domain="b", prompt=torch.randn(1, 5, generator=g))
+    x, w = torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g)
+    y_ref, grad_ref, saved_ref = _norm_outputs(norm, x, w, ctx)
+    y, grad, saved = _norm_outputs(frozen, x, w, ctx)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(grad, grad_ref)
+    assert saved < x.numel() <= saved_ref
+    assert not torch.allclose(y, norm.norms["b"](x))  # the modulation is in the folded form
+    # unknown domain and a trainable modulation keep PDNorm's own path
+    mean_ctx = DomainContext(domain="mean", prompt=ctx.prompt)
+    torch.testing.assert_close(_norm_outputs(frozen, x, w, mean_ctx)[0], _norm_outputs(norm, x, w, mean_ctx)[0])
+    frozen.modulation.requires_grad_(True)
+    frozen(x, ctx).sum().backward()
+    assert frozen.modulation[1].weight.grad is not None
 
 
 # --- shared pieces ---------------------------------------------------------------------------
@@ -263,8 +375,8 @@ def _expected_trainable(model: Segmentor, stage: str) -> set[str]:
     ids = {id(p) for p in norm_affine_parameters(model.backbone, TARGET)}
     norms = {n for n, p in model.named_parameters() if id(p) in ids}
     adapters = {n for n, _ in model.named_parameters() if ".peft." in n}
-    return {"linear": names, "bitfit": names | norms, "dapt": names | norms | adapters,
-            "pointpeft": names | adapters}[stage]
+    return {"linear": names, "bitfit": names | norms, "dapt": names | adapters,
+            "dapt+norms": names | norms | adapters, "pointpeft": names | adapters}[stage]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -280,12 +392,36 @@ def test_only_the_stage_parameters_train(base_state, stage):
     assert not any("prompts." in n or "modulation" in n for n in trainable)
     blocks = list(model.backbone.blocks())
     assert all(isinstance(b, PeftBlock) for b in blocks) == (stage in ("dapt", "pointpeft"))
-    if stage == "dapt":  # r = max(8, C // 6) per block, one gate and one scale per block
-        assert n_trainable - len(_expected_trainable(model, "bitfit")) > 0
-    # the frozen prefix runs without autograd: the whole backbone for linear probing
+    if stage == "dapt":  # per block: LayerNorm(C_in), C_in -> r -> C_out with r = max(8, C_in // 6),
+        # scale Linear(C_in, 1), one gate; on top of linear probing's parameters (the head)
+        adapters = 0
+        for block in base.backbone.blocks():
+            c_in, c_out = block.conv1.in_channels, block.conv1.out_channels
+            r = max(8, c_in // 6)
+            adapters += 2 * c_in + (c_in * r + r) + (r * c_out + c_out) + (c_in + 1) + 1
+        params = dict(model.named_parameters())
+        assert n_trainable == sum(params[n].numel() for n in _expected_trainable(model, "linear")) + adapters
+    # the frozen prefix runs without autograd: the whole backbone for linear probing, the stem
+    # and the first down-sampling layer for the adapter stages (their first block adapts)
     no_grad = [type(u).__name__.startswith("NoGrad") for u in backbone_units(model.backbone)]
-    assert no_grad[0] == (stage in ("linear", "pointpeft"))
+    assert no_grad[:2] == [stage != "bitfit"] * 2
     assert all(no_grad) == (stage == "linear")
+    frozen_norms = [is_frozen_norm(m) for m in model.backbone.modules() if isinstance(m, PDNorm)]
+    assert frozen_norms and all(frozen_norms)
+
+
+def test_dapt_can_still_train_the_norm_affines(base_state):
+    """``train_norms`` restores DAPT's former setting: the target dataset's norm affines train
+    on top of the adapters (the other datasets' norms stay frozen), and they get gradients."""
+    _, model = staged(base_state, "dapt", train_norms=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == _expected_trainable(model, "dapt+norms")
+    assert any(".norms.gamma." in n for n in trainable) and not any(".norms.alpha." in n for n in trainable)
+    model.train()
+    batch = target_batch(0)
+    segmentation_loss(model(batch), batch["segment"]).backward()
+    norm_grads = [p.grad for n, p in model.named_parameters() if ".norms.gamma." in n]
+    assert all(grad is not None and grad.any() for grad in norm_grads)
 
 
 @pytest.mark.parametrize("stage", ["dapt", "pointpeft", "bitfit"])
@@ -313,6 +449,35 @@ def test_gradients_reach_every_trainable_parameter(base_state, stage):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("stage", ["dapt", "pointpeft"])
+def test_recomputed_blocks_give_the_same_gradients_and_keep_nothing_inside(base_state, stage):
+    """Block recomputation changes memory, not the function: same loss and gradients (DAPT's
+    dropout masks replayed, its internal prompts not appended twice), and no tensor of an
+    adapted block is kept for backward outside its checkpoint."""
+    grads, saved, losses = {}, {}, {}
+    for recompute in (False, True):
+        _, model = staged(base_state, stage, recompute_blocks=recompute)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # open the zero-initialised parts so every path carries gradient
+            for p in model.parameters():
+                if p.requires_grad and not p.any():
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        model.train()
+        batch = target_batch(0)
+        torch.manual_seed(3)
+        logits, saved[recompute] = saved_numel(lambda: model(batch))
+        loss = segmentation_loss(logits, batch["segment"])
+        loss.backward()
+        losses[recompute] = loss.detach()
+        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(losses[True], losses[False])
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    blocks = sum(1 for _ in target_model(base_state).backbone.blocks())
+    assert saved[True] < saved[False] - blocks * 1000  # at least a relu output per block less
+
+
 def test_stage_errors(base_state):
     with pytest.raises(ValueError, match="unknown PEFT stage"):
         apply_stage(target_model(base_state), PeftConfig(stage="lora"))
@@ -330,10 +495,12 @@ def test_stage_errors(base_state):
 # --- base mapping and checkpoints -------------------------------------------------------------
 
 def test_base_weights_map_by_dataset_name(base_state, tmp_path):
+    """The PEFT base goes through ppt.engine.weights, the mapping --weights uses (tested in
+    tests/test_weights.py); here the two-dataset base of these tests onto beta + a new dataset."""
     path = tmp_path / "base.pth"
     torch.save({"model": base_state, "epoch": 3}, path)
     model = segmentor({"beta": BASE_NAMES["beta"], **TARGET_NAMES}, seed=2)
-    report = load_base_weights(model, path)
+    report = map_weights(model, path)
     state = model.state_dict()
     table = base_state["prompts.table.weight"]  # rows: alpha, beta
     torch.testing.assert_close(state["prompts.table.weight"][0], table[1])  # beta by name
@@ -343,7 +510,9 @@ def test_base_weights_map_by_dataset_name(base_state, tmp_path):
     want = (base_state[key.format("alpha")] + base_state[key.format("beta")]) / 2
     torch.testing.assert_close(state[key.format(TARGET)], want)
     torch.testing.assert_close(state["head.proj.weight"], base_state["head.proj.weight"])
-    assert key.format(TARGET) in report["derived"] and "head.text_gamma" in report["kept"]
+    assert report.sources[key.format("beta")] == BY_NAME and report.sources[key.format(TARGET)] == FROM_MEAN
+    assert report.sources["head.proj.weight"] == BY_KEY and report.sources["head.text_gamma"] == OWN
+    assert report.datasets == {"beta": "beta", TARGET: "mean"} and report.dropped == ["alpha"]
 
 
 @pytest.mark.parametrize("stage", ["dapt", "pointpeft", "full"])
@@ -351,7 +520,7 @@ def test_peft_checkpoint_reloads_and_reproduces_predictions(base_state, tmp_path
     base_path = tmp_path / "base.pth"
     torch.save({"model": base_state}, base_path)
     model = segmentor(TARGET_NAMES, seed=1)
-    load_base_weights(model, base_path)
+    map_weights(model, base_path)
     bank = memory_bank(model) if stage == "pointpeft" else None
     cfg = PeftConfig(stage=stage)
     apply_stage(model, cfg, bank, domain=TARGET)
@@ -378,7 +547,7 @@ def test_peft_checkpoint_reloads_and_reproduces_predictions(base_state, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(fresh(batch), want)
     torch.save({"model": {k: v + 1 if v.is_floating_point() else v for k, v in base_state.items()}}, base_path)
-    with pytest.raises(ValueError, match="changed since fine-tuning"):
+    with pytest.raises(CheckpointError, match="changed since fine-tuning"):
         load_peft_checkpoint(ckpt, segmentor(TARGET_NAMES))
 
 
@@ -388,7 +557,7 @@ def test_engine_checkpoints_of_a_peft_run_hold_the_trainable_part(base_state, tm
     from types import SimpleNamespace
 
     from ppt.engine import checkpoint as ckpt_io
-    from ppt.models.peft.checkpoint import peft_run_overrides, prepare_peft_model
+    from ppt.engine.peft_checkpoint import peft_run_overrides, prepare_peft_model
 
     base_path = tmp_path / "base.pth"
     torch.save({"model": base_state, "config": {"model": {"channels": list(TINY["channels"])},

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +15,8 @@ from ppt.data.preprocess import scannet
 from ppt.data.preprocess.common import run_tasks
 from ppt.data.classes import SCANNET20
 from ppt.data.scene_io import load_scene
+
+REPO = Path(__file__).resolve().parents[1]
 
 # id, raw_category, nyu40id; the other official columns are filled with placeholders.
 TSV_ROWS = [(1, "wall", 1), (3, "floor", 2), (10, "office chair", 5), (41, "ceiling", 22),
@@ -141,8 +147,89 @@ def test_axis_alignment_moves_coords_and_rotates_normals(raw, tmp_path):
 
 
 def test_missing_split_list_is_one_clear_error(raw, tmp_path):
+    # Lists beside the download are used as one set: a train list without its val list is an
+    # error, not a silent mix with the packaged lists.
     (raw / "scannetv2_val.txt").unlink()
     with pytest.raises(FileNotFoundError, match="scannetv2_val.txt"):
+        scannet.list_tasks(raw, tmp_path / "out")
+    (raw / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError, match="elsewhere/scannetv2_train.txt"):
+        scannet.list_tasks(raw, tmp_path / "out", splits_dir=raw / "elsewhere")
+
+
+def test_packaged_split_lists_are_the_official_v2_lists():
+    lists = {s: (scannet.PACKAGED_SPLITS / f"scannetv2_{s}.txt").read_text().split()
+             for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in lists.items()} == {"train": 1201, "val": 312, "test": 100}
+    names = [n for v in lists.values() for n in v]
+    assert len(set(names)) == len(names)  # disjoint, no repeats
+    assert lists["train"][0] == "scene0191_00" and "scene0011_00" in lists["val"]
+    assert all(n.startswith("scene07") or n.startswith("scene08") for n in lists["test"])
+    assert scannet.read_split_lists(scannet.PACKAGED_SPLITS)["scene0568_00"] == "val"
+
+
+def preprocess_cmd(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), "scannet",
+                           *map(str, args), "--workers", "1", "--no-progress"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture()
+def official_download(tmp_path):
+    """What the official download holds: scans/, scans_test/ and the TSV, no split lists."""
+    root = tmp_path / "download"
+    for scene in ("scene0000_00", "scene0011_00", "scene0999_00"):  # train, val, in no list
+        make_scan(root / "scans", scene, text=True)
+    for scene in ("scene0707_00", "scene0999_01"):  # test, in no list
+        make_scan(root / "scans_test", scene, annotated=False)
+    rows = [f"{i}\t{name}\t{name}\t1\t{nyu}" + "\tx" * 12 for i, name, nyu in TSV_ROWS]
+    (root / "scannetv2-labels.combined.tsv").write_text("\n".join([TSV_HEADER, *rows]) + "\n")
+    return root
+
+
+def test_official_download_uses_packaged_lists_and_warns_for_unlisted(official_download, tmp_path):
+    out = tmp_path / "out"
+    proc = preprocess_cmd("--raw", official_download, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"split lists: {scannet.PACKAGED_SPLITS}" in proc.stdout
+    written = sorted(str(p.relative_to(out)) for p in out.glob("*/*"))
+    assert written == ["test/scene0707_00", "test/scene0999_01", "train/scene0000_00",
+                       "train/scene0999_00", "val/scene0011_00"]
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert any("scene0999_00" in line and "train/" in line for line in warned), proc.stderr
+    assert any("scene0999_01" in line and "test/" in line for line in warned), proc.stderr
+    assert not any("scene0000_00" in line or "scene0707_00" in line for line in warned)
+    assert "Traceback" not in proc.stderr
+    assert (out / "val" / "scene0011_00" / "segment20.npy").is_file()
+    assert not (out / "test" / "scene0999_01" / "segment20.npy").exists()  # scans_test: no labels
+
+
+def test_only_scans_folder_and_tsv_preprocesses(official_download, tmp_path):
+    import shutil
+
+    shutil.rmtree(official_download / "scans_test")
+    out = tmp_path / "out"
+    proc = preprocess_cmd("--raw", official_download, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
+
+
+def test_splits_dir_overrides_packaged_lists(official_download, tmp_path):
+    splits = tmp_path / "my_splits"
+    splits.mkdir()
+    (splits / "scannetv2_train.txt").write_text("scene0011_00\nscene0999_00\n")
+    (splits / "scannetv2_val.txt").write_text("scene0000_00\n")
+    with pytest.warns(UserWarning, match="scans_test: 2 scan.*scene0707_00, scene0999_01"):
+        tasks = scannet.list_tasks(official_download, tmp_path / "out", splits_dir=splits)
+    assert sorted(t.name for t in tasks) == ["test/scene0707_00", "test/scene0999_01",
+                                             "train/scene0011_00", "train/scene0999_00",
+                                             "val/scene0000_00"]
+
+
+def test_scene_in_two_lists_is_an_error(raw, tmp_path):
+    (raw / "scannetv2_val.txt").write_text("scene0001_00\nscene0000_00\n")
+    with pytest.raises(ValueError, match="scene0000_00 is also listed in scannetv2_train.txt"):
         scannet.list_tasks(raw, tmp_path / "out")
 
 

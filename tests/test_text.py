@@ -102,3 +102,87 @@ def test_embed_classes_tool(tmp_path, counting_encoder, capsys):
     assert "valid names" in capsys.readouterr().err
     assert tool.main(["--classes", "a, b ,c", "--cache-dir", str(tmp_path)]) == 0
     assert counting_encoder[-1] == ["a point of a", "a point of b", "a point of c"]
+
+
+@pytest.fixture
+def weightless_clip(monkeypatch):
+    """Let ``ppt.text`` build real open_clip architectures without any weights.
+
+    ``open_clip.create_model`` is wrapped: ``pretrained`` is recorded and dropped (nothing is
+    read or downloaded), everything else (model name, ``force_quick_gelu``) reaches open_clip's
+    own config logic unchanged. Builds are memoised per (name, flag): ViT-B-16 takes ~1 s.
+    """
+    open_clip = pytest.importorskip("open_clip")
+    real = open_clip.create_model
+    built, calls = {}, []
+
+    def create_model(model_name, pretrained=None, **kwargs):
+        calls.append((model_name, pretrained, kwargs.get("force_quick_gelu", False)))
+        key = (model_name, kwargs.get("force_quick_gelu", False))
+        if key not in built:
+            start = time.monotonic()
+            built[key] = real(model_name, pretrained=None, **kwargs)
+            if time.monotonic() - start > 20:
+                pytest.skip("building ViT-B-16 takes over 20 s on this machine")
+        return built[key]
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    text._clip.cache_clear()
+    yield calls
+    text._clip.cache_clear()
+
+
+def text_activation(model) -> type:
+    """Class of the MLP activation of the text tower's first and last residual blocks (one class)."""
+    blocks = model.transformer.resblocks
+    kinds = {type(blocks[0].mlp.gelu), type(blocks[-1].mlp.gelu)}
+    assert len(kinds) == 1
+    return kinds.pop()
+
+
+def test_every_clip_weights_path_builds_quickgelu_for_openai_weights(tmp_path, monkeypatch, weightless_clip):
+    from open_clip.transformer import QuickGELU
+
+    # (1) the checkpoint file, named as OpenAI publishes it, and an unrecognised name
+    openai_file, other_file = tmp_path / "ViT-B-16.pt", tmp_path / "my_clip.bin"
+    for f in (openai_file, other_file):
+        f.write_bytes(b"stand-in")
+    # (2) the tag, its weights found in a local cache; (3) the tag, downloaded
+    cached = tmp_path / "cached.safetensors"
+    monkeypatch.setattr(text, "_local_clip_weights", lambda m, t, c: (str(cached), {}, []))
+    paths = {"file": f"clip:ViT-B-16:{openai_file}", "unnamed file": f"clip:ViT-B-16:{other_file}",
+             "cached tag": "clip:ViT-B-16:openai"}
+    for what, encoder in paths.items():
+        text._clip.cache_clear()
+        model, _ = text._clip(encoder, "cpu")
+        assert text_activation(model) is QuickGELU, what
+    monkeypatch.setattr(text, "_local_clip_weights", lambda m, t, c: (None, {"hf_hub": "org/x/"}, []))
+    monkeypatch.setattr(text, "_host_reachable", lambda host: True)
+    text._clip.cache_clear()
+    model, _ = text._clip("clip:ViT-B-16:openai", "cpu")
+    assert text_activation(model) is QuickGELU, "downloaded tag"
+    assert [c[1] for c in weightless_clip] == [str(openai_file), str(other_file), str(cached), "openai"]
+    assert all(c[2] for c in weightless_clip)
+
+
+def test_gelu_weights_keep_gelu(tmp_path, monkeypatch, weightless_clip):
+    """Control: the switch follows the weights, it is not QuickGELU everywhere."""
+    laion = tmp_path / "vit_b_16-laion400m_e31-00efa78f.pt"  # open_clip's download name of a GELU tag
+    laion.write_bytes(b"stand-in")
+    monkeypatch.setattr(text, "_local_clip_weights", lambda m, t, c: (str(laion), {}, []))
+    for encoder in (f"clip:ViT-B-16:{laion}", "clip:ViT-B-16:laion400m_e31"):
+        text._clip.cache_clear()
+        model, _ = text._clip(encoder, "cpu")
+        assert text_activation(model) is torch.nn.GELU, encoder
+
+
+def test_activation_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    pytest.importorskip("open_clip")
+    names = ["chair", "wall"]
+    encoder = "clip:ViT-B-16:openai"
+    assert text.clip_spec(encoder).quick_gelu and "quickgelu" in text.weights_identity(encoder)
+    assert not text.clip_spec("clip:ViT-B-16:laion400m_e31").quick_gelu
+    quick = text.cache_path(names, encoder, "{}", tmp_path)
+    real_spec = text.clip_spec
+    monkeypatch.setattr(text, "clip_spec", lambda e: text.ClipSpec(**{**real_spec(e).__dict__, "quick_gelu": False}))
+    assert text.cache_path(names, encoder, "{}", tmp_path) != quick  # same weights, other activation

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.interpolate import RegularGridInterpolator
-from scipy.spatial.distance import pdist
+from scipy.spatial.distance import cdist, pdist
 
 from ppt.data import transforms as T
 from ppt.data.grid import GridSample, TestFragments, build_test_views, voxelize
@@ -111,24 +112,51 @@ def test_center_shift(toy_sample):
     assert np.allclose(keep_z["coord"][:, 2], toy_sample["coord"][:, 2])
 
 
-def test_dropout_and_sphere_crop_sizes(toy_sample):
+def test_dropout_sizes(toy_sample):
     n = len(toy_sample["coord"])
     out = T.RandomDropout(0.2, p=1.0)(copy(toy_sample))
     assert len(out["coord"]) == len(out["segment"]) == len(out["normal"]) == int(n * 0.8)
     assert len(T.RandomDropout(0.2, p=0.0)(copy(toy_sample))["coord"]) == n
-    crop = T.SphereCrop(point_max=500)(copy(toy_sample))
-    assert len(crop["coord"]) == len(crop["color"]) == 500
-    ratio = T.SphereCrop(ratio=0.6)(copy(toy_sample))
-    assert len(ratio["coord"]) == int(0.6 * n)
-    # The crop is a ball: every kept point is nearer the centre than every dropped one.
-    kept = {tuple(p) for p in crop["coord"]}
-    dropped = np.array([p for p in toy_sample["coord"] if tuple(p) not in kept])
-    assert len(dropped) == n - 500
-    from scipy.spatial.distance import cdist
-    to_kept, to_dropped = cdist(crop["coord"], crop["coord"]), cdist(crop["coord"], dropped)
-    assert (to_kept.max(1) <= to_dropped.min(1) + 1e-6).any()
+
+
+class FixedCentre:
+    """Stand-in generator: SphereCrop's draw of the centre point returns ``index``."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def integers(self, n):
+        return self.index
+
+
+def original_rows(sample, out):
+    """Row of the original sample that each output point is (coordinates are unique)."""
+    row = {tuple(p): i for i, p in enumerate(sample["coord"])}
+    return np.array([row[tuple(p)] for p in out["coord"]])
+
+
+@pytest.mark.parametrize("kwargs, kept", [(dict(point_max=500), 500), (dict(ratio=0.6), 1200)])
+def test_sphere_crop_keeps_exactly_the_nearest_points_of_the_centre(toy_sample, kwargs, kept):
+    coord = toy_sample["coord"]
+    # a corner point: a box, a 2-D (xy) ball or a crop around the scene centre would differ
+    centre = int(np.argmin(coord.sum(1)))
+    out = T.SphereCrop(**kwargs, rng=FixedCentre(centre))(copy(toy_sample))
+    rows = original_rows(toy_sample, out)
+    dist = np.linalg.norm(coord.astype(np.float64) - coord[centre], axis=1)
+    assert np.array_equal(np.sort(rows), np.sort(np.argsort(dist)[:kept]))
+    for key in ("color", "normal", "segment", "instance"):  # every per-point key follows
+        assert np.array_equal(out[key], toy_sample[key][rows]), key
+    # with a real generator: the nearest points of SOME point, and another one per seed
+    crops = [original_rows(toy_sample, T.SphereCrop(**kwargs, rng=np.random.default_rng(seed))(copy(toy_sample)))
+             for seed in (0, 1)]
+    for rows in crops:
+        inside = np.zeros(len(coord), bool)
+        inside[rows] = True
+        dist = cdist(coord[rows], coord)  # the centre is among the kept points
+        assert len(rows) == kept and (dist[:, inside].max(1) < dist[:, ~inside].min(1)).any()
+    assert set(crops[0]) != set(crops[1])
     with pytest.raises(ValueError, match="inverse"):
-        T.SphereCrop(10)({**copy(toy_sample), "inverse": np.zeros(n, np.int64)})
+        T.SphereCrop(10)({**copy(toy_sample), "inverse": np.zeros(len(coord), np.int64)})
 
 
 def test_jitter_and_colour_ranges(toy_sample):
@@ -226,18 +254,51 @@ def test_test_views_cover_points(toy_sample):
         assert np.allclose(shift, shift[0], atol=1e-4) and abs(shift[0, 2]) < 1e-4
 
 
-def test_elastic_single_pass_matches_sequential_reference(toy_sample):
-    """With the same noise grids, one pass on the merged field equals interpolating each grid
-    at the original points (the reference up to where coarse fields are evaluated)."""
+def pointcept_elastic(coords: np.ndarray, params, rng: np.random.Generator) -> np.ndarray:
+    """Pointcept's ElasticDistortion (pointcept/datasets/transform.py), written out here as an
+    independent reference: per (granularity, magnitude), in order, a noise grid over the
+    CURRENT coordinates, blurred by ndimage.convolve with (3,1,1,1)-shaped box kernels twice,
+    read by RegularGridInterpolator at the current (already displaced) points. Noise is drawn
+    as ours draws it (``standard_normal(..., dtype=float32)`` per pass), so both see the same
+    numbers; the reference's own ``np.random.randn`` is the only thing replaced."""
+    coords = coords.astype(np.float32).copy()
+    blurx = np.ones((3, 1, 1, 1), np.float32) / 3
+    blury = np.ones((1, 3, 1, 1), np.float32) / 3
+    blurz = np.ones((1, 1, 3, 1), np.float32) / 3
+    for granularity, magnitude in params:
+        coords_min = coords.min(0)
+        noise_dim = ((coords - coords_min).max(0) // granularity).astype(int) + 3
+        noise = rng.standard_normal((*noise_dim, 3), dtype=np.float32)
+        for _ in range(2):
+            for kernel in (blurx, blury, blurz):
+                noise = ndimage.convolve(noise, kernel, mode="constant", cval=0)
+        ax = [np.linspace(d_min, d_max, d) for d_min, d_max, d in
+              zip(coords_min - granularity, coords_min + granularity * (noise_dim - 2), noise_dim)]
+        interp = RegularGridInterpolator(ax, noise, bounds_error=False, fill_value=0)
+        coords += interp(coords) * magnitude
+    return coords
+
+
+def test_elastic_matches_pointcept_semantics(toy_sample):
     params = ((0.2, 0.4), (0.8, 1.6))
-    out = T.ElasticDistortion(params, p=1.0, rng=np.random.default_rng(9))(copy(toy_sample))["coord"]
-    rng = np.random.default_rng(9)
-    rng.random()                                              # the p draw
     coord = toy_sample["coord"]
-    lo, extent = coord.min(0), (coord - coord.min(0)).max(0)
-    expected = coord.astype(np.float64)
+    for seed in (9, 10):
+        out = T.ElasticDistortion(params, p=1.0, rng=np.random.default_rng(seed))(copy(toy_sample))["coord"]
+        rng = np.random.default_rng(seed)
+        rng.random()  # the p draw
+        expected = pointcept_elastic(coord, params, rng)
+        assert out.dtype == np.float32 and np.allclose(out, expected, atol=1e-5)
+        assert np.abs(out - coord).max() > 0.02  # and it did move the points
+    # Power of this comparison: reading the coarse grid at the ORIGINAL points (on a grid laid
+    # over them), the shortcut this transform once took, moves points by millimetres to
+    # centimetres against the reference; far above the tolerance.
+    rng = np.random.default_rng(9)
+    rng.random()
+    shortcut = coord.astype(np.float64)
     for g, m in params:
-        noise = T.smooth_noise(rng.standard_normal((*((extent // g).astype(int) + 3), 3), dtype=np.float32))
-        axes = [lo[i] - g + g * np.arange(noise.shape[i]) for i in range(3)]
-        expected = expected + m * RegularGridInterpolator(axes, noise)(coord)
-    assert np.allclose(out, expected, atol=1e-4)
+        lo = coord.min(0)
+        noise = T.smooth_noise(rng.standard_normal((*(((coord - lo).max(0) // g).astype(int) + 3), 3), dtype=np.float32))
+        shortcut = shortcut + m * T.trilinear(noise, lo - g, g, coord)
+    rng = np.random.default_rng(9)
+    rng.random()
+    assert np.abs(shortcut - pointcept_elastic(coord, params, rng)).max() > 1e-3

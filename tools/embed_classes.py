@@ -18,7 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppt.data.classes import DATASETS, get_dataset_info  # noqa: E402
-from ppt.text import DEFAULT_TEMPLATE, TextEncoderUnavailable, class_embeddings, save_embeddings  # noqa: E402
+from ppt.text import (  # noqa: E402
+    DEFAULT_TEMPLATE, TextEncoderUnavailable, class_embeddings, clip_spec, save_embeddings,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
-    print(f"{len(class_names)} classes, encoder {args.encoder}, template {args.template!r}: shape {tuple(emb.shape)}")
+    encoder = args.encoder
+    if encoder.startswith("clip:"):  # say which activation the towers were built with
+        encoder += " (QuickGELU)" if clip_spec(encoder).quick_gelu else " (GELU)"
+    print(f"{len(class_names)} classes, encoder {encoder}, template {args.template!r}: shape {tuple(emb.shape)}")
     sim = emb @ emb.t()
     sim.fill_diagonal_(-2.0)
     width = max(len(n) for n in class_names)

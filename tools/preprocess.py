@@ -1,6 +1,6 @@
 """Convert a raw dataset download into the preprocessed scene layout.
 
-    python tools/preprocess.py scannet --raw /data/ScanNet --out data/scannet [--align]
+    python tools/preprocess.py scannet --raw /data/ScanNet --out data/scannet [--align] [--splits DIR]
     python tools/preprocess.py s3dis --raw /data/Stanford3dDataset_v1.2 --out data/s3dis
     python tools/preprocess.py structured3d --raw /data/Structured3D_zips --out data/structured3d
 
@@ -8,12 +8,17 @@ Parallel over scenes (``--workers``), resumable (finished scenes are skipped, so
 after an interruption continues; ``--overwrite`` redoes them), every scene written atomically.
 Do not run two conversions into the same ``--out`` at once: start-up removes temporary
 folders of interrupted runs. Exit status 1 when any scene failed.
+
+ScanNet splits come from the official v2 lists shipped in ``ppt/data/preprocess/meta/`` unless
+``--splits DIR`` (or lists beside the download) provide others; the line "split lists: ..."
+says which were used.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="scannet: apply axisAlignment; s3dis: rotate by the area's "
                              "alignment angles")
     parser.add_argument("--splits", type=Path, default=None,
-                        help="scannet: folder of scannetv2_{train,val,test}.txt and the label TSV")
+                        help="scannet: folder of scannetv2_{train,val,test}.txt (and possibly the "
+                             "label TSV); default: the official v2 lists shipped with ppt")
     parser.add_argument("--normal-k", type=int, default=16,
                         help="s3dis/structured3d: neighbours for normal estimation")
     parser.add_argument("--voxel", type=float, default=0.01,
@@ -51,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_tasks(args: argparse.Namespace) -> list:
     if args.dataset == "scannet":
-        return scannet.list_tasks(args.raw, args.out, splits_dir=args.splits, align=args.align)
+        tasks = scannet.list_tasks(args.raw, args.out, splits_dir=args.splits, align=args.align)
+        print(f"split lists: {scannet.find_split_lists(args.raw, args.splits)}")
+        return tasks
     if args.dataset == "s3dis":
         return s3dis.list_tasks(args.raw, args.out, align=args.align, k=args.normal_k)
     views = {v.strip() for v in args.views.split(",") if v.strip()}
@@ -67,10 +75,14 @@ def build_tasks(args: argparse.Namespace) -> list:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        tasks = build_tasks(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tasks = build_tasks(args)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for warning in caught:  # e.g. scans in no split list: one line each, no source location
+        print(f"warning: {warning.message}", file=sys.stderr)
     info = get_dataset_info(args.dataset)
     segment_key = "segment20" if args.dataset == "scannet" else "segment"
     print(f"{args.dataset}: {len(tasks)} scenes from {args.raw} -> {args.out}")

@@ -2,26 +2,46 @@
 
     python tools/test.py --exp exp/demo                        # val split, all config datasets
     python tools/test.py --exp exp/demo --dataset scannet --tta --save-pred --ply
+    python tools/test.py --exp exp/demo --dataset scannet --tta fragments  # reference TTA protocol
     python tools/test.py --exp exp/demo --dataset s3dis --prompt mean     # unknown-domain prompt
     python tools/test.py --exp exp/demo --dataset scannet --classes "wall,floor,chair,table"
 
 Reads ``exp/<name>/config.yaml`` and ``exp/<name>/model/model_best.pth`` (``--weights`` picks
-another file). Prints a per-class IoU table and mIoU / mAcc / allAcc per dataset and writes
-``exp/<name>/result/metrics.json`` = {dataset: {mIoU, mAcc, allAcc, per_class: {class: IoU},
-...}} atomically; entries of datasets not evaluated in this run are kept. ``n/a`` (JSON null)
-marks classes absent from both labels and predictions; they are left out of mIoU (see
-``ppt.metrics``).
+another file) and checks the scene files first, as the trainer does (one ``error:`` line naming
+a bad file). Shows a progress bar over scenes (views with TTA) on a terminal, a line per scene
+otherwise; prints a per-class IoU table and mIoU / mAcc / allAcc per dataset.
+
+Test-time augmentation: ``--tta`` (= ``--tta fast``) runs 13 views (4 z-rotations x 3 scales +
+a flip), each voxelised once, votes carried to every point: about 13x a plain pass.
+``--tta fragments`` is the reference protocol (each view split into fragments covering every
+point; many times slower), for comparisons with published numbers.
+
+Two mIoUs: ``mIoU`` averages the classes present (labelled or predicted; ``n/a`` rows, JSON
+null, are left out); ``mIoU_ref`` is the reference's (Pointcept) convention, the mean over ALL
+classes of the label set with absent classes counting 0. They agree when every class occurs.
+
+Results: ``exp/<name>/result/metrics.json`` = {"conventions": {...}, "results": {dataset:
+{mode: entry}}}, where mode names the split, the TTA protocol, the prompt, the label set and a
+non-default checkpoint (e.g. ``split=val; tta=fast; prompt=scannet; classes=scannet``). An
+evaluation replaces only the entry of its own dataset and mode (atomic write).
+
+Prompts: a dataset the model was trained on uses its own prompt. A domain that is in the model
+but was never trained (in ``data.val``, not in ``data.mix``), or a dataset unknown to the model,
+is evaluated with the ``mean`` prompt, and the output says so; ``--prompt`` naming an untrained
+domain is refused.
 
 Open vocabulary (``--classes``, language head only): the names are embedded with the config's
 text encoder and template and become the label set the model predicts in. The data's labels
 are mapped BY NAME: a dataset class whose name equals one of the given names (compared
 lower-case, with '_' and '-' read as spaces) is scored as that class; points of every other
-class are ignored. Listed names that the dataset does not have can still be predicted: they
-count as false positives of the classes they take points from.
+class are ignored. Listed names that the dataset does not have (a warning lists its names) can
+still be predicted: they count as false positives of the classes they take points from.
 
-Outputs of ``--save-pred`` / ``--ply`` go to ``exp/<name>/result/<dataset>/<scene>_pred.npy``
-(int16 labels, one per original point, in the label order of the evaluated label set) and
-``<scene>_pred.ply`` (points coloured by prediction, with ``pred`` and ``gt`` properties).
+Outputs of ``--save-pred`` / ``--ply`` go to ``exp/<name>/result/<dataset>/`` for the default
+mode (val split, no TTA, own prompt and classes), else to a sub-folder named after the mode
+(e.g. ``result/scannet/tta-fast/``): ``<scene>_pred.npy`` (int16 labels, one per original
+point, in the label order of the evaluated label set) and ``<scene>_pred.ply`` (points
+coloured by prediction, with ``pred`` and ``gt`` properties). The folder is printed.
 """
 from __future__ import annotations
 
@@ -36,6 +56,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ppt.data.clouds import palette  # noqa: E402
 from ppt.io import atomic_write  # noqa: E402
 
 OPEN_VOCAB = "open_vocab"  # label-set name of --classes inside the model
@@ -52,15 +73,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="", help="comma-separated datasets (default: all of the config)")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--weights", default="", help="checkpoint (default <exp>/model/model_best.pth)")
-    p.add_argument("--tta", action="store_true", help="13-view test-time augmentation over covering fragments")
+    p.add_argument("--tta", nargs="?", const="fast", default="off", choices=("off", "fast", "fragments"),
+                   help="13-view test-time augmentation: fast (default when given: each view voxelised once) "
+                        "or fragments (the reference protocol, many times slower)")
     p.add_argument("--prompt", default=None, help="domain prompt: a training dataset name or 'mean'")
-    p.add_argument("--classes", default="", help='open-vocabulary label set, e.g. "wall,floor,chair"')
+    p.add_argument("--classes", default=None, help='open-vocabulary label set, e.g. "wall,floor,chair"')
     p.add_argument("--save-pred", action="store_true", help="write <scene>_pred.npy per scene")
     p.add_argument("--ply", action="store_true", help="write <scene>_pred.ply coloured by prediction")
     p.add_argument("--data-root", default="", help="override data.root of the config")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-points", type=int, default=0, help="points per forward (default: evaluate's)")
     p.add_argument("--workers", type=int, default=2, help="processes preparing scenes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the experiment's train.threads; 0 = leave torch's setting)")
     return p.parse_args(argv)
 
 
@@ -75,36 +100,15 @@ def label_map_by_name(data_classes: tuple[str, ...], label_set: list[str]) -> np
 
 
 def load_experiment(exp: Path, weights: str, device):
-    """(config, model on ``device``, checkpoint path) of an experiment folder."""
-    from ppt.config import ConfigError, load_config
-    from ppt.engine.build import build_model, text_embeddings_from_state
-    from ppt.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
+    """(config, model on ``device``, checkpoint path): ``ppt.engine.predict.load_experiment``
+    (``model_best.pth``, else ``model_last.pth``), errors as usage errors."""
+    from ppt.engine.predict import ExperimentError
+    from ppt.engine.predict import load_experiment as load
 
-    if not exp.is_dir():
-        raise UsageError(f"experiment folder {exp} does not exist")
-    config_path = exp / "config.yaml"
-    if not config_path.is_file():
-        raise UsageError(f"{config_path} is missing: is {exp} an experiment folder written by tools/train.py?")
-    ckpt_path = Path(weights) if weights else exp / "model" / "model_best.pth"
-    if not ckpt_path.is_file():
-        hint = ""
-        if not weights and (exp / "model" / "model_last.pth").is_file():
-            hint = f" (training has not validated yet? pass --weights {exp / 'model' / 'model_last.pth'})"
-        raise UsageError(f"checkpoint {ckpt_path} does not exist{hint}")
     try:
-        cfg = load_config(config_path)
-        ckpt = load_checkpoint(ckpt_path)
-        state = ckpt.get("model", ckpt)
-        # The class embeddings travel in the checkpoint: no text encoder needed here.
-        model = build_model(cfg, text_embeddings_from_state(state))
-        if cfg.peft.stage != "none":  # PEFT run: base weights + stage, then its trainable part
-            from ppt.models.peft.checkpoint import prepare_peft_model
-
-            prepare_peft_model(model, cfg, exp, ckpt=ckpt)
-        load_model_state(model, state, ckpt_path)
-    except (ConfigError, CheckpointError) as err:
+        return load(exp, weights or None, device)
+    except ExperimentError as err:
         raise UsageError(str(err)) from None
-    return cfg, model.to(device).eval(), ckpt_path
 
 
 def _finite(value):
@@ -115,27 +119,42 @@ def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 
-def write_metrics(path: Path, entries: dict[str, dict]) -> dict:
-    """Merge ``{dataset: entry}`` into the JSON file at ``path`` (atomic); returns the whole file."""
-    merged = {}
+def mode_key(split: str, tta: str, prompt: str, label_set: str, weights: str = "") -> str:
+    """Name of an evaluation mode inside a dataset's results (metrics.json)."""
+    key = f"split={split}; tta={tta}; prompt={prompt}; classes={label_set}"
+    return key + (f"; weights={weights}" if weights else "")
+
+
+def _legacy_entries(old: dict) -> dict:
+    """Results of the old flat layout {dataset: entry}, keyed by mode (their TTA was fragments)."""
+    results: dict[str, dict] = {}
+    for dataset, entry in old.items():
+        if isinstance(entry, dict) and "mIoU" in entry:
+            tta = {True: "fragments", False: "off"}.get(entry.get("tta"), str(entry.get("tta")))
+            classes = ",".join(entry["label_set"]) if entry.get("label_set") else dataset
+            key = mode_key(entry.get("split", "val"), tta, entry.get("prompt") or dataset, classes)
+            results.setdefault(dataset, {})[key] = entry
+    return results
+
+
+def write_metrics(path: Path, entries: dict[str, dict[str, dict]]) -> dict:
+    """Merge ``{dataset: {mode: entry}}`` into the JSON file at ``path`` (atomic): only those
+    (dataset, mode) entries are replaced. Returns the whole file's content."""
+    from ppt.metrics import CONVENTIONS
+
+    old: dict = {}
     if path.is_file():
         try:
-            merged = json.loads(path.read_text())
+            old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
-            merged = {}  # a broken old file is replaced, not fatal
-    merged.update(entries)
+            print(f"warning: {path} is not valid JSON; starting it afresh", file=sys.stderr)
+    results = old.get("results") if isinstance(old.get("results"), dict) else _legacy_entries(old)
+    for dataset, modes in entries.items():
+        results.setdefault(dataset, {}).update(modes)
+    merged = {"conventions": CONVENTIONS, "results": results}
     text = json.dumps(merged, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
     return merged
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """uint8 (K + 1, 3) distinct colours (golden-ratio hues); the last row (label -1) is grey."""
-    import colorsys
-
-    rows = [colorsys.hsv_to_rgb((0.13 + i * 0.618034) % 1.0, 0.65 + 0.35 * (i % 2), 0.95 - 0.25 * (i % 3 == 2))
-            for i in range(num_classes)]
-    return np.round(np.array(rows + [(0.5, 0.5, 0.5)]) * 255).astype(np.uint8)
 
 
 def write_ply(path: Path, coord: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, num_classes: int) -> None:
@@ -186,13 +205,84 @@ def resolve_datasets(text: str, cfg) -> list[str]:
     return names
 
 
+def trained_domains(cfg) -> set[str]:
+    """Domains whose prompt and normalisation were trained: the datasets of ``data.mix``
+    (``data.val`` datasets outside the mix are in the model but untrained)."""
+    return set(cfg.data.mix)
+
+
+def parse_classes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    label_set = [n.strip() for n in text.split(",") if n.strip()]
+    if not label_set:
+        raise UsageError(f"--classes {text!r} lists no class name; give names like \"wall,floor,chair\"")
+    if len({_norm(n) for n in label_set}) != len(label_set):
+        raise UsageError(f"--classes lists a name twice: {text!r}")
+    return label_set
+
+
+def check_scenes(root: str, name: str, split: str) -> None:
+    """The trainer's start-up check of the scene files (headers only); one line per problem set."""
+    from ppt.data.check import check_data_root
+
+    report = check_data_root(root, [name], [split], quick=True, raise_on_error=False)
+    if report.problems:
+        more = len(report.problems) - 1
+        tail = f" (and {more} more problem(s): python tools/check_data.py {root})" if more else ""
+        raise UsageError(report.problems[0] + tail)
+
+
+def _mode_folder(split: str, tta: str, prompt: str, own_prompt: str, label_set: list[str] | None) -> str:
+    """Sub-folder of result/<dataset>/ for predictions of a non-default mode ("" = default)."""
+    import hashlib
+
+    parts = [] if split == "val" else [split]
+    parts += [] if tta == "off" else [f"tta-{tta}"]
+    parts += [] if prompt == own_prompt else [f"prompt-{prompt}"]
+    if label_set:
+        parts.append("classes-" + hashlib.sha1(",".join(label_set).encode()).hexdigest()[:8])
+    return "_".join(parts)
+
+
+class Progress:
+    """A tqdm bar over views (scenes x views per scene) on a terminal, else one line per scene."""
+
+    def __init__(self, name: str, scenes: int, views_per_scene: int):
+        self.name, self.scenes, self.done = name, scenes, 0
+        self.tic = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            unit = "view" if views_per_scene > 1 else "scene"
+            self.bar = tqdm(total=scenes * views_per_scene, desc=name, unit=unit, file=sys.stderr,
+                            dynamic_ncols=True, leave=False, mininterval=0.5)
+
+    def forward(self, rows: int, views: int) -> None:
+        if self.bar is not None and views:
+            self.bar.update(views)
+
+    def scene(self, scene: dict) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.done}/{self.scenes} scenes")
+        else:
+            print(f"{self.name} {self.done}/{self.scenes} {scene['name']}: {len(scene['pred']):,} points "
+                  f"({time.perf_counter() - self.tic:.1f} s)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(args: argparse.Namespace) -> dict[str, dict]:
-    """Evaluate as the command line asks; returns the metrics entries written."""
+    """Evaluate as the command line asks; returns ``{dataset: {mode: entry}}`` as written."""
     import torch
 
     from ppt.data.classes import get_dataset_info
     from ppt.data.datasets import build_dataset
-    from ppt.engine.evaluate import MAX_POINTS, evaluate
+    from ppt.engine.evaluate import MAX_POINTS, eval_prompt, evaluate, views_per_scene
     from ppt.metrics import format_table
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -200,79 +290,127 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    label_set = parse_classes(args.classes)
     exp = Path(args.exp)
     cfg, model, ckpt_path = load_experiment(exp, args.weights, device)
+    threads = cfg.train.threads if args.threads is None else args.threads
+    if threads > 0:  # as in training: more threads than free cores spin instead of working
+        torch.set_num_threads(threads)
     datasets = resolve_datasets(args.dataset, cfg)
-    domains = set(getattr(model, "domains", ()))
+    domains, trained = set(getattr(model, "domains", ())), trained_domains(cfg)
     if args.prompt is not None and args.prompt not in (*domains, "mean"):
         raise UsageError(f"unknown prompt {args.prompt!r}; valid: {', '.join(sorted(domains))}, mean")
-
-    label_set: list[str] | None = None
-    if args.classes:
-        label_set = [n.strip() for n in args.classes.split(",") if n.strip()]
-        if len({_norm(n) for n in label_set}) != len(label_set):
-            raise UsageError(f"--classes lists a name twice: {args.classes!r}")
-        if cfg.model.head != "language":
-            raise UsageError(f"--classes needs the language head; this model's head is {cfg.model.head!r}")
-        model.set_label_space(OPEN_VOCAB, label_set, embed(label_set, cfg).to(device))
+    if label_set is not None and cfg.model.head != "language":
+        raise UsageError(f"--classes needs the language head; this model's head is {cfg.model.head!r}")
 
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    # Check every dataset (prompt, label set, data root) before spending time on any of them.
-    built = {}
+    root = args.data_root or cfg.data.root
+    # Check every dataset (prompt, label set, data) before spending time on any of them.
+    plans = {}
     for name in datasets:
         info = get_dataset_info(name)
-        if name not in domains and args.prompt is None:
-            raise UsageError(f"the model was not trained on {name!r} (domains: {', '.join(sorted(domains))}); "
-                             f"pass --prompt NAME or --prompt mean")
+        try:
+            prompt, note = eval_prompt(name, trained, args.prompt)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         if label_set is None and name not in domains and cfg.model.head != "language":
             raise UsageError(f"the {cfg.model.head} head has no classes for {name!r}; evaluate a trained "
                              f"dataset or use a language-head model")
+        if label_set is not None:
+            known = {_norm(c) for c in info.class_names}
+            unknown = [n for n in label_set if _norm(n) not in known]
+            if unknown:
+                scored = "nothing will be scored" if len(unknown) == len(label_set) else \
+                    "they are predicted but never scored as correct"
+                print(f"warning: --classes {', '.join(repr(n) for n in unknown)} not among {name}'s classes "
+                      f"({scored}); {name} classes: {', '.join(info.class_names)}", file=sys.stderr)
+        check_scenes(root, name, args.split)
         try:
-            built[name] = build_dataset(name, args.data_root or cfg.data.root, args.split)
+            dataset = build_dataset(name, root, args.split)
         except (KeyError, FileNotFoundError) as err:
             raise UsageError(err.args[0] if err.args else str(err)) from None
+        plans[name] = (dataset, prompt, note)
 
-    entries = {}
-    for name, dataset in built.items():
+    if label_set is not None:
+        model.set_label_space(OPEN_VOCAB, label_set, embed(label_set, cfg).to(device))
+    weights_tag = "" if not args.weights else Path(args.weights).name
+    entries: dict[str, dict] = {}
+    for name, (dataset, prompt, note) in plans.items():
         info = dataset.info
         if label_set is None and name not in domains:
             # Zero-shot on a dataset the model never saw: embed its class names.
             model.set_label_space(name, info.class_names, embed(info.class_names, cfg).to(device))
-        out_dir = exp / "result" / name
-        on_scene = scene_writer(out_dir, args.save_pred, args.ply, len(label_set or info.class_names)) \
-            if args.save_pred or args.ply else None
+        shown_prompt = prompt or name
+        if note:
+            print(f"note: {note}", flush=True)
+        out_dir = exp / "result" / name / _mode_folder(args.split, args.tta, shown_prompt, name, label_set)
+        saving = args.save_pred or args.ply
+        writer = scene_writer(out_dir, args.save_pred, args.ply, len(label_set or info.class_names)) if saving else None
+        progress = Progress(name, len(dataset.scenes), views_per_scene(args.tta))
+
+        def on_scene(scene: dict, writer=writer, progress=progress) -> None:
+            if writer is not None:
+                writer(scene)
+            progress.scene(scene)
+
         tic = time.perf_counter()
-        result = evaluate(
-            model, dataset, device, prompt=args.prompt, tta=args.tta, voxel_size=cfg.data.voxel_size,
-            max_points=args.max_points or MAX_POINTS,
-            label_space=OPEN_VOCAB if label_set else None, class_names=label_set,
-            label_map=label_map_by_name(info.class_names, label_set) if label_set else None,
-            on_scene=on_scene, num_workers=args.workers, amp_dtype=amp_dtype)
+        try:
+            result = evaluate(
+                model, dataset, device, prompt=prompt, tta=args.tta, voxel_size=cfg.data.voxel_size,
+                max_points=args.max_points or MAX_POINTS,
+                label_space=OPEN_VOCAB if label_set else None, class_names=label_set,
+                label_map=label_map_by_name(info.class_names, label_set) if label_set else None,
+                on_scene=on_scene, num_workers=args.workers, amp_dtype=amp_dtype, on_forward=progress.forward)
+        finally:
+            progress.close()
         seconds = time.perf_counter() - tic
-        prompt = args.prompt or name
-        print(format_table(result, title=f"{name} {args.split}: {result['scenes']} scenes, "
-                                         f"prompt {prompt}, tta {'on' if args.tta else 'off'}"))
-        print(f"{name}: mIoU {_pct(result['mIoU'])}  mAcc {_pct(result['mAcc'])}  "
+        classes = ",".join(label_set) if label_set else name
+        print(format_table(result, title=f"{name} {args.split}: {result['scenes']} scenes, prompt {shown_prompt}, "
+                                         f"tta {args.tta}, classes {classes}"))
+        print(f"{name}: mIoU {_pct(result['mIoU'])} (classes present)  mIoU_ref {_pct(result['mIoU_ref'])} "
+              f"(all {len(result['per_class'])} classes, reference)  mAcc {_pct(result['mAcc'])}  "
               f"allAcc {_pct(result['allAcc'])}  ({result['scenes'] / seconds:.2f} scenes/s, "
-              f"{result['points'] / seconds:.0f} points/s)\n", flush=True)
-        entries[name] = {
-            "mIoU": _finite(result["mIoU"]), "mAcc": _finite(result["mAcc"]), "allAcc": _finite(result["allAcc"]),
+              f"{result['points'] / seconds:.0f} points/s)", flush=True)
+        if saving:
+            kinds = " and ".join(k for k, on in (("_pred.npy", args.save_pred), ("_pred.ply", args.ply)) if on)
+            print(f"predictions ({result['scenes']} scenes, {kinds}) written to {out_dir}", flush=True)
+        print()
+        key = mode_key(args.split, args.tta, shown_prompt, classes, weights_tag)
+        entries[name] = {key: {
+            "mIoU": _finite(result["mIoU"]), "mIoU_ref": _finite(result["mIoU_ref"]),
+            "mAcc": _finite(result["mAcc"]), "mAcc_ref": _finite(result["mAcc_ref"]),
+            "allAcc": _finite(result["allAcc"]),
+            "classes_present": result["classes_present"], "num_classes": result["num_classes"],
             "per_class": result["per_class"], "per_class_acc": result["per_class_acc"],
-            "split": args.split, "tta": args.tta, "prompt": prompt, "label_set": label_set,
-            "weights": str(ckpt_path), "scenes": result["scenes"], "points": result["points"],
-            "seconds": round(seconds, 3),
-        }
-    merged = write_metrics(exp / "result" / "metrics.json", entries)
-    print(f"metrics written to {exp / 'result' / 'metrics.json'} ({', '.join(merged)})")
+            "split": args.split, "tta": args.tta, "prompt": shown_prompt, "prompt_note": note or None,
+            "label_set": label_set, "weights": str(ckpt_path), "scenes": result["scenes"],
+            "points": result["points"], "seconds": round(seconds, 3),
+            "predictions": str(out_dir) if saving else None,
+            "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }}
+    path = exp / "result" / "metrics.json"
+    merged = write_metrics(path, entries)
+    total = sum(len(modes) for modes in merged["results"].values())
+    print(f"metrics written to {path} ({total} evaluation(s) kept: {', '.join(merged['results'])})")
     return entries
 
 
+def _one_line(err: Exception) -> str:
+    """A scene error raised in a loader worker arrives wrapped in its traceback: keep the reason."""
+    text = str(err).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ppt.data.scene_io import SceneError
+
     args = parse_args(argv)
     try:
         run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UsageError, SceneError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

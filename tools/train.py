@@ -6,14 +6,24 @@
 Flags:
     --config FILE         YAML config (configs/*.yaml)
     --name NAME           experiment folder exp/NAME (default: the config's file name)
-    --datasets LIST       dataset mix with batch ratios, e.g. scannet:2,s3dis:1,structured3d:4
-                          (replaces data.mix; the same datasets are validated)
+    --datasets LIST       dataset mix with batch ratios, e.g. structured3d:4,scannet:2,s3dis:1
+                          (replaces data.mix; the same datasets are validated). The FIRST one
+                          defines the epoch: one pass over it; the others are reshuffled and
+                          re-iterated whenever they run out (as the reference).
     --data-root DIR       replaces data.root
     --weights FILE        initialise the model from a checkpoint (fine-tuning)
     --peft STAGE          parameter-efficient fine-tuning of --weights: full, linear, bitfit,
                           dapt or pointpeft (config default configs/peft_STAGE.yaml; the model
                           section comes from the base checkpoint; ppt.models.peft)
-    --resume              continue exp/NAME from model/model_last.pth, exactly
+    --resume              continue exp/NAME from model/model_last.pth, exactly (without --config:
+                          exp/NAME/config.yaml). Only how the rest is run may change
+                          (train.epochs re-plans the lr schedule, eval/checkpoint/log intervals,
+                          workers, data.root, ...); any other change is refused.
+    --plan                print the run's cost and exit: datasets, sizes, steps per epoch, total
+                          steps, evaluation volume (no model, no GPU, nothing written)
+    --world-size N        --plan: processes the run will use (GPUs x machines; default 1)
+    --sizes LIST          --plan without the data: scene counts name:TRAIN[/VAL],...
+                          e.g. structured3d:18000/1700,scannet:1201/312,s3dis:204/68
     --exp-root DIR        parent of experiment folders (default exp)
     key=value ...         config overrides (dotted keys, YAML values): optim.lr=0.01
 
@@ -54,6 +64,26 @@ def parse_mix(text: str) -> dict[str, int]:
     return mix
 
 
+def check_data_folders(root: Path, names: list[str]) -> None:
+    """Raise InputError unless ``root`` holds a folder for each dataset; when a child folder of
+    ``root`` does (``data/`` vs ``data/synthetic``), the message names it."""
+    missing = [d for d in dict.fromkeys(names) if not (root / d).is_dir()]
+    if root.is_dir() and not missing:
+        return
+    hint = ""
+    children = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for child in children:
+        if all((child / d).is_dir() for d in missing or names):
+            hint = f"; did you mean --data-root {child}?"
+            break
+    if not root.is_dir():
+        raise InputError(f"data root {root} does not exist (set --data-root, or make the synthetic "
+                         f"demo data: python tools/make_synthetic.py --out data/synthetic)")
+    present = sorted(p.name for p in children if p.name in DATASETS)
+    raise InputError(f"data root {root} has no {', '.join(missing)} folder (found: "
+                     f"{', '.join(present) or 'none'}){hint or '; see datasets/README.md'}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None)
@@ -63,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--peft", default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--plan", action="store_true")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    parser.add_argument("--sizes", default=None)
     parser.add_argument("--exp-root", default="exp")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser.parse_args(argv)
@@ -79,10 +112,20 @@ def prepare(args: argparse.Namespace):
             raise InputError(f"--peft: unknown stage {args.peft!r}; valid: {', '.join(stages)}")
         if args.weights is None or not Path(args.weights).is_file():
             raise InputError(f"--peft {args.peft} needs the base model: --weights FILE (got {args.weights})")
-        from ppt.models.peft.checkpoint import peft_run_overrides
+        from ppt.engine.checkpoint import CheckpointError
+        from ppt.engine.peft_checkpoint import peft_run_overrides
 
-        overrides = peft_run_overrides(args.peft, args.weights) + overrides
+        try:
+            overrides = peft_run_overrides(args.peft, args.weights) + overrides
+        except CheckpointError as err:
+            raise InputError(str(err)) from None
         args.config = args.config or f"configs/peft_{args.peft}.yaml"
+    if args.config is None and args.resume:
+        if not args.name:
+            raise InputError("--resume needs --name NAME (the experiment to continue) or --config")
+        args.config = str(Path(args.exp_root) / args.name / "config.yaml")
+        if not Path(args.config).is_file():
+            raise InputError(f"--resume: no {args.config} (is --name right? train without --resume first)")
     if args.config is None:
         raise InputError("--config is required (or --peft STAGE, which defaults to configs/peft_STAGE.yaml)")
     if args.datasets is not None:
@@ -95,15 +138,11 @@ def prepare(args: argparse.Namespace):
     if not name or "/" in name or name.startswith("."):
         raise InputError(f"--name {name!r} must be a plain folder name")
     exp_dir = Path(args.exp_root) / name
-    root = Path(cfg.data.root)
-    if not root.is_dir():
-        raise InputError(f"data root {root} does not exist (set --data-root, or make the synthetic "
-                         f"demo data: python tools/make_synthetic.py --out data/synthetic)")
-    missing = [d for d in cfg.data.mix if not (root / d).is_dir()]
-    if missing:
-        present = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in DATASETS)
-        raise InputError(f"data root {root} has no {', '.join(missing)} folder (found: "
-                         f"{', '.join(present) or 'none'}); see datasets/README.md")
+    if args.plan and args.sizes is not None:
+        return cfg, exp_dir
+    check_data_folders(Path(cfg.data.root), [*cfg.data.mix, *cfg.data.val])
+    if args.plan:
+        return cfg, exp_dir
     if args.weights is not None and not Path(args.weights).is_file():
         raise InputError(f"--weights file {args.weights} does not exist")
     last = exp_dir / "model" / "model_last.pth"
@@ -116,7 +155,7 @@ def prepare(args: argparse.Namespace):
         from ppt.data.check import check_data_root
 
         splits = ("train", "val") if cfg.train.eval_every > 0 else ("train",)
-        check_data_root(root, sorted({*cfg.data.mix, *cfg.data.val}), splits, quick=True)
+        check_data_root(Path(cfg.data.root), sorted({*cfg.data.mix, *cfg.data.val}), splits, quick=True)
     return cfg, exp_dir
 
 
@@ -133,7 +172,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # cheap checks first: a typo fails in a second, before torch is imported
         cfg, exp_dir = prepare(args)
-    except (InputError, ConfigError, SceneError) as err:
+        if args.plan:
+            from ppt.engine.plan import format_plan, make_plan, parse_sizes
+
+            sizes = parse_sizes(args.sizes) if args.sizes is not None else None
+            if args.world_size < 1:
+                raise InputError(f"--world-size must be >= 1, got {args.world_size}")
+            plan = make_plan(cfg, args.world_size, sizes)
+            print(f"plan for {args.config} ({', '.join(f'{k}:{v}' for k, v in cfg.data.mix.items())}):")
+            print(format_plan(plan))
+            return 0
+    except (InputError, ConfigError, SceneError, ValueError) as err:
         return fail(err)
 
     from ppt.engine.checkpoint import CheckpointError
@@ -151,9 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
     if rank == 0:
         val = " ".join(f"{k} {v['mIoU']:.4f}" for k, v in summary["val"].items())
+        best_on = cfg.train.best_on if cfg.train.best_on != "first" else (cfg.data.val or list(cfg.data.mix))[0]
+        best = (f"best {best_on} mIoU {summary['best_metric']:.4f} (epoch {summary['best_epoch']}); "
+                f"last val mIoU: {val}" if summary["best_epoch"] >= 0 else "not evaluated")
         print(f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']:.0f} s; "
-              f"best mean mIoU {summary['best_metric']:.4f} (epoch {summary['best_epoch']}); "
-              f"last val mIoU: {val or 'n/a'}; {exp_dir}")
+              f"{best}; {exp_dir}")
+        board = ".venv/bin/tensorboard" if Path(".venv/bin/tensorboard").exists() else "tensorboard"
+        print(f"watch it: {board} --logdir {exp_dir}")
     return 0
 
 

@@ -7,12 +7,16 @@
 #   tools/train.sh --config configs/scannet_spunet.yaml --name ft --weights exp/ppt/model/model_best.pth
 #   tools/train.sh --peft dapt --weights exp/ppt/model/model_best.pth --datasets s3dis --name s3dis_dapt
 #   tools/train.sh --config configs/ppt_joint.yaml --name ppt --gpus 8 --machines 2 --rank 0 --master 10.0.0.1:29500
+#   tools/train.sh --config configs/ppt_joint.yaml --gpus 8 --plan   # steps, epochs, eval cost; no run
+#   tools/train.sh --name ppt --resume                               # continue (config from exp/ppt)
 #
-# Flags: --config FILE, --name NAME (default: config file name), --datasets name:ratio,...,
+# Flags: --config FILE, --name NAME (default: config file name), --datasets name:ratio,...
+# (the first dataset defines the epoch: one pass over it; the others cycle, reshuffled),
 # --data-root DIR, --gpus N (processes per machine), --machines M, --rank R (this machine),
 # --master ADDR:PORT, --weights FILE (initialise, fine-tune), --peft STAGE (parameter-efficient
 # fine-tuning of --weights: full|linear|bitfit|dapt|pointpeft, config configs/peft_STAGE.yaml
-# unless --config is given), --resume, --no-test; anything
+# unless --config is given), --resume (without --config: exp/NAME/config.yaml), --plan (print
+# datasets, sizes, steps per epoch, total steps and evaluation volume, then exit), --no-test; anything
 # of the form key=value is a config override. More than one process -> torchrun.
 # With no arguments: make data/synthetic if missing, train configs/demo.yaml into exp/demo
 # (resumed if it already exists), then run tools/test.py on it.
@@ -25,7 +29,7 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
 die() { echo "error: $*" >&2; exit 2; }
 
 CONFIG="" NAME="" DATASETS="" DATA_ROOT="" GPUS=1 MACHINES=1 RANK_ID=0 MASTER="" WEIGHTS=""
-RESUME=0 TEST=1 OVERRIDES=() PEFT=""
+RESUME=0 TEST=1 OVERRIDES=() PEFT="" PLAN=0
 DEMO=0
 [[ $# -eq 0 ]] && DEMO=1
 
@@ -44,9 +48,10 @@ while [[ $# -gt 0 ]]; do
     --peft) need "$@"; PEFT="$2"; shift 2 ;;
     --resume) RESUME=1; shift ;;
     --no-test) TEST=0; shift ;;
+    --plan) PLAN=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *=*) OVERRIDES+=("$1"); shift ;;
-    *) die "unknown argument '$1' (flags: --config --name --datasets --data-root --gpus --machines --rank --master --weights --peft --resume --no-test, or key=value)" ;;
+    *) die "unknown argument '$1' (flags: --config --name --datasets --data-root --gpus --machines --rank --master --weights --peft --resume --plan --no-test, or key=value)" ;;
   esac
 done
 
@@ -60,6 +65,10 @@ if [[ $DEMO -eq 1 ]]; then
 fi
 
 [[ -z "$CONFIG" && -n "$PEFT" ]] && CONFIG="configs/peft_$PEFT.yaml"
+if [[ -z "$CONFIG" && $RESUME -eq 1 && -n "$NAME" ]]; then
+  CONFIG="exp/$NAME/config.yaml"
+  [[ -f "$CONFIG" ]] || die "--resume: no $CONFIG (is --name right? train without --resume first)"
+fi
 [[ -n "$CONFIG" ]] || die "--config is required (e.g. --config configs/demo.yaml), or run without arguments for the demo"
 [[ -f "$CONFIG" ]] || die "config file $CONFIG does not exist"
 for n in "$GPUS" "$MACHINES"; do [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "--gpus/--machines must be positive integers, got '$n'"; done
@@ -75,6 +84,10 @@ ARGS=(--config "$CONFIG" --name "$NAME")
 [[ -n "$PEFT" ]] && ARGS+=(--peft "$PEFT")
 [[ $RESUME -eq 1 ]] && ARGS+=(--resume)
 ARGS+=("${OVERRIDES[@]+"${OVERRIDES[@]}"}")
+
+if [[ $PLAN -eq 1 ]]; then
+  exec "$PY" tools/train.py --plan --world-size $((GPUS * MACHINES)) "${ARGS[@]}"
+fi
 
 if [[ "$GPUS" -gt 1 || "$MACHINES" -gt 1 ]]; then
   if [[ -x .venv/bin/torchrun ]]; then RUN=(.venv/bin/torchrun); else RUN=("$PY" -m torch.distributed.run); fi
@@ -98,4 +111,5 @@ if [[ $TEST -eq 1 && "$RANK_ID" -eq 0 ]]; then
   [[ -f "exp/$NAME/model/model_best.pth" ]] || TEST_ARGS+=(--weights "exp/$NAME/model/model_last.pth")
   "$PY" tools/test.py "${TEST_ARGS[@]}"
 fi
-echo "total $(( $(date +%s) - start )) s; experiment in exp/$NAME (tensorboard --logdir exp/$NAME)"
+if [[ -x .venv/bin/tensorboard ]]; then BOARD=.venv/bin/tensorboard; else BOARD=tensorboard; fi
+echo "total $(( $(date +%s) - start )) s; experiment in exp/$NAME (watch it: $BOARD --logdir exp/$NAME)"

@@ -8,6 +8,11 @@ only the ``.npy`` headers (``np.load(mmap_mode='r')``) and validates stand-in ar
 shape and dtype, so it costs milliseconds per scene and skips the content checks (finite
 values, label range, histogram). Problems are collected; the call raises one ``SceneError``
 listing them (first few in full) unless ``raise_on_error=False``.
+
+Scenes without ``normal.npy`` are not a problem (the readers estimate normals once and cache
+them, ``ppt.data.normals.NormalCache``); the report counts them, and those already cached.
+A ``normal.npy`` that ppt estimated from an older ``coord.npy`` counts as missing (it will be
+re-estimated), not as a shape error.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ppt.data.classes import IGNORE_INDEX, get_dataset_info
+from ppt.data.normals import NormalCache, normal_source
 from ppt.data.scene_io import SceneError, check_scene, load_array
 
 MAX_LISTED = 10
@@ -25,11 +31,18 @@ MAX_LISTED = 10
 
 @dataclass
 class SplitReport:
-    """Per dataset split: scene count, points, scenes with normals, label histogram."""
+    """Per dataset split: scene count, points, normals, label histogram.
+
+    ``with_normal`` counts scenes with a valid ``normal.npy`` (``estimated`` of them written by
+    ppt's normal cache); the other scenes get estimated normals on first use, ``cached`` of
+    them already in the cache folder.
+    """
 
     scenes: int = 0
     points: int = 0
     with_normal: int = 0
+    estimated: int = 0
+    cached: int = 0
     histogram: np.ndarray | None = None  # (K,) counts; None in quick mode
     ignored: int = 0
 
@@ -38,6 +51,7 @@ class SplitReport:
 class DataReport:
     root: Path
     quick: bool
+    normal_cache: Path | None = None
     splits: dict[str, dict[str, SplitReport]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -51,7 +65,14 @@ class DataReport:
             info = get_dataset_info(dataset)
             for split, rep in splits.items():
                 lines.append(f"{dataset}/{split}: {rep.scenes} scenes, {rep.points:,} points, "
-                             f"normals in {rep.with_normal}/{rep.scenes}")
+                             f"normals in {rep.with_normal}/{rep.scenes}"
+                             + (f" ({rep.estimated} estimated by ppt)" if rep.estimated else ""))
+                without = rep.scenes - rep.with_normal
+                if without:
+                    todo = without - rep.cached
+                    lines.append(f"  {without} scene(s) without normal.npy: {todo} to estimate on "
+                                 f"first use (k-NN PCA, once), {rep.cached} cached already; kept "
+                                 f"next to the scene, or in {self.normal_cache} if read-only")
                 if rep.histogram is not None and rep.scenes:
                     total = max(int(rep.histogram.sum()) + rep.ignored, 1)
                     parts = [f"{n} {100 * c / total:.1f}%"
@@ -80,8 +101,11 @@ def check_scene_folder(folder: Path, num_classes: int, segment_file: str, requir
     """Validate one scene folder; returns the (stand-in, when quick) arrays."""
     read = _header if quick else load_array
     arrays = {"coord": read(folder / "coord.npy"), "color": read(folder / "color.npy")}
+    stale_normal = normal_source(folder) == "stale"  # re-estimated on use: not the data's error
     for key, name in (("normal", "normal.npy"), ("segment", segment_file),
                       ("instance", "instance.npy")):
+        if key == "normal" and stale_normal:
+            continue
         if (folder / name).exists() or (key == "segment" and require_segment):
             arrays[key] = read(folder / name)
     if arrays["coord"].ndim == 2 and not np.issubdtype(arrays["coord"].dtype, np.floating):
@@ -93,7 +117,7 @@ def check_scene_folder(folder: Path, num_classes: int, segment_file: str, requir
 
 def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ...] | None = None,
                     splits: list[str] | tuple[str, ...] = ("train", "val"), quick: bool = True,
-                    raise_on_error: bool = True) -> DataReport:
+                    raise_on_error: bool = True, normal_cache: NormalCache | None = None) -> DataReport:
     """Check every scene of ``datasets`` x ``splits`` under ``root``.
 
     Args:
@@ -102,6 +126,7 @@ def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ..
         splits: split names; labels are required except in ``test``.
         quick: headers only (see module docstring).
         raise_on_error: raise one ``SceneError`` listing the problems.
+        normal_cache: where the readers cache estimated normals (default ``NormalCache()``).
 
     Returns:
         ``DataReport`` with per-split counts and the problems found.
@@ -109,7 +134,8 @@ def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ..
     from ppt.data.classes import DATASETS
 
     root = Path(root)
-    report = DataReport(root, quick)
+    normal_cache = normal_cache if normal_cache is not None else NormalCache()
+    report = DataReport(root, quick, normal_cache.cache_dir)
     if not root.is_dir():
         report.problems.append(f"{root}: data root is missing")
     elif datasets is None:
@@ -142,7 +168,11 @@ def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ..
                     continue
                 rep.scenes += 1
                 rep.points += len(arrays["coord"])
-                rep.with_normal += "normal" in arrays
+                if "normal" in arrays:
+                    rep.with_normal += 1
+                    rep.estimated += normal_source(folder) == "estimated"
+                else:
+                    rep.cached += normal_cache.cached(folder, len(arrays["coord"]), header_only=True) is not None
                 if not quick and "segment" in arrays:
                     seg = arrays["segment"].astype(np.int64)
                     rep.histogram += np.bincount(seg[seg != IGNORE_INDEX],

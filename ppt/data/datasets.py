@@ -17,7 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ppt.data.classes import DATASETS, DatasetInfo, get_dataset_info
-from ppt.data.normals import estimate_normals
+from ppt.data.normals import NormalCache
 from ppt.data.scene_io import SceneError, load_scene
 
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -27,7 +27,8 @@ class SceneDataset(Dataset):
     """Scenes of one dataset split, loaded, validated and transformed on access.
 
     A sample before transforms: ``coord`` f32 (N, 3), ``color`` f32 (N, 3) 0..255, ``normal``
-    f32 (N, 3) (estimated by k-NN PCA when ``normal.npy`` is missing), ``segment`` i64 (N,)
+    f32 (N, 3) (when ``normal.npy`` is missing: estimated by k-NN PCA on the first access and
+    cached on disk by ``normal_cache``, see ``ppt.data.normals.NormalCache``), ``segment`` i64 (N,)
     when labels exist, ``instance`` i64 (N,) when present, ``dataset`` str and ``name`` str
     (the scene path below the split folder, "/" replaced by "-": ``scene0000_00``,
     ``Area_5-office_1``, ``scene_03000-room_0``).
@@ -40,12 +41,15 @@ class SceneDataset(Dataset):
         loop: repeat the scene list this many times per epoch.
         skip_bad: validate every scene while listing and skip invalid ones with a warning
             (costs one full read per scene) instead of failing when one is accessed.
+        normal_cache: where estimated normals are kept (default: next to the scene, else
+            ``$PPT_CACHE/normals``).
     """
 
     def __init__(self, root: str | os.PathLike, info: DatasetInfo, split: str, transform=None,
-                 loop: int = 1, skip_bad: bool = False):
+                 loop: int = 1, skip_bad: bool = False, normal_cache: NormalCache | None = None):
         self.root, self.info, self.split = Path(root), info, split
         self.transform, self.loop = transform, loop
+        self.normal_cache = normal_cache if normal_cache is not None else NormalCache()
         if split not in info.splits:
             raise KeyError(f"{info.name} has no split {split!r}; valid splits: {', '.join(info.splits)}")
         layout = ", ".join(f"{self.root}/{g}/" for g in info.splits[split])
@@ -62,6 +66,7 @@ class SceneDataset(Dataset):
         self.scenes: list[Path] = scenes
 
     def _is_valid(self, folder: Path) -> bool:
+        self.normal_cache.discard_stale(folder)  # an outdated estimate is not a broken scene
         try:
             load_scene(folder, self.info.num_classes, self.info.segment_file)
             return True
@@ -81,9 +86,10 @@ class SceneDataset(Dataset):
     def load(self, index: int) -> dict:
         """The untransformed sample ``index`` (modulo the scene count)."""
         folder = self.scenes[index % len(self.scenes)]
+        self.normal_cache.discard_stale(folder)
         sample = load_scene(folder, self.info.num_classes, self.info.segment_file)
         if "normal" not in sample:
-            sample["normal"] = estimate_normals(sample["coord"])
+            sample["normal"] = self.normal_cache.get(folder, sample["coord"])
         sample["dataset"] = self.info.name
         sample["name"] = self.scene_name(folder)
         return sample
@@ -110,24 +116,26 @@ class FolderDataset(SceneDataset):
         split: sub-folder of ``root`` to read.
         name: dataset name carried by the samples (``dataset`` key).
         segment_file: label file inside each scene folder.
-        transform, loop, skip_bad: as for ``SceneDataset``.
+        transform, loop, skip_bad, normal_cache: as for ``SceneDataset``.
     """
 
     def __init__(self, root: str | os.PathLike, class_names: tuple[str, ...] | list[str],
                  split: str, name: str = "custom", segment_file: str = "segment.npy",
-                 transform=None, loop: int = 1, skip_bad: bool = False):
+                 transform=None, loop: int = 1, skip_bad: bool = False,
+                 normal_cache: NormalCache | None = None):
         info = DatasetInfo(name, tuple(class_names), {split: (f"{split}/*",)}, segment_file)
-        super().__init__(root, info, split, transform, loop, skip_bad)
+        super().__init__(root, info, split, transform, loop, skip_bad, normal_cache)
 
 
 def build_dataset(name: str, data_root: str | os.PathLike, split: str, transform=None,
-                  loop: int = 1, skip_bad: bool = False) -> SceneDataset:
+                  loop: int = 1, skip_bad: bool = False,
+                  normal_cache: NormalCache | None = None) -> SceneDataset:
     """Dataset ``name`` (a key of ``ppt.data.classes.DATASETS``) read from ``<data_root>/<name>``.
 
     Raises ``KeyError`` listing the valid names for an unknown ``name``.
     """
     info = get_dataset_info(name)
-    return SceneDataset(Path(data_root) / name, info, split, transform, loop, skip_bad)
+    return SceneDataset(Path(data_root) / name, info, split, transform, loop, skip_bad, normal_cache)
 
 
-__all__ = ["SceneDataset", "FolderDataset", "build_dataset", "DATASETS", "SceneError"]
+__all__ = ["SceneDataset", "FolderDataset", "build_dataset", "DATASETS", "NormalCache", "SceneError"]

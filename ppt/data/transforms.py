@@ -186,30 +186,39 @@ def smooth_noise(noise: np.ndarray, passes: int = 2) -> np.ndarray:
     return noise
 
 
+def _interpolate(grid: np.ndarray, origin: np.ndarray, spacing: float, points_t: np.ndarray) -> list[np.ndarray]:
+    """Trilinear values of a (X, Y, Z, C) grid at (3, N) points; node (i, j, k) sits at
+    ``origin + spacing * (i, j, k)``. Returns C float32 (N,) arrays (outside the grid: the
+    nearest edge value)."""
+    t = (points_t - np.asarray(origin, np.float64)[:, None]) / spacing   # (3, N) float64 node coordinates
+    # order=1 is exact trilinear interpolation, in compiled code (no per-corner gathers).
+    return [ndimage.map_coordinates(grid[..., c], t, order=1, mode="nearest", output=np.float32)
+            for c in range(grid.shape[3])]
+
+
 def trilinear(grid: np.ndarray, origin: np.ndarray, spacing: float, points: np.ndarray) -> np.ndarray:
     """Trilinearly interpolate a (X, Y, Z, C) grid whose node (i, j, k) sits at
     ``origin + spacing * (i, j, k)``, at float (N, 3) ``points``. Returns float32 (N, C)."""
-    t = ((points - origin) / spacing).T                    # (3, N) fractional node indices
-    out = np.empty((len(points), grid.shape[3]), np.float32)
-    for c in range(grid.shape[3]):
-        # order=1 is exact trilinear interpolation, in compiled code (no per-corner gathers).
-        out[:, c] = ndimage.map_coordinates(grid[..., c], t, order=1, mode="nearest")
-    return out
+    return np.stack(_interpolate(grid, origin, spacing, np.asarray(points, np.float64).T), axis=1)
 
 
 class ElasticDistortion(RandomTransform):
-    """Smooth random warp of ``coord`` (Pointcept's noise model, one interpolation pass).
+    """Smooth random warp of ``coord``: Pointcept's ElasticDistortion, same semantics.
 
-    For each (granularity, magnitude): a Gaussian noise grid with node spacing
-    ``granularity`` covering the scene is box-blurred twice (separable 1-D filters); the
-    displacement is ``sum(magnitude * trilinear(noise))``. The reference interpolates each
-    grid at the points in turn (evaluating later grids at already displaced points); we
-    resample the coarser grids onto the finest grid's nodes (exact for the default
-    granularities, whose nodes align) and interpolate ONCE at the points, which halves the
-    dominant per-point cost. The difference is evaluating coarse fields a few cm away.
+    For each (granularity, magnitude), in order: a Gaussian noise grid (3 channels) with node
+    spacing ``granularity`` covering the CURRENT coordinates (``extent // granularity + 3``
+    nodes per axis, node j at ``min - granularity + j * granularity``) is box-blurred twice
+    (3-wide, zero padding) and trilinearly interpolated at the current coordinates; the points
+    move by ``magnitude`` times that. The second pass therefore reads its grid at the points
+    the first pass has displaced, on a grid laid over them, as the reference does. What differs
+    is only how: separable 1-D box filters instead of ``ndimage.convolve`` with 4-D kernels,
+    ``ndimage.map_coordinates`` (order 1) instead of ``RegularGridInterpolator`` (same values;
+    points never leave the grid, so the reference's fill value 0 is never used), and the
+    coordinates held as (3, N) rows during the passes, where the per-axis min / max are
+    contiguous reductions (measured ~25x faster than ``(N, 3).min(0)``).
 
     Args:
-        params: list of (granularity m, magnitude) pairs.
+        params: list of (granularity m, magnitude) pairs, applied in order.
         p: probability of distorting.
     """
 
@@ -220,24 +229,15 @@ class ElasticDistortion(RandomTransform):
     def __call__(self, sample: dict) -> dict:
         if self.rng.random() >= self.p:
             return sample
-        coord = sample["coord"].astype(np.float32)
-        lo = coord.min(0)
-        extent = (coord - lo).max(0)
-        fine = min(g for g, _ in self.params)
-        # Node j of a grid with spacing g sits at lo - g + j * g, as in the reference.
-        fine_dims = (extent // fine).astype(int) + 3
-        axes = [lo[i] - fine + fine * np.arange(d) for i, d in enumerate(fine_dims)]
-        nodes = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-        field = np.zeros((*fine_dims, 3), np.float32)
+        rows = np.ascontiguousarray(sample["coord"].T, dtype=np.float32)  # (3, N), a copy
         for granularity, magnitude in self.params:
-            dims = (extent // granularity).astype(int) + 3
+            lo = rows.min(1)
+            dims = ((rows.max(1) - lo) // granularity).astype(int) + 3
             noise = smooth_noise(self.rng.standard_normal((*dims, 3), dtype=np.float32))
-            if granularity == fine:
-                field += magnitude * noise
-            else:
-                coarse = trilinear(noise, lo - granularity, granularity, nodes)
-                field += magnitude * coarse.reshape(field.shape)
-        sample["coord"] = coord + trilinear(field, lo - fine, fine, coord)
+            shift = _interpolate(noise, lo.astype(np.float64) - granularity, granularity, rows)
+            for axis in range(3):
+                rows[axis] += magnitude * shift[axis]
+        sample["coord"] = np.ascontiguousarray(rows.T)
         return sample
 
 

@@ -38,20 +38,29 @@ def text_embeddings_from_state(state: dict) -> dict[str, torch.Tensor]:
 def build_model(cfg: Config, text_embeddings: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The Segmentor of ``cfg.model`` over the config's datasets.
 
+    The backbone is ``model.backbone``: SpUNet from ``model.channels`` / ``model.layers``, or
+    PTv3 from the ``ptv3`` section.
+
     Args:
         cfg: full config (model section + dataset names).
         text_embeddings: precomputed embeddings (e.g. from a checkpoint); default: encode the
             class names with ``cfg.model.text_encoder`` (language head only).
     """
+    from dataclasses import asdict
+
     from ppt.models.segmentor import Segmentor
 
     m = cfg.model
     datasets = model_datasets(cfg)
     if m.head == "language" and (text_embeddings is None or any(d not in text_embeddings for d in datasets)):
         text_embeddings = build_text_embeddings(m, datasets)
+    if m.backbone == "ptv3":
+        backbone = dict(in_channels=m.in_channels, **asdict(cfg.ptv3))
+    else:
+        backbone = dict(in_channels=m.in_channels, channels=tuple(m.channels), layers=tuple(m.layers))
     return Segmentor(
         class_names={d: get_dataset_info(d).class_names for d in datasets},
-        backbone=dict(in_channels=m.in_channels, channels=tuple(m.channels), layers=tuple(m.layers)),
+        backbone=backbone, backbone_type=m.backbone,
         prompt=m.prompt, prompt_dim=m.prompt_dim, decoupled_bn=m.decoupled_bn, head=m.head,
         text_embeddings=text_embeddings if m.head == "language" else None,
         logit_scale=m.logit_scale, zero_init=m.zero_init,
@@ -66,15 +75,19 @@ def per_rank_batch_size(data: DataConfig, world_size: int) -> int:
 
 
 def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1):
-    """MultiDatasetLoader over the train splits of ``cfg.data.mix`` (this rank's shard)."""
+    """MultiDatasetLoader over the train splits of ``cfg.data.mix`` (this rank's shard).
+
+    ``data.loop`` repeats the first (main) dataset only: it sets the epoch length, and the
+    other datasets are re-iterated by the loader whenever they run out (as the reference)."""
     from ppt.data.datasets import build_dataset
     from ppt.data.mixing import MultiDatasetLoader
     from ppt.data.transforms import build_transforms
 
     d = cfg.data
+    main = next(iter(d.mix))
     datasets = {name: build_dataset(name, d.root, "train",
                                     build_transforms(name, "train", d.voxel_size, augment=d.augment),
-                                    loop=d.loop)
+                                    loop=d.loop if name == main else 1)
                 for name in d.mix}
     return MultiDatasetLoader(datasets, dict(d.mix), per_rank_batch_size(d, world_size),
                               num_workers=d.num_workers, seed=cfg.train.seed, rank=rank,
@@ -89,15 +102,21 @@ def build_val_datasets(cfg: Config) -> dict:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Base group at ``lr`` and prompt group (``model.prompt_parameters()``) at
-    ``lr * prompt_lr_scale``; each group carries its own peak lr (``max_lr``)."""
+    """Base group at ``lr``, prompt group (``model.prompt_parameters()``) at ``lr *
+    prompt_lr_scale`` and, when ``block_lr_scale != 1``, a block group
+    (``model.block_parameters()``: the backbone blocks' weights, the PTv3 recipe's "block"
+    keyword) at ``lr * block_lr_scale``; each group carries its own peak lr (``max_lr``)."""
     prompt_ids = {id(p) for p in model.prompt_parameters()} if hasattr(model, "prompt_parameters") else set()
-    base = [p for p in model.parameters() if p.requires_grad and id(p) not in prompt_ids]
-    prompt = [p for p in model.parameters() if p.requires_grad and id(p) in prompt_ids]
-    groups = [{"params": base, "lr": cfg.lr, "max_lr": cfg.lr, "name": "base"}]
-    if prompt:
-        lr = cfg.lr * cfg.prompt_lr_scale
-        groups.append({"params": prompt, "lr": lr, "max_lr": lr, "name": "prompt"})
+    block_ids = set()
+    if cfg.block_lr_scale != 1.0 and hasattr(model, "block_parameters"):
+        block_ids = {id(p) for p in model.block_parameters()} - prompt_ids
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in prompt_ids | block_ids], "lr": cfg.lr,
+               "max_lr": cfg.lr, "name": "base"}]
+    for name, ids, scale in (("prompt", prompt_ids, cfg.prompt_lr_scale), ("block", block_ids, cfg.block_lr_scale)):
+        params = [p for p in trainable if id(p) in ids]
+        if params:
+            groups.append({"params": params, "lr": cfg.lr * scale, "max_lr": cfg.lr * scale, "name": name})
     return groups
 
 
@@ -113,16 +132,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     """Per-step schedule with one peak lr PER GROUP (the group's ``max_lr``).
 
-    "onecycle": ``torch.optim.lr_scheduler.OneCycleLR`` (cosine annealing, no momentum
-    cycling so SGD keeps its momentum). "cosine": linear warm-up over ``pct_start`` of the
-    steps from ``max_lr / div_factor``, then cosine down to ``max_lr / final_div_factor``.
+    "onecycle": ``torch.optim.lr_scheduler.OneCycleLR`` (cosine annealing; with
+    ``cycle_momentum`` SGD's momentum / AdamW's beta1 runs from ``max_momentum`` down to
+    ``base_momentum`` while the lr rises and back, as the reference recipe). "cosine": linear
+    warm-up over ``pct_start`` of the steps from ``max_lr / div_factor``, then cosine down to
+    ``max_lr / final_div_factor`` (momentum fixed).
     """
     total_steps = max(1, total_steps)
     max_lrs = [g["max_lr"] for g in optimizer.param_groups]
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=cfg.pct_start,
-            anneal_strategy="cos", cycle_momentum=False, div_factor=cfg.div_factor,
+            anneal_strategy="cos", cycle_momentum=cfg.cycle_momentum and _has_momentum(optimizer),
+            base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum, div_factor=cfg.div_factor,
             final_div_factor=cfg.final_div_factor)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = group["max_lr"]
@@ -136,3 +158,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _has_momentum(optimizer: torch.optim.Optimizer) -> bool:
+    """OneCycleLR can cycle SGD's momentum (when > 0) or Adam-style beta1."""
+    defaults = optimizer.defaults
+    return "betas" in defaults or defaults.get("momentum", 0) > 0

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, exact resume, weight loading for fine-tuning.
+"""Checkpoints: atomic writes, exact resume, the checkpoints of PEFT runs.
 
 A checkpoint (``exp/<name>/model/model_last.pth`` / ``model_best.pth``) is a dict::
 
@@ -9,6 +9,11 @@ A checkpoint (``exp/<name>/model/model_last.pth`` / ``model_best.pth``) is a dic
 Everything is plain containers and tensors, so it loads with ``torch.load(weights_only=True)``.
 Resuming restores all of it: a run killed at any point and resumed from its last checkpoint
 ends with exactly the weights of an uninterrupted run (same seed, CPU).
+
+A PEFT run's checkpoint (a model set up by ``ppt.engine.peft_checkpoint.prepare_peft_model``)
+holds only the trainable part as ``model``, plus ``peft``, ``peft_domain`` and ``base`` (path
+and fingerprint of the base weights). Starting a model from another checkpoint's weights
+(fine-tuning, PEFT base) is ``ppt.engine.weights``.
 """
 from __future__ import annotations
 
@@ -98,15 +103,46 @@ def _strip_prefix(state: dict) -> dict:
     return state
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` was set up by ``ppt.engine.peft_checkpoint.prepare_peft_model``."""
+    return getattr(model, "peft_base", None) is not None
+
+
+def peft_model_state(model: nn.Module) -> dict:
+    """What a PEFT checkpoint stores of the model: the trainable part (plus memory bank and label
+    spaces) once a stage is applied, the whole state dict for full fine-tuning (no stage)."""
+    from ppt.models.peft.stages import PeftSpUNet, trainable_state_dict
+
+    if isinstance(model.backbone, PeftSpUNet):
+        return trainable_state_dict(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def peft_checkpoint_keys(model: nn.Module) -> set[str]:
+    """State-dict keys the checkpoint of a PEFT run holds (see :func:`peft_model_state`)."""
+    from ppt.models.peft.stages import PeftSpUNet
+
+    if not isinstance(model.backbone, PeftSpUNet):
+        return set(model.state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k for k in model.state_dict()
+            if k in trainable or k.startswith(("backbone.memory_bank.", "head.text_"))}
+
+
+def peft_checkpoint_entries(model: nn.Module) -> dict:
+    """The model entries of a PEFT run's checkpoint: "model" (trainable part), "peft",
+    "peft_domain" and "base" (path + fingerprint of the base weights)."""
+    return {"model": peft_model_state(model), "peft": dict(model.peft_config),
+            "peft_domain": model.peft_domain, "base": dict(model.peft_base)}
+
+
 def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
     """Strict load with a readable summary of what does not fit."""
     state = _strip_prefix(state)
     own = model.state_dict()
-    peft = getattr(model, "peft_base", None) is not None
-    if peft:  # a PEFT run's checkpoint holds only its trainable part (ppt.models.peft.checkpoint)
-        from ppt.models.peft.checkpoint import checkpoint_keys
-
-        keys = checkpoint_keys(model)
+    peft = is_peft_model(model)
+    if peft:  # a PEFT run's checkpoint holds only its trainable part
+        keys = peft_checkpoint_keys(model)
         own = {k: v for k, v in own.items() if k in keys}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -129,11 +165,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer, sch
                     epoch: int, step: int, best_metric: float, best_epoch: int, nonfinite_steps: int,
                     config: dict, rng: list[dict]) -> None:
     """Write the full training state (see module docstring) atomically."""
-    model_entries = {"model": model.state_dict()}
-    if getattr(model, "peft_base", None) is not None:  # trainable part + base reference
-        from ppt.models.peft.checkpoint import checkpoint_entries
-
-        model_entries = checkpoint_entries(model)
+    model_entries = peft_checkpoint_entries(model) if is_peft_model(model) else {"model": model.state_dict()}
     atomic_save({
         "version": CHECKPOINT_VERSION,
         **model_entries,
@@ -168,40 +200,3 @@ def restore(ckpt: dict, path: str | os.PathLike, *, model: nn.Module, optimizer,
         raise CheckpointError(f"checkpoint {path} holds RNG states of {len(rng)} processes; "
                               f"this is rank {rank} (resume with the same number of processes)")
     set_rng_state(rng[rank])
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
-    """Initialise ``model`` from a checkpoint's weights (fine-tuning): tensors whose name and
-    shape match are loaded, the rest keep their initialisation.
-
-    Accepts a PPT checkpoint, a Pointcept checkpoint (``state_dict``) or a bare state dict.
-
-    Returns:
-        One-line report: loaded count, shape mismatches, missing and unexpected keys.
-
-    Raises:
-        CheckpointError: unreadable file, or nothing at all matches.
-    """
-    ckpt = load_checkpoint(path)
-    state = ckpt.get("model", ckpt.get("state_dict", ckpt))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} holds no model state dict")
-    state = _strip_prefix(state)
-    own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    shapes = [f"{k} {tuple(state[k].shape)}->{tuple(own[k].shape)}" for k in state
-              if k in own and k not in fits]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if not fits:
-        raise CheckpointError(f"checkpoint {path}: no tensor matches this model by name and shape "
-                              f"({len(unexpected)} unexpected keys, e.g. {_summary(unexpected, 3)})")
-    model.load_state_dict(fits, strict=False)
-    parts = [f"loaded {len(fits)}/{len(own)} tensors from {path}"]
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches kept initialised ({_summary(shapes, 3)})")
-    if missing:
-        parts.append(f"{len(missing)} missing ({_summary(missing, 3)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ignored ({_summary(unexpected, 3)})")
-    return "; ".join(parts)

@@ -75,7 +75,8 @@ class ExperimentLogger:
         from ppt.engine.evaluate import confusion_image
 
         for name, res in results.items():
-            self.scalars({f"val/{name}/{k}": res[k] for k in ("mIoU", "mAcc", "allAcc")}, step)
+            self.scalars({f"val/{name}/{k}": res[k] for k in ("mIoU", "mIoU_ref", "mAcc", "allAcc")
+                          if k in res and np.isfinite(res[k])}, step)
             per_class = {f"val/{name}/iou/{c}": v for c, v in res["per_class"].items()
                          if v is not None and np.isfinite(v)}
             self.scalars(per_class, step)
@@ -83,7 +84,8 @@ class ExperimentLogger:
                 self.image(f"val/{name}/confusion", confusion_image(res["confusion"], list(res["per_class"])), step)
             ious = "  ".join(f"{c}={v:.3f}" for c, v in res["per_class"].items()
                              if v is not None and np.isfinite(v))
-            self.info(f"val {name} epoch {epoch}: mIoU {res['mIoU']:.4f} mAcc {res['mAcc']:.4f} "
+            ref = f" (all-classes mIoU_ref {res['mIoU_ref']:.4f})" if "mIoU_ref" in res else ""
+            self.info(f"val {name} epoch {epoch}: mIoU {res['mIoU']:.4f}{ref} mAcc {res['mAcc']:.4f} "
                       f"allAcc {res['allAcc']:.4f} | {ious}")
         if results:
             mean = float(np.mean([r["mIoU"] for r in results.values()]))

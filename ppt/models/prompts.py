@@ -8,6 +8,8 @@
   (decoupled) unless ``decoupled=False``. The modulation is zero-initialised by default, so at
   step 0 the model equals the plain network (the paper's choice; the reference configs ship
   with zero-init off).
+- :class:`PDLayerNorm`: the same over LayerNorm (per-dataset LN affine, zero-initialised
+  modulation), for the LayerNorms of the PTv3 backbone; its BatchNorms use :class:`PDNorm`.
 - :class:`PromptInjection` and :class:`PromptCrossAttention`: the paper's ablation adapters,
   placed in each basic block's ``prompt_adapter`` slot; both return a delta added to the block
   input and start silent (zero-initialised output layer).
@@ -70,6 +72,52 @@ def _batch_norm(num_features: int, affine: bool = True) -> nn.BatchNorm1d:
     return nn.BatchNorm1d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM, affine=affine)
 
 
+def _modulation(prompt_dim: int, num_features: int, zero_init: bool) -> nn.Sequential:
+    """SiLU -> Linear(prompt_dim, 2C): the prompt's (shift, scale) of a prompt-driven norm."""
+    linear = nn.Linear(prompt_dim, 2 * num_features)
+    if zero_init:
+        nn.init.zeros_(linear.weight)
+    else:
+        nn.init.trunc_normal_(linear.weight, std=INIT_STD)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.SiLU(), linear)
+
+
+def _modulate(x: torch.Tensor, modulation: nn.Module | None, ctx: DomainContext) -> torch.Tensor:
+    """(N, C) normalised features -> ``x * (1 + scale) + shift`` from the prompt (fp32)."""
+    if modulation is None:
+        return x
+    if ctx.prompt is None:
+        raise ValueError("PDNorm needs a domain prompt (ctx.prompt is None)")
+    shift, scale = modulation(ctx.prompt).float().chunk(2, dim=-1)  # (1, C) each
+    return x * (1.0 + scale) + shift
+
+
+def _init_domain_norms(module: nn.Module, make_norm, num_features: int, domains: Sequence[str],
+                       prompt_dim: int, decoupled: bool, adaptive: bool, zero_init: bool) -> None:
+    """The frame PDNorm and PDLayerNorm share: ``norms`` (one per dataset) or one shared
+    ``norm``, and the prompt ``modulation`` (None when not adaptive)."""
+    module.domains = check_domain_names(domains)
+    module.decoupled = decoupled
+    if decoupled:
+        module.norms = nn.ModuleDict({d: make_norm(num_features) for d in module.domains})
+    else:
+        module.norm = make_norm(num_features)
+    module.modulation = _modulation(prompt_dim, num_features, zero_init) if adaptive else None
+
+
+def _own_norm(module: nn.Module, domain: str) -> nn.Module | None:
+    """The norm ``domain`` normalises with, or None for the "mean" domain (a mixture)."""
+    if not module.decoupled:
+        return module.norm
+    if domain in module.norms:
+        return module.norms[domain]
+    if domain != MEAN_PROMPT:
+        raise KeyError(f"{type(module).__name__} has no norm for domain {domain!r}; "
+                       f"valid: {', '.join(module.domains)}, {MEAN_PROMPT}")
+    return None
+
+
 class PDNorm(nn.Module):
     """Prompt-driven BatchNorm for (N, C) voxel features.
 
@@ -85,30 +133,12 @@ class PDNorm(nn.Module):
     def __init__(self, num_features: int, domains: Sequence[str], prompt_dim: int = 256,
                  decoupled: bool = True, adaptive: bool = True, zero_init: bool = True):
         super().__init__()
-        self.domains = check_domain_names(domains)
-        self.decoupled = decoupled
-        if decoupled:
-            self.norms = nn.ModuleDict({d: _batch_norm(num_features) for d in self.domains})
-        else:
-            self.norm = _batch_norm(num_features)
-        self.modulation = None
-        if adaptive:
-            linear = nn.Linear(prompt_dim, 2 * num_features)
-            if zero_init:
-                nn.init.zeros_(linear.weight)
-            else:
-                nn.init.trunc_normal_(linear.weight, std=INIT_STD)
-            nn.init.zeros_(linear.bias)
-            self.modulation = nn.Sequential(nn.SiLU(), linear)
+        _init_domain_norms(self, _batch_norm, num_features, domains, prompt_dim, decoupled, adaptive, zero_init)
 
     def _normalise(self, x: torch.Tensor, domain: str) -> torch.Tensor:
-        if not self.decoupled:
-            return self.norm(x)
-        if domain in self.norms:
-            return self.norms[domain](x)
-        if domain != MEAN_PROMPT:
-            raise KeyError(f"PDNorm has no statistics for domain {domain!r}; "
-                           f"valid: {', '.join(self.domains)}, {MEAN_PROMPT}")
+        norm = _own_norm(self, domain)
+        if norm is not None:
+            return norm(x)
         bns = list(self.norms.values())
         weight = torch.stack([bn.weight for bn in bns]).mean(0)
         bias = torch.stack([bn.bias for bn in bns]).mean(0)
@@ -120,13 +150,44 @@ class PDNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: DomainContext) -> torch.Tensor:
         """(N, C) features -> (N, C) fp32 normalised and modulated features."""
-        x = self._normalise(x.float(), ctx.domain)
-        if self.modulation is None:
-            return x
-        if ctx.prompt is None:
-            raise ValueError("PDNorm needs a domain prompt (ctx.prompt is None)")
-        shift, scale = self.modulation(ctx.prompt).float().chunk(2, dim=-1)  # (1, C) each
-        return x * (1.0 + scale) + shift
+        return _modulate(self._normalise(x.float(), ctx.domain), self.modulation, ctx)
+
+
+class PDLayerNorm(nn.Module):
+    """Prompt-driven LayerNorm for (N, C) point features (every LayerNorm of PTv3).
+
+    ``y = LN_d(x) * (1 + scale) + shift`` with ``(shift, scale) = Linear(SiLU(prompt))``, as
+    :class:`PDNorm`: one LayerNorm affine per dataset when ``decoupled`` (LayerNorm has no
+    running statistics, so only the affine is per dataset), modulation zero-initialised by
+    default. Unknown domain (``"mean"``): normalise, then the mean of the datasets' affines.
+
+    Args:
+        num_features: channels C.
+        domains: dataset names (one LayerNorm each when ``decoupled``).
+        prompt_dim: length of the domain prompt.
+        decoupled: keep the LayerNorm affine per dataset (reference default).
+        adaptive: modulate with the prompt; ``False`` leaves the decoupled LayerNorms only.
+        zero_init: zero-initialise the modulation Linear so training starts from plain LN.
+    """
+
+    def __init__(self, num_features: int, domains: Sequence[str], prompt_dim: int = 256,
+                 decoupled: bool = True, adaptive: bool = True, zero_init: bool = True):
+        super().__init__()
+        _init_domain_norms(self, nn.LayerNorm, num_features, domains, prompt_dim, decoupled, adaptive, zero_init)
+
+    def _normalise(self, x: torch.Tensor, domain: str) -> torch.Tensor:
+        norm = _own_norm(self, domain)
+        if norm is not None:
+            return norm(x)
+        lns = list(self.norms.values())
+        weight = torch.stack([ln.weight for ln in lns]).mean(0)
+        bias = torch.stack([ln.bias for ln in lns]).mean(0)
+        return F.layer_norm(x, lns[0].normalized_shape, weight, bias, lns[0].eps)
+
+    def forward(self, x: torch.Tensor, ctx: DomainContext) -> torch.Tensor:
+        """(N, C) features -> (N, C) fp32 normalised and modulated features."""
+        with torch.autocast(x.device.type, enabled=False):  # LayerNorm statistics in fp32
+            return _modulate(self._normalise(x.float(), ctx.domain), self.modulation, ctx)
 
 
 class PromptInjection(nn.Module):

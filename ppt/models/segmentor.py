@@ -1,4 +1,4 @@
-"""The PPT model: domain prompts + SpUNet backbone + category-alignment head."""
+"""The PPT model: domain prompts + backbone (SpUNet or PTv3) + category-alignment head."""
 from __future__ import annotations
 
 from functools import partial
@@ -9,11 +9,14 @@ import torch.nn as nn
 
 from ppt.models.heads import HEADS, LanguageHead
 from ppt.models.prompts import (
-    MEAN_PROMPT, PROMPT_ADAPTERS, DomainPrompts, PDNorm, PromptCrossAttention, PromptInjection,
+    MEAN_PROMPT, PROMPT_ADAPTERS, DomainPrompts, PDLayerNorm, PDNorm, PromptCrossAttention, PromptInjection,
 )
+from ppt.models.ptv3 import PointTransformerV3
 from ppt.models.spunet import BatchNorm, DomainContext, SpUNet
 
 PROMPT_MODULES = (PromptInjection, PromptCrossAttention)
+PROMPT_NORMS = (PDNorm, PDLayerNorm)
+BACKBONES = ("spunet", "ptv3")  # model.backbone choices
 
 
 class Segmentor(nn.Module):
@@ -22,8 +25,11 @@ class Segmentor(nn.Module):
     Args:
         class_names: dataset name -> class names in label order; the keys are the domains
             (one prompt each) and the label spaces of the head.
-        backbone: SpUNet keyword arguments (``in_channels``, ``channels``, ``layers``,
-            ``stem_channels``).
+        backbone: keyword arguments of the backbone class (SpUNet: ``in_channels``,
+            ``channels``, ``layers``, ``stem_channels``; PTv3: see
+            ``ppt.models.ptv3.PointTransformerV3``).
+        backbone_type: "spunet" (default) or "ptv3". With "pdnorm", every norm of either is
+            prompt-driven (PTv3: PDNorm for its batch norms, PDLayerNorm for its LayerNorms).
         prompt: "none" (plain BN, naive joint training), "pdnorm" (paper default),
             "inject" (direct injection) or "xattn" (cross-attention) — see ``ppt.models.prompts``.
         prompt_dim: prompt length.
@@ -39,6 +45,7 @@ class Segmentor(nn.Module):
         self,
         class_names: dict[str, Sequence[str]],
         backbone: dict | None = None,
+        backbone_type: str = "spunet",
         prompt: str = "pdnorm",
         prompt_dim: int = 256,
         decoupled_bn: bool = True,
@@ -52,19 +59,28 @@ class Segmentor(nn.Module):
             raise ValueError(f"unknown prompt adapter {prompt!r}; valid: {', '.join(PROMPT_ADAPTERS)}")
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
+        if backbone_type not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone_type!r}; valid: {', '.join(BACKBONES)}")
         self.domains = tuple(class_names)
         self.prompt_mode = prompt
         self.prompts = DomainPrompts(self.domains, prompt_dim) if prompt != "none" else None
 
-        norm_layer, adapter_layer = BatchNorm, None
+        layers: dict = {}
         if prompt == "pdnorm":
-            norm_layer = partial(PDNorm, domains=self.domains, prompt_dim=prompt_dim,
-                                 decoupled=decoupled_bn, zero_init=zero_init)
-        elif prompt == "inject":
-            adapter_layer = partial(PromptInjection, prompt_dim=prompt_dim)
+            pd = dict(domains=self.domains, prompt_dim=prompt_dim, decoupled=decoupled_bn, zero_init=zero_init)
+            layers["norm_layer"] = partial(PDNorm, **pd)
+            if backbone_type == "ptv3":
+                layers["ln_layer"] = partial(PDLayerNorm, **pd)
+        else:
+            layers["norm_layer"] = BatchNorm
+        if prompt == "inject":
+            layers["adapter_layer"] = partial(PromptInjection, prompt_dim=prompt_dim)
         elif prompt == "xattn":
-            adapter_layer = partial(PromptCrossAttention, prompt_dim=prompt_dim)
-        self.backbone = SpUNet(**(backbone or {}), norm_layer=norm_layer, adapter_layer=adapter_layer)
+            layers["adapter_layer"] = partial(PromptCrossAttention, prompt_dim=prompt_dim)
+        if backbone_type == "ptv3":
+            self.backbone = PointTransformerV3(**(backbone or {}), **layers)
+        else:
+            self.backbone = SpUNet(**(backbone or {}), **layers)
 
         if head == "language":
             if text_embeddings is None:
@@ -110,13 +126,24 @@ class Segmentor(nn.Module):
         seen: set[int] = set()
         modules: list[nn.Module] = [self.prompts] if self.prompts is not None else []
         for m in self.backbone.modules():
-            if isinstance(m, PDNorm) and m.modulation is not None:
+            if isinstance(m, PROMPT_NORMS) and m.modulation is not None:
                 modules.append(m.modulation)
             elif isinstance(m, PROMPT_MODULES):
                 modules.append(m)
         for m in modules:
             for p in m.parameters():
                 if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def block_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the backbone's blocks (``backbone.blocks()``) that are not prompt
+        parameters: the group the PTv3 recipe trains at lr x 0.1 (reference keyword "block")."""
+        prompt = {id(p) for p in self.prompt_parameters()}
+        seen: set[int] = set()
+        for block in self.backbone.blocks():
+            for p in block.parameters():
+                if id(p) not in prompt and id(p) not in seen:
                     seen.add(id(p))
                     yield p
 

@@ -29,15 +29,26 @@ head still runs under it).
 """
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-import spconv.pytorch as spconv
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+with warnings.catch_warnings():
+    # spconv 2.3 decorates its autograd functions with torch.cuda.amp.custom_fwd/bwd, deprecated
+    # since torch 2.4: eight FutureWarnings at import that no user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv(\.|$)")
+    import spconv.pytorch as spconv
 from spconv.core import ConvAlgo
+
+# spconv's modules ask torch.fx.is_fx_tracing(), which logs a deprecation notice (once per
+# process, so once per loader worker) that no user can act on.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 from spconv.pytorch.conv import SparseConvolution
 
 BN_EPS = 1e-3

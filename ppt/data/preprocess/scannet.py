@@ -9,7 +9,10 @@ Raw inputs per scene (official layout, ``scans/<scene>/`` and ``scans_test/<scen
 - ``<scene>.txt``: ``axisAlignment = 16 floats`` (row-major 4x4), used with ``align=True``.
 
 Plus ``scannetv2-labels.combined.tsv`` (columns ``id``, ``raw_category``, ``nyu40id`` ...) and
-the official split lists ``scannetv2_{train,val,test}.txt``.
+the official split lists ``scannetv2_{train,val,test}.txt`` (1201 / 312 / 100 scenes). The
+download does not hold the lists (they live in the ScanNet code repository, ``Tasks/Benchmark/``),
+so a copy ships with this package in ``meta/`` and is used unless ``--splits DIR`` or the raw
+folder provides its own.
 
 Labels: raw category -> NYU40 id -> 20-class index (``classes.SCANNET20_NYU40``), and raw
 category -> TSV ``id`` -> ScanNet200 index (position in ``VALID_CLASS_IDS_200``, the benchmark's
@@ -43,6 +46,9 @@ VALID_CLASS_IDS_200 = (
     1179, 1180, 1181, 1182, 1183, 1184, 1185, 1186, 1187, 1188, 1189, 1190, 1191,
 )
 SPLITS = ("train", "val", "test")
+# The official ScanNet v2 split lists, shipped with the package (see meta/README.md).
+PACKAGED_SPLITS = Path(__file__).resolve().parent / "meta"
+_MAX_NAMED = 20  # scene names spelt out in one "not in any split list" warning
 
 
 def _lookup(ids: tuple[int, ...]) -> np.ndarray:
@@ -199,15 +205,55 @@ def _find(raw: Path, names: tuple[str, ...], extra: Path | None) -> Path | None:
     return None
 
 
+def find_split_lists(raw: Path, splits_dir: Path | None = None) -> Path:
+    """Folder whose ``scannetv2_{train,val,test}.txt`` decide the splits.
+
+    ``splits_dir`` when given (it must hold the train and val lists); else the first of ``raw``,
+    ``raw/meta``, ``raw/meta_data``, ``raw/tasks`` holding ``scannetv2_train.txt`` (lists the
+    user put beside the download, as the reference expects); else the packaged official lists.
+    All lists come from that one folder: train from one place and val from another could put a
+    scene in two splits.
+    """
+    if splits_dir is not None:
+        folder = Path(splits_dir)
+    else:
+        found = _find(Path(raw), ("scannetv2_train.txt",), None)
+        folder = found.parent if found is not None else PACKAGED_SPLITS
+    for split in ("train", "val"):
+        if not (folder / f"scannetv2_{split}.txt").is_file():
+            raise FileNotFoundError(f"{folder / f'scannetv2_{split}.txt'} not found; the split lists "
+                                    f"scannetv2_{{train,val,test}}.txt must sit side by side"
+                                    + ("" if splits_dir is not None else "; pass --splits DIR"))
+    return folder
+
+
+def read_split_lists(folder: Path) -> dict[str, str]:
+    """{scene: split} from ``folder/scannetv2_{train,val,test}.txt`` (test optional)."""
+    listed: dict[str, str] = {}
+    for split in SPLITS:
+        path = folder / f"scannetv2_{split}.txt"
+        if not path.is_file():
+            continue
+        for scene in path.read_text().split():
+            if scene in listed and listed[scene] != split:
+                raise ValueError(f"{path}: {scene} is also listed in scannetv2_{listed[scene]}.txt")
+            listed[scene] = split
+    return listed
+
+
 def list_tasks(raw: Path, out: Path, splits_dir: Path | None = None, align: bool = False,
                ) -> list[SceneTask]:
-    """One task per scan listed in the official split files.
+    """One task per scan of ``scans/`` and ``scans_test/``, split by the split lists.
+
+    A scan in no list goes to ``train`` (``scans/``, annotated) or ``test`` (``scans_test/``),
+    with one warning per folder naming the scans.
 
     Args:
         raw: ScanNet root holding ``scans/`` (and optionally ``scans_test/``).
         out: output root; scenes go to ``out/{split}/<scene>``.
-        splits_dir: folder with ``scannetv2_{train,val,test}.txt``; default: ``raw``,
-            ``raw/meta``, ``raw/meta_data``.
+        splits_dir: folder with ``scannetv2_{train,val,test}.txt`` (and possibly the label
+            TSV); default: see ``find_split_lists`` (the packaged official lists unless the raw
+            folder has its own).
         align: apply each scan's ``axisAlignment``.
     """
     raw, out = Path(raw), Path(out)
@@ -218,22 +264,22 @@ def list_tasks(raw: Path, out: Path, splits_dir: Path | None = None, align: bool
     if tsv is None:
         raise FileNotFoundError(f"scannetv2-labels.combined.tsv not found in {raw} or its "
                                 f"meta/ folder; copy it from the ScanNet download")
-    listed: dict[str, str] = {}
-    for split in SPLITS:
-        path = _find(raw, (f"scannetv2_{split}.txt",), splits_dir)
-        if path is None and split != "test":
-            raise FileNotFoundError(f"scannetv2_{split}.txt not found in {splits_dir or raw} "
-                                    f"(or meta/); pass --splits DIR")
-        if path is not None:
-            for scene in path.read_text().split():
-                listed[scene] = split
+    listed = read_split_lists(find_split_lists(raw, splits_dir))
     tasks = []
-    for folder, annotated in (("scans", True), ("scans_test", False)):
+    for folder, annotated, fallback in (("scans", True, "train"), ("scans_test", False, "test")):
+        unlisted = []
         for scene_dir in sorted((raw / folder).glob("scene*")):
-            split = listed.get(scene_dir.name, None if annotated else "test")
-            if split is None:
-                warnings.warn(f"{scene_dir}: not in any split list, not converted")
+            if not scene_dir.is_dir():
                 continue
+            split = listed.get(scene_dir.name)
+            if split is None:
+                unlisted.append(scene_dir.name)
+                split = fallback
             tasks.append(SceneTask(f"{split}/{scene_dir.name}", out / split / scene_dir.name, split,
                                    (scene_dir, tsv if annotated else None, align)))
+        if unlisted:
+            named = ", ".join(unlisted[:_MAX_NAMED])
+            more = f" and {len(unlisted) - _MAX_NAMED} more" if len(unlisted) > _MAX_NAMED else ""
+            warnings.warn(f"{raw / folder}: {len(unlisted)} scan(s) in no split list, converted into "
+                          f"{fallback}/: {named}{more}")
     return tasks

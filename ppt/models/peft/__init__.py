@@ -3,17 +3,17 @@
 - ``frozen_conv``: frozen sparse convolutions that compute only the input gradient.
 - ``adapters``: bottleneck adapter, weight-free gated prompt attention, per-scene scatter ops.
 - ``dapt`` / ``point_peft``: the per-block modules of the two PEFT stages.
-- ``memory_bank``: Point-PEFT's point-prior bank (build, cache, retrieval).
+- ``memory_bank``: Point-PEFT's point-prior bank (build, retrieval).
 - ``stages``: apply a stage (full / linear / bitfit / dapt / pointpeft) to a Segmentor.
-- ``checkpoint``: PEFT checkpoints (trainable part + base reference) and engine glue.
+
+PEFT checkpoints, base-weight mapping and building the bank from training scenes are engine work:
+``ppt.engine.peft_checkpoint`` and ``ppt.engine.weights``.
 
 Run a stage: ``tools/train.sh --peft dapt --weights exp/<base>/model/model_best.pth --datasets s3dis``.
 """
-from ppt.models.peft.checkpoint import load_peft_checkpoint, prepare_peft_model, save_peft_checkpoint
 from ppt.models.peft.frozen_conv import freeze_sparse_conv, freeze_sparse_convs
 from ppt.models.peft.memory_bank import MemoryBank, build_memory_bank
 from ppt.models.peft.stages import STAGES, apply_stage, parameter_counts
 
 __all__ = ["STAGES", "MemoryBank", "apply_stage", "build_memory_bank", "freeze_sparse_conv",
-           "freeze_sparse_convs", "load_peft_checkpoint", "parameter_counts", "prepare_peft_model",
-           "save_peft_checkpoint"]
+           "freeze_sparse_convs", "parameter_counts"]

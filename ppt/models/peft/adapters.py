@@ -45,10 +45,12 @@ def scatter_max(x: torch.Tensor, batch: torch.Tensor, num_scenes: int) -> torch.
     return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
 
 
-def recompute(fn, *args):
-    """``fn(*args)``; while autograd records, its inner activations are recomputed in backward
-    instead of kept (non-reentrant activation checkpointing; dropout masks are replayed)."""
-    if not torch.is_grad_enabled():
+def recompute(fn, *args, enabled: bool = True):
+    """``fn(*args)``; while autograd records (and `enabled`), its inner activations are
+    recomputed in backward instead of kept (non-reentrant activation checkpointing; dropout
+    masks are replayed). `enabled` is False inside a region that is recomputed as a whole
+    (``PeftContext.recompute_branches``), where a nested checkpoint would only add a third run."""
+    if not (enabled and torch.is_grad_enabled()):
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False)
 
@@ -126,9 +128,12 @@ class PeftContext(DomainContext):
         prompts: stage index -> internal prompts (B, C) appended by that stage's blocks (DAPT).
         retrieved: (B, R, D) point-prior set per scene (Point-PEFT), or None.
         cache: per-forward scratch shared by blocks of one level (neighbour lists).
+        recompute_branches: adapters recompute their inner activations in backward; False
+            while the whole block is recomputed (``stages.PeftBlock``).
     """
 
     enabled: bool = True
     prompts: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     retrieved: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)
+    recompute_branches: bool = True

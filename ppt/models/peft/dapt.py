@@ -15,9 +15,10 @@ the last stage's prompts to the voxel features the head reads (added, not concat
 head input width and the base head weights stay valid; it is zero while the adapters are
 silent).
 
-Memory: the adapter and the prompt reader are recomputed in backward (``adapters.recompute``):
-their inner activations (LayerNorm output, bottleneck, attention output, ...) would otherwise
-double what a block keeps for backward. The block input and output are kept anyway.
+Memory: the block with its adapter is recomputed in backward as a whole (``stages.PeftBlock``),
+so only the block input is kept; with that off, the adapter and the prompt reader are recomputed
+on their own (``adapters.recompute``): their inner activations (LayerNorm output, bottleneck,
+attention output, ...) would otherwise double what a block keeps for backward.
 
 The dynamic scale's bias starts at 1 (weights ~N(0, 0.02)), so at step 0 every voxel passes the
 adapter's gradient (ReLU of a centred Linear would zero it for about half the voxels).
@@ -64,11 +65,12 @@ class DaptAdapter(nn.Module):
                 ctx: PeftContext) -> torch.Tensor:
         """Block input x (N, C_in), block output out (N, C_out) -> adapted (N, C_out) features."""
         batch = out.indices[:, 0].long()
-        delta = recompute(self._delta, x.features)
+        delta = recompute(self._delta, x.features, enabled=ctx.recompute_branches)
         prompts = ctx.prompts.setdefault(self.stage, [])
         prompts.append(scatter_mean(delta, batch, out.batch_size))
         y = out.features + delta
-        return y + recompute(self.reader, y, torch.stack(prompts, dim=1), batch)
+        return y + recompute(self.reader, y, torch.stack(prompts, dim=1), batch,
+                             enabled=ctx.recompute_branches)
 
     def _delta(self, feats: torch.Tensor) -> torch.Tensor:
         return self.adapter(feats) * F.relu(self.scale(feats))

@@ -6,22 +6,28 @@ backbone with trainable modules inside it (adapters), the input gradient still h
 through every frozen convolution, but the filter gradient and the saved input are pure waste.
 
 `freeze_sparse_conv(conv)` turns a spconv convolution module (SubMConv3d, SparseConv3d,
-SparseInverseConv3d, ...) in place into its frozen variant:
-- the filter (and bias) stop requiring grad;
-- its forward routes the convolution through `IndiceConvInputGrad`, which saves only the
-  rulebook and the filter, and computes the input gradient by running spconv's FORWARD kernel
-  with the transposed filter on the transposed rulebook (swap the in/out rows of the pairs).
-  For a kernel offset k with pairs (i -> o): out[o] += x[i] @ W_k^T, so
-  dx[i] += dout[o] @ W_k, i.e. a convolution of dout with filter W_k^T from o to i.
+SparseInverseConv3d, ...) in place into its frozen variant: the filter (and bias) stop requiring
+grad, and while autograd records, its forward routes the convolution through an autograd
+function that saves the rulebook and the filter but not the input features, and whose backward
+computes the input gradient only. One per spconv algorithm:
+
+- Native (CPU; CUDA for kernels above 32 offsets, e.g. the k5 stem): `IndiceConvInputGrad`
+  runs spconv's FORWARD rulebook kernel with the transposed filter on the transposed rulebook.
+  For a kernel offset k with pairs (i -> o): out[o] += x[i] @ W_k^T, so dx[i] += dout[o] @ W_k,
+  a convolution of dout with filter W_k^T from o to i (the same pairs read with the inverse
+  flag flipped).
+- implicit GEMM (spconv's CUDA default): `ImplicitGemmInputGrad` runs spconv's own forward and,
+  in backward, only the dgrad kernel of spconv's ``implicit_gemm_backward`` (the tuned
+  ``kBackwardInput`` op on ``pair_bwd`` with the same masks), not the wgrad kernel.
 
 The class of the instance is swapped for a subclass instead of wrapping it in a new module, so
 the module tree and state-dict keys stay those of the base model (checkpoints keep loading) and
-`isinstance(conv, spconv.SubMConv3d)` still holds.
+`isinstance(conv, spconv.SubMConv3d)` still holds. spconv's ``algo`` attribute is untouched:
+convolutions sharing an indice key must use one algorithm, and a trainable adapter conv may
+share the key of a frozen block (Point-PEFT).
 
-Scope: the Native algorithm (CPU, and CUDA when configured) gets the input-grad-only path. The
-implicit-GEMM algorithm (spconv's CUDA default) keeps spconv's own backward op and drops the
-filter gradient: correct, but it saves no compute. A dgrad-only implicit-GEMM call (flipped,
-transposed filter on pair_fwd for submanifold convs) could not be verified without a GPU.
+Tests: tests/test_peft.py compares input gradients with spconv's own backward on the Native
+path (CPU) and, when a GPU is present, on the implicit-GEMM path.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from cumm import tensorview as tv
 from spconv.pytorch.conv import SparseConvolution
 from spconv.pytorch import functional as Fsp
 from spconv.pytorch import ops
@@ -42,9 +49,11 @@ from spconv.pytorch import ops
 # as spconv's own functions: under CUDA autocast the convolution runs in fp16
 _AMP_FWD = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float16)
 _AMP_BWD = torch.amp.custom_bwd(device_type="cuda")
+_ACT_NONE = tv.gemm.Activation.None_  # spconv's "no fused activation"
 
-__all__ = ["IndiceConvInputGrad", "freeze_sparse_conv", "is_frozen_sparse_conv",
-           "input_grad_only", "transpose_filter"]
+__all__ = ["ImplicitGemmInputGrad", "IndiceConvInputGrad", "freeze_sparse_conv",
+           "implicit_gemm_input_grad", "input_grad_only", "is_frozen_sparse_conv",
+           "transpose_filter"]
 
 
 def transpose_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -89,33 +98,96 @@ class IndiceConvInputGrad(Function):
         return grad_input, None, None, None, None, None, None, None
 
 
-class _ImplicitGemmDropFilterGrad(Function):
-    """spconv's implicit-GEMM convolution with the filter gradient discarded (CUDA fallback)."""
+def implicit_gemm_input_grad(grad_output: torch.Tensor, filters: torch.Tensor, num_in: int,
+                             in_dtype: torch.dtype, pair_bwd: torch.Tensor,
+                             pair_mask_fwd_splits: list[torch.Tensor],
+                             pair_mask_bwd_splits: list[torch.Tensor],
+                             mask_argsort_fwd_splits: list[torch.Tensor],
+                             mask_argsort_bwd_splits: list[torch.Tensor], masks: list,
+                             is_subm: bool, fp32_accum: bool | None = None) -> torch.Tensor:
+    """Input gradient (num_in, C_in) of an implicit-GEMM sparse convolution, nothing else.
+
+    The dgrad half of ``spconv.pytorch.ops.implicit_gemm_backward`` (spconv 2.3, its Python
+    path): the same tuned ``kBackwardInput`` kernel on the same rulebook (``pair_bwd``; forward
+    masks read in reverse for submanifold convs, backward masks otherwise), one run per mask
+    split accumulating into ``din``. The filter-gradient kernel and the forward input it needs
+    are left out.
+
+    Args:
+        grad_output: (N_out, C_out) gradient of the convolution output.
+        filters: the filter as the forward used it, KRSC (C_out, *kernel, C_in).
+        num_in, in_dtype: rows and dtype of the forward input.
+        pair_bwd ... masks: the rulebook entries spconv passed to the forward.
+        is_subm: submanifold convolution.
+    """
+    from cumm import tensorview as tv
+    from cumm.conv.bases import KRSC, NHWC, ConvOpType
+    from spconv import constants
+    from spconv.algo import CONV
+    from spconv.pytorch.cppcore import get_arch, get_current_stream, torch_tensor_to_tv
+
+    grad_output = grad_output.contiguous()
+    c_out, c_in = filters.shape[0], filters.shape[-1]
+    alloc = torch.empty if is_subm else torch.zeros  # subm: every input row is written
+    din = alloc((num_in, c_in), dtype=in_dtype, device=grad_output.device)
+    filters = filters.reshape(c_out, -1, c_in).contiguous()
+    din_tv, filters_tv, dout_tv = (torch_tensor_to_tv(t) for t in (din, filters, grad_output))
+    pair_bwd_tv = torch_tensor_to_tv(pair_bwd)
+    if is_subm:
+        split_masks = [torch_tensor_to_tv(t, dtype=tv.uint32) for t in pair_mask_fwd_splits]
+        argsorts = [torch_tensor_to_tv(t) for t in mask_argsort_fwd_splits]
+    else:
+        split_masks = [torch_tensor_to_tv(t, dtype=tv.uint32) for t in pair_mask_bwd_splits]
+        argsorts = [torch_tensor_to_tv(t) for t in mask_argsort_bwd_splits]
+    stream, arch = get_current_stream(), get_arch()
+    tuned = CONV.get_tuned_algo(ConvOpType.kBackwardInput, din_tv.dtype, filters_tv.dtype,
+                                dout_tv.dtype, c_out, c_in, arch,
+                                need_dynamic_mask=filters.shape[1] > 32)
+    if tuned is None:
+        tuned, _ = CONV.tune_and_cache(
+            ConvOpType.kBackwardInput, din_tv, filters_tv, dout_tv, NHWC, KRSC, NHWC, arch,
+            mask=split_masks[0], mask_argsort=argsorts[0], indices=pair_bwd_tv,
+            reverse_mask=is_subm, mask_filter=masks[0].item(), stream=stream,
+            fp32_accum=fp32_accum, use_tf32=constants.SPCONV_ALLOW_TF32)
+    for j, (mask, argsort) in enumerate(zip(split_masks, argsorts)):
+        CONV.run_with_tuned_result(
+            tuned, ConvOpType.kBackwardInput, din_tv, filters_tv, dout_tv, mask=mask,
+            mask_argsort=argsort, mask_output=tv.Tensor(), indices=pair_bwd_tv,
+            reverse_mask=is_subm, mask_filter=masks[j].item(), mask_width=-1,
+            beta=0 if j == 0 else 1, stream=stream)
+    return din
+
+
+class ImplicitGemmInputGrad(Function):
+    """spconv's implicit-GEMM convolution (CUDA) whose backward returns only d(features).
+
+    Same forward as ``spconv.pytorch.functional.SparseImplicitGemmFunction``; saves the filter
+    and the rulebook, not the features, and backward runs :func:`implicit_gemm_input_grad`.
+    """
 
     @staticmethod
     @_AMP_FWD
     def forward(ctx, features, filters, pair_fwd, pair_bwd, pair_mask_fwd_splits,
                 pair_mask_bwd_splits, mask_argsort_fwd_splits, mask_argsort_bwd_splits,
                 num_activate_out, masks, is_train, is_subm, timer, fp32_accum):
-        out, mask_out, mask_width = ops.implicit_gemm(
+        out, _, _ = ops.implicit_gemm(
             features, filters, pair_fwd, pair_mask_fwd_splits, mask_argsort_fwd_splits,
             num_activate_out, masks, is_train, is_subm, timer, fp32_accum)
-        ctx.save_for_backward(features, filters, pair_fwd, pair_bwd)
-        ctx.extra = (pair_mask_fwd_splits, pair_mask_bwd_splits, mask_argsort_fwd_splits,
-                     mask_argsort_bwd_splits, mask_out, masks, mask_width, is_subm, timer,
-                     fp32_accum)
+        ctx.save_for_backward(filters, pair_bwd)
+        ctx.num_in, ctx.in_dtype = features.shape[0], features.dtype
+        ctx.rulebook = (pair_mask_fwd_splits, pair_mask_bwd_splits, mask_argsort_fwd_splits,
+                        mask_argsort_bwd_splits, masks)
+        ctx.is_subm, ctx.fp32_accum = is_subm, fp32_accum
         return out
 
     @staticmethod
     @once_differentiable
     @_AMP_BWD
     def backward(ctx, grad_output):
-        features, filters, pair_fwd, pair_bwd = ctx.saved_tensors
-        (mf, mb, af, ab, mask_out, masks, mask_width, is_subm, timer, fp32) = ctx.extra
-        grad_input, _ = ops.implicit_gemm_backward(
-            features, filters, grad_output, pair_fwd, pair_bwd, mf, mb, af, ab,
-            mask_output_fwd=mask_out, masks=masks, mask_width=mask_width, is_subm=is_subm,
-            timer=timer, fp32_accum=fp32)
+        filters, pair_bwd = ctx.saved_tensors
+        grad_input = implicit_gemm_input_grad(grad_output, filters, ctx.num_in, ctx.in_dtype,
+                                              pair_bwd, *ctx.rulebook, is_subm=ctx.is_subm,
+                                              fp32_accum=ctx.fp32_accum)
         return (grad_input,) + (None,) * 13
 
 
@@ -137,16 +209,16 @@ def _frozen_rulebook(inverse: bool, subm: bool, original):
     return call
 
 
-def _frozen_implicit_gemm(features, filters, pair_fwd, pair_bwd, mf, mb, af, ab,
-                          num_activate_out, masks, is_train, is_subm, timer=None,
-                          fp32_accum=None, bias=None, *unused):
-    if filters.requires_grad or not torch.is_grad_enabled() or bias is not None:
-        return _ORIGINAL["implicit_gemm"](features, filters, pair_fwd, pair_bwd, mf, mb, af, ab,
-                                          num_activate_out, masks, is_train, is_subm, timer,
-                                          fp32_accum, bias, *unused)
-    return _ImplicitGemmDropFilterGrad.apply(features, filters, pair_fwd, pair_bwd, mf, mb, af,
-                                             ab, num_activate_out, masks, is_train, is_subm,
-                                             timer, fp32_accum)
+def _frozen_implicit_gemm(*args):
+    """Fsp.implicit_gemm(features, filters, pair_fwd, pair_bwd, 4 mask lists, num_out, masks,
+    is_train, is_subm, timer, fp32_accum, bias, act_alpha, act_beta, act_type), as conv.py calls it."""
+    filters = args[1]
+    bias = args[14] if len(args) > 14 else None
+    act_type = args[17] if len(args) > 17 else _ACT_NONE
+    if filters.requires_grad or not torch.is_grad_enabled() or bias is not None or act_type != _ACT_NONE:
+        return _ORIGINAL["implicit_gemm"](*args)
+    timer, fp32_accum = (args[12:14] + (None, None))[:2]
+    return ImplicitGemmInputGrad.apply(*args[:12], timer, fp32_accum)
 
 
 _FROZEN = {

@@ -2,9 +2,9 @@
 
 One entry per training scene: the encoder-bottom features (N_4, 256 with the default widths) of
 the frozen base model, max-pooled over the scene's voxels and L2-normalised. No labels are used.
-Built once with a progress bar, cached next to the experiment (``exp/<name>/memory_bank.pt``,
-written atomically and keyed by the base weights' fingerprint), and stored in PEFT checkpoints
-(the bank is a module: its features are a buffer, its scene names extra state).
+Built once with a progress bar (the engine feeds the training scenes and caches the bank next to
+the experiment: ``ppt.engine.peft_checkpoint``), and stored in PEFT checkpoints (the bank is a
+module: its features are a buffer, its scene names extra state).
 
 Retrieval: cosine similarity of the query scene's pooled feature to every entry, the query's
 own scene masked out by name (a Mix3D sample "a+b" masks both), top-k entries, softmax weights
@@ -13,7 +13,6 @@ at a temperature. The retrieved set per scene is (k + 2, D): [query, weighted su
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -149,45 +148,3 @@ def build_memory_bank(model: nn.Module, batches: Iterable[dict], total: int | No
     if not feats:
         raise ValueError("memory bank: no training scenes to build it from")
     return MemoryBank(torch.stack(feats), names)
-
-
-def save_memory_bank(bank: MemoryBank, path: str | Path, fingerprint: str) -> None:
-    """Atomic write (temp file + rename) of {features, names, fingerprint} to `path`."""
-    from ppt.engine.checkpoint import atomic_save
-
-    atomic_save({"features": bank.features.cpu(), "names": bank.names, "fingerprint": fingerprint}, path)
-
-
-def load_memory_bank(path: str | Path, fingerprint: str | None = None) -> MemoryBank | None:
-    """The cached bank at `path`, or None when absent or built from other base weights."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a corrupt cache is rebuilt, not fatal
-        print(f"memory bank cache {path} unreadable ({err}); rebuilding")
-        return None
-    if fingerprint is not None and data.get("fingerprint") != fingerprint:
-        return None
-    return MemoryBank(data["features"], data["names"])
-
-
-def training_scene_batches(cfg) -> tuple[Iterable[dict], int]:
-    """(batches, count): every training scene of ``cfg.data.mix`` once, one scene per batch,
-    through the deterministic validation pipeline (no augmentation, no Mix3D). `cfg` is a
-    ``ppt.config.Config``."""
-    from ppt.data.collate import collate
-    from ppt.data.datasets import build_dataset
-    from ppt.data.transforms import build_transforms
-
-    datasets = [build_dataset(name, cfg.data.root, "train",
-                              build_transforms(name, "val", cfg.data.voxel_size))
-                for name in cfg.data.mix]
-
-    def batches():
-        for ds in datasets:
-            for i in range(len(ds)):
-                yield collate([ds[i]])
-
-    return batches(), sum(len(ds) for ds in datasets)

@@ -11,8 +11,9 @@ Per basic block:
   passed through a bottleneck adapter (zero-init, so the tokens start as the learnable ones);
   voxels read the tokens through the zero-gated weight-free attention of adapters.py.
 
-Both adapters are recomputed in backward (``adapters.recompute``) so their inner activations
-are not kept.
+The block with its adapters is recomputed in backward as a whole (``stages.PeftBlock``); with
+that off, both adapters are recomputed on their own (``adapters.recompute``) so their inner
+activations are not kept.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ class PointPeftAdapter(nn.Module):
     def forward(self, x: spconv.SparseConvTensor, out: spconv.SparseConvTensor,
                 ctx: PeftContext) -> torch.Tensor:
         """Block input x (N, C_in), block output out (N, C_out) -> adapted (N, C_out) features."""
-        y = out.features + recompute(lambda feats: self.geometry(x.replace_feature(feats), out, ctx), x.features)
+        y = out.features + recompute(lambda feats: self.geometry(x.replace_feature(feats), out, ctx),
+                                     x.features, enabled=ctx.recompute_branches)
         if self.tokens is None:
             return y
         if ctx.retrieved is None:
@@ -160,4 +162,4 @@ class PointPeftAdapter(nn.Module):
                              "apply the stage with a memory bank")
         batch = out.indices[:, 0].long()
         tokens = self.prompt_tokens(ctx.retrieved.to(y.dtype))
-        return y + recompute(self.reader, y, tokens, batch)
+        return y + recompute(self.reader, y, tokens, batch, enabled=ctx.recompute_branches)

@@ -7,15 +7,29 @@ Stages (what trains; everything else is frozen):
 | `full`      | every parameter (BN statistics update as in normal training)       |
 | `linear`    | the head only (linear probing)                                     |
 | `bitfit`    | norm affine parameters + head                                      |
-| `dapt`      | DAPT adapters (dapt.py) + norm affine parameters + head            |
+| `dapt`      | DAPT adapters and internal prompts (dapt.py) + head                |
 | `pointpeft` | Point-PEFT adapters and prompt tokens (point_peft.py) + head        |
 
-For every stage but `full`: BatchNorm running statistics are frozen (norm layers stay in eval
-mode), frozen sparse convolutions compute only their input gradient (frozen_conv.py), norms
-whose affine is frozen too run as a constant scale-and-shift (no saved input), and the
-longest prefix of the backbone (stem, down-sampling layers, blocks, in execution order) that has
-nothing trainable runs under ``torch.no_grad`` (no activations kept for it at all). The
-domain prompts stay frozen, PDNorm modulations too.
+DAPT freezes the whole backbone, norms included, as its paper does (the reference trains the
+adapters, prompts, head and new SSF-style scale-and-shift parameters, never the pre-trained
+norms). SPEC §8 had our DAPT train the norm affines instead; that kept every norm input alive for
+backward (DAPT measured +8% peak memory over full fine-tuning), so the default now freezes them
+and ``train_norms=True`` (config ``peft.train_norms`` once it exists) restores the old
+behaviour: the target dataset's norm affines train too.
+
+For every stage but `full`, memory follows from what is frozen:
+- BatchNorm running statistics are frozen (norm layers stay in eval mode);
+- frozen sparse convolutions compute only their input gradient and keep no input
+  (frozen_conv.py, every spconv algorithm);
+- frozen norms (BatchNorm, PDNorm with its prompt modulation) run as a constant per-channel
+  scale-and-shift that keeps no input (frozen_norm.py);
+- each adapted block (:class:`PeftBlock`) is recomputed in backward as a whole, so it keeps only
+  its input: its frozen convolutions skip the filter gradient, so the recomputation costs about
+  one forward of the block and the step stays cheaper than full fine-tuning
+  (``recompute_blocks=False``: only the adapter branches are recomputed);
+- the longest prefix of the backbone (stem, down-sampling layers, blocks, in execution order)
+  that has nothing trainable runs under ``torch.no_grad`` (no activations kept for it at all).
+The domain prompts stay frozen, PDNorm modulations too.
 
 The stage is applied in place without changing the base model's module names (state-dict keys
 of the base weights stay valid): the backbone's class becomes :class:`PeftSpUNet` and each basic
@@ -27,13 +41,17 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import dataclasses
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ppt.config import PEFT_STAGES, PeftConfig
 from ppt.models.peft.adapters import PeftContext
 from ppt.models.peft.dapt import DaptAdapter, head_prompt
 from ppt.models.peft.frozen_conv import freeze_sparse_convs
+from ppt.models.peft.frozen_norm import freeze_norms
 from ppt.models.peft.memory_bank import MemoryBank, pooled_bottom
 from ppt.models.peft.point_peft import PointPeftAdapter
 from ppt.models.spunet import BasicBlock, DomainContext, SpUNet
@@ -42,14 +60,45 @@ STAGES = tuple(s for s in PEFT_STAGES if s != "none")
 
 
 class PeftBlock(BasicBlock):
-    """A BasicBlock with a PEFT module ``peft`` applied to (block input, block output)."""
+    """A BasicBlock with a PEFT module ``peft`` applied to (block input, block output).
+
+    With ``recompute`` (set by `apply_stage`), the block and its PEFT module run as one
+    non-reentrant checkpoint while autograd records: only the block input's features are kept,
+    everything inside is recomputed in backward. The recomputation is kept free of side effects:
+    it runs on a private copy of the context's prompt lists (DAPT appends its internal prompt;
+    a rerun would append again), and on the block's own rulebook as the first run left it
+    (spconv reuses it instead of building it again). Only that rulebook is held for the rerun,
+    not the sparse tensor's whole ``indice_dict`` (the k5 stem's rulebook alone is 2 x 125 x N
+    int32 on the Native algorithm).
+    """
 
     peft: nn.Module
+    recompute: bool = False
 
     def forward(self, x, ctx: DomainContext):
-        out = super().forward(x, ctx)
         if not isinstance(ctx, PeftContext) or not ctx.enabled:
-            return out
+            return super().forward(x, ctx)
+        if not (self.recompute and torch.is_grad_enabled()):
+            return self._adapted(x, ctx)
+        prompts = {k: list(v) for k, v in ctx.prompts.items()}
+        key = self.conv1.indice_key  # conv2 and Point-PEFT's geometry conv share it; proj has none
+        template = x.replace_feature(x.features)
+        template.indice_dict = {}
+        rulebooks = [x.indice_dict]  # the first run sees (and passes on) every rulebook of x
+
+        def run(feats: torch.Tensor):
+            local = dataclasses.replace(ctx, prompts={k: list(v) for k, v in prompts.items()},
+                                        recompute_branches=False)
+            xs = template.replace_feature(feats)
+            xs.indice_dict = rulebooks[0]
+            return self._adapted(xs, local), local.prompts
+
+        out, ctx.prompts = checkpoint(run, x.features, use_reentrant=False)
+        rulebooks[0] = {key: out.indice_dict[key]} if key in out.indice_dict else {}
+        return out
+
+    def _adapted(self, x, ctx: PeftContext):
+        out = super().forward(x, ctx)
         return out.replace_feature(self.peft(x, out, ctx))
 
 
@@ -92,24 +141,6 @@ class _NoGrad:
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return super().forward(*args, **kwargs)
-
-
-class _FrozenNorm:
-    """Mixin for a BatchNorm with frozen statistics and affine: while autograd records, apply it
-    as ``x * scale + shift`` with constant scale/shift, so backward keeps only ``scale`` instead
-    of the (N, C) input F.batch_norm saves. Same function as eval-mode BatchNorm (float rounding
-    aside); without autograd, or once anything in it trains, the module's own forward runs."""
-
-    def forward(self, x, *args, **kwargs):
-        if self.training or not torch.is_grad_enabled() or \
-                (self.affine and self.weight.requires_grad) or self.running_var is None:
-            return super().forward(x, *args, **kwargs)
-        x = x.float()
-        scale = torch.rsqrt(self.running_var + self.eps)
-        shift = -self.running_mean * scale
-        if self.affine:
-            scale, shift = scale * self.weight, shift * self.weight + self.bias
-        return torch.addcmul(shift.detach(), x, scale.detach())
 
 
 _SWAPPED: dict[tuple[type, type], type] = {}
@@ -163,14 +194,22 @@ def _block_channels(block: BasicBlock) -> tuple[int, int]:
 
 
 def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | None = None,
-                domain: str | None = None) -> nn.Module:
+                domain: str | None = None, *, train_norms: bool | None = None,
+                recompute_blocks: bool | None = None) -> nn.Module:
     """Freeze `model` (a Segmentor) and add the stage's modules in place; returns the model.
 
     Args:
         model: a trained Segmentor (base weights already loaded).
         cfg: the stage settings (``ppt.config.PeftConfig``, the config's ``peft`` section).
         memory_bank: required by `pointpeft` (see memory_bank.py).
-        domain: the target dataset; when given, only its PDNorm norms train (bitfit, dapt).
+        domain: the target dataset; when given, only its PDNorm norms train (bitfit, and dapt
+            with `train_norms`).
+        train_norms: DAPT also trains the norm affines (the behaviour before the backbone was
+            frozen whole); default ``cfg.train_norms`` when the config has it, else False.
+        recompute_blocks: adapted blocks are recomputed in backward as a whole (see module
+            docstring); default ``cfg.recompute_blocks`` when the config has it, else
+            ``cfg.input_grad_only`` (recomputing is only cheap when frozen convs skip the
+            filter gradient).
     """
     backbone = model.backbone
     if cfg.stage not in STAGES:
@@ -182,19 +221,21 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
         return model
     if cfg.stage == "pointpeft" and memory_bank is None:
         raise ValueError("the pointpeft stage needs a memory bank (build_memory_bank)")
+    # ppt.config.PeftConfig may not carry these keys (yet): the stage's defaults apply
+    train_norms = getattr(cfg, "train_norms", False) if train_norms is None else train_norms
+    if recompute_blocks is None:
+        recompute_blocks = getattr(cfg, "recompute_blocks", cfg.input_grad_only)
 
     model.requires_grad_(False)
     if cfg.input_grad_only:
         freeze_sparse_convs(backbone)  # before adding adapters: their convs train
     for p in model.head.parameters():
         p.requires_grad_(True)
-    if cfg.stage in ("bitfit", "dapt"):
+    if cfg.stage == "bitfit" or (cfg.stage == "dapt" and train_norms):
         for p in norm_affine_parameters(backbone, domain):
             p.requires_grad_(True)
     if cfg.input_grad_only:
-        for m in backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                _swap_class(m, _FrozenNorm, "Frozen")
+        freeze_norms(backbone)  # norms that train keep their own forward
 
     for s, is_encoder, block in stage_blocks(backbone):
         c_in, c_out = _block_channels(block)
@@ -210,6 +251,7 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
             continue
         block.__class__ = PeftBlock
         block.peft = module.to(block.conv1.weight.device)
+        block.recompute = recompute_blocks
 
     backbone.__class__ = PeftSpUNet
     backbone.peft_stage = cfg.stage
