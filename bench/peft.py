@@ -235,7 +235,7 @@ def run_cost(settings: dict, root: str, device: str, threads: int) -> list[dict]
     for name, stage, variant in jobs:
         row = run_worker(name, stage, variant, settings, root, device, threads)
         row["name"] = name
-        if device == "cpu" and not variant:  # the same row with glibc's mmap threshold fixed
+        if device == "cpu" and not variant and not settings.get("quick"):  # again, glibc's mmap threshold fixed
             again = run_worker(name, stage, variant, settings, root, device, threads, MMAP_ENV)
             row["peak_rss_mmap_mb"] = again["peak_rss_mb"]
         print(f"  cost {name}: {row['voxels']} voxels, {row['step_s']:.2f} s/step, held after forward "

@@ -3,9 +3,7 @@ model_best by the main dataset, OneCycle momentum cycling, precise BN, resume ru
 the joint epoch as a user runs it."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +18,31 @@ from ppt.engine.precise_bn import precise_bn_plan, update_bn_stats
 from ppt.engine.trainer import amp_policy, best_metric, evaluate_all
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+_spec = importlib.util.spec_from_file_location("ppt_train_tool", REPO / "tools" / "train.py")
+train_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_tool)
 TINY = ["model.channels=[8,8,16,16,16,16,8,8]", "model.layers=[1,1,1,1,1,1,1,1]", "model.prompt_dim=16",
         "model.head=decoupled", "data.voxel_size=0.1", "data.num_workers=0", "data.mix3d_prob=0.0",
         "data.check=false", "train.device=cpu", "train.threads=1", "train.eval_every=0",
         "train.log_every=1"]
 
 
-def run(cmd):
-    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def train_cmd(*args):
-    return [sys.executable, str(REPO / "tools" / "train.py"), *args]
+@pytest.fixture
+def train_py(capsys, monkeypatch):
+    """``tools/train.py`` run in this process (its ``main``), from the repository root: the
+    same code path as the command line without paying for a new interpreter and spconv."""
+    monkeypatch.chdir(REPO)
+
+    def run(*args) -> Result:
+        rc = train_tool.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return Result(rc, out.out, out.err)
+    return run
 
 
 # ---- mixed precision
@@ -108,6 +118,7 @@ def test_onecycle_cycles_momentum_like_the_reference(synthetic_root):
     cfg.optim.name = "sgd"
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, total_steps=10)
+    opt.step()
     sched.step()
     assert opt.param_groups[0]["momentum"] == cfg.optim.momentum
 
@@ -187,58 +198,71 @@ def unequal_root(tmp_path_factory):
     return root
 
 
-def test_joint_epoch_is_one_pass_over_the_first_dataset(unequal_root, tmp_path):
+def test_joint_epoch_is_one_pass_over_the_first_dataset(unequal_root, tmp_path, train_py):
     # The issue's acceptance command (a smaller model and coarser voxels to keep it quick).
-    proc = run(train_cmd("--config", "configs/demo.yaml", "--datasets", "structured3d:4,scannet:2,s3dis:1",
+    proc = train_py("--config", "configs/demo.yaml", "--datasets", "structured3d:4,scannet:2,s3dis:1",
                          "--data-root", str(unequal_root), "--exp-root", str(tmp_path), "--name", "joint",
                          "train.epochs=1", "data.batch_size=2", "data.loop=1", "train.eval_every=0",
                          "data.num_workers=0", "model.channels=[8,8,8,8,8,8,8,8]", "model.prompt_dim=8",
-                         "data.voxel_size=0.3", "train.precise_bn=0"))
+                         "data.voxel_size=0.3", "train.precise_bn=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done: 1 epochs, 35 steps" in proc.stdout
-    plan = run(train_cmd("--config", "configs/demo.yaml", "--datasets", "structured3d:4,scannet:2,s3dis:1",
-                         "--data-root", str(unequal_root), "--plan", "data.batch_size=2", "data.loop=1"))
+    plan = train_py("--config", "configs/demo.yaml", "--datasets", "structured3d:4,scannet:2,s3dis:1",
+                         "--data-root", str(unequal_root), "--plan", "data.batch_size=2", "data.loop=1")
     assert plan.returncode == 0, plan.stderr
     assert "35 per epoch" in plan.stdout and "one pass over structured3d" in plan.stdout
 
 
-def test_plan_from_published_sizes_matches_the_reference_length():
-    proc = run(train_cmd("--config", "configs/ppt_joint.yaml", "--plan", "--world-size", "8", "--sizes",
-                         "structured3d:18000/1700,scannet:1201/312,s3dis:204/68"))
+def test_plan_from_published_sizes_matches_the_reference_length(train_py):
+    proc = train_py("--config", "configs/ppt_joint.yaml", "--plan", "--world-size", "8", "--sizes",
+                         "structured3d:18000/1700,scannet:1201/312,s3dis:204/68")
     assert proc.returncode == 0, proc.stderr
     # reference: len(first) // ratio * sum(ratios) + remainder, len(first) = 18000 / 8 / 3 = 750
     assert f"{750 // 4 * 7 + 750 % 4:,} per epoch x 100 epochs" in proc.stdout
-    bad = run(train_cmd("--config", "configs/ppt_joint.yaml", "--plan", "--sizes", "scannet:12"))
+    bad = train_py("--config", "configs/ppt_joint.yaml", "--plan", "--sizes", "scannet:12")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --sizes has no count for")
 
 
-def test_data_root_hint_names_the_child_folder(synthetic_root, tmp_path):
+def test_data_root_hint_names_the_child_folder(synthetic_root, tmp_path, train_py):
     parent = tmp_path / "data"
     parent.mkdir()
     (parent / "synthetic").symlink_to(synthetic_root)
-    proc = run(train_cmd("--config", "configs/demo.yaml", "--data-root", str(parent),
-                         "--exp-root", str(tmp_path / "exp")))
+    proc = train_py("--config", "configs/demo.yaml", "--data-root", str(parent),
+                         "--exp-root", str(tmp_path / "exp"))
     assert proc.returncode == 2
     assert f"did you mean --data-root {parent / 'synthetic'}?" in proc.stderr
 
 
-def test_resume_may_extend_epochs_but_not_change_the_lr(synthetic_root, tmp_path):
+def test_data_check_names_the_child_folder_too(synthetic_root, tmp_path):
+    # tools/check_data.py data and tools/test.py --data-root data after the demo wrote data/synthetic
+    from ppt.data.check import check_data_root
+
+    (tmp_path / "synthetic").symlink_to(synthetic_root)
+    (tmp_path / "empty").mkdir()
+    hint = f"did you mean --data-root {tmp_path / 'synthetic'}?"
+    assert hint in check_data_root(tmp_path, quick=True, raise_on_error=False).problems[0]
+    problems = check_data_root(tmp_path, ["scannet"], ["val"], quick=True, raise_on_error=False).problems
+    assert hint in problems[0]
+    assert "did you mean" not in check_data_root(tmp_path / "empty", quick=True, raise_on_error=False).problems[0]
+
+
+def test_resume_may_extend_epochs_but_not_change_the_lr(synthetic_root, tmp_path, train_py):
     cfg = load_config(None, [f"data.root={synthetic_root}", "data.mix={scannet: 1}", *TINY,
                              "data.batch_size=2", "train.epochs=1", "optim.name=adamw", "optim.lr=0.01"])
     config = tmp_path / "c.yaml"
     save_config(cfg, config)
-    first = run(train_cmd("--config", str(config), "--exp-root", str(tmp_path), "--name", "r"))
+    first = train_py("--config", str(config), "--exp-root", str(tmp_path), "--name", "r")
     assert first.returncode == 0, first.stderr[-2000:]
     saved = (tmp_path / "r" / "config.yaml").read_text()
     ckpt_before = (tmp_path / "r" / "model" / "model_last.pth").stat().st_mtime_ns
 
-    refused = run(train_cmd("--resume", "--name", "r", "--exp-root", str(tmp_path), "optim.lr=0.02"))
+    refused = train_py("--resume", "--name", "r", "--exp-root", str(tmp_path), "optim.lr=0.02")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith("error: --resume cannot change optim.lr: 0.01 -> 0.02")
     assert (tmp_path / "r" / "config.yaml").read_text() == saved            # nothing rewritten
     assert (tmp_path / "r" / "model" / "model_last.pth").stat().st_mtime_ns == ckpt_before
 
-    longer = run(train_cmd("--resume", "--name", "r", "--exp-root", str(tmp_path), "train.epochs=3"))
+    longer = train_py("--resume", "--name", "r", "--exp-root", str(tmp_path), "train.epochs=3")
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "done: 3 epochs" in longer.stdout
     log = (tmp_path / "r" / "train.log").read_text()

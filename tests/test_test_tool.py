@@ -30,7 +30,7 @@ def experiment(synthetic_root, tmp_path_factory):
         f"data.root={synthetic_root}", "data.mix={scannet: 1, s3dis: 1}", "data.voxel_size=0.1",
         "data.batch_size=2", "data.num_workers=0", "data.check=false",
         "model.channels=[8,8,16,16,16,8,8,8]", "model.layers=[1,1,1,1,1,1,1,1]", "model.prompt_dim=16",
-        "train.epochs=1", "train.steps_per_epoch=1", "train.device=cpu", "train.threads=2"])
+        "train.epochs=1", "train.steps_per_epoch=1", "train.device=cpu", "train.threads=1"])
     train(cfg, exp)
     assert (exp / "model" / "model_best.pth").is_file()
     return exp

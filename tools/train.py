@@ -67,21 +67,17 @@ def parse_mix(text: str) -> dict[str, int]:
 def check_data_folders(root: Path, names: list[str]) -> None:
     """Raise InputError unless ``root`` holds a folder for each dataset; when a child folder of
     ``root`` does (``data/`` vs ``data/synthetic``), the message names it."""
-    missing = [d for d in dict.fromkeys(names) if not (root / d).is_dir()]
-    if root.is_dir() and not missing:
-        return
-    hint = ""
-    children = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    for child in children:
-        if all((child / d).is_dir() for d in missing or names):
-            hint = f"; did you mean --data-root {child}?"
-            break
+    from ppt.data.check import data_root_hint
+
     if not root.is_dir():
         raise InputError(f"data root {root} does not exist (set --data-root, or make the synthetic "
                          f"demo data: python tools/make_synthetic.py --out data/synthetic)")
-    present = sorted(p.name for p in children if p.name in DATASETS)
-    raise InputError(f"data root {root} has no {', '.join(missing)} folder (found: "
-                     f"{', '.join(present) or 'none'}){hint or '; see datasets/README.md'}")
+    missing = [d for d in dict.fromkeys(names) if not (root / d).is_dir()]
+    if missing:
+        present = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in DATASETS)
+        hint = data_root_hint(root, missing) or "; see datasets/README.md"
+        raise InputError(f"data root {root} has no {', '.join(missing)} folder (found: "
+                         f"{', '.join(present) or 'none'}){hint}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

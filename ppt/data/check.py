@@ -115,6 +115,19 @@ def check_scene_folder(folder: Path, num_classes: int, segment_file: str, requir
     return arrays
 
 
+def data_root_hint(root: str | os.PathLike, names, any_of: bool = False) -> str:
+    """"; did you mean --data-root <child>?" when a child folder of ``root`` holds the dataset
+    folders ``names`` (all of them, or any with ``any_of``) that ``root`` lacks; else ""."""
+    root = Path(root)
+    if not root.is_dir():
+        return ""
+    test = any if any_of else all
+    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+        if test((child / d).is_dir() for d in names):
+            return f"; did you mean --data-root {child}?"
+    return ""
+
+
 def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ...] | None = None,
                     splits: list[str] | tuple[str, ...] = ("train", "val"), quick: bool = True,
                     raise_on_error: bool = True, normal_cache: NormalCache | None = None) -> DataReport:
@@ -141,7 +154,8 @@ def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ..
     elif datasets is None:
         datasets = [d for d in DATASETS if (root / d).is_dir()]
         if not datasets:
-            report.problems.append(f"{root}: no dataset folders ({', '.join(DATASETS)})")
+            report.problems.append(f"{root}: no dataset folders ({', '.join(DATASETS)})"
+                                   f"{data_root_hint(root, DATASETS, any_of=True)}")
     for dataset in datasets or ():
         info = get_dataset_info(dataset)
         base = root / dataset
@@ -156,7 +170,8 @@ def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ..
                               if p.is_dir()})
             if not folders:
                 globs = ", ".join(str(base / g) for g in info.splits[split])
-                report.problems.append(f"{dataset}/{split}: no scene folders match {globs}")
+                hint = "" if base.is_dir() else data_root_hint(root, [dataset])
+                report.problems.append(f"{dataset}/{split}: no scene folders match {globs}{hint}")
             if not quick:
                 rep.histogram = np.zeros(info.num_classes, np.int64)
             for folder in folders:

@@ -1,6 +1,8 @@
 """Parameter-efficient fine-tuning stages on the SpUNet (SPEC §8).
 
-- ``frozen_conv``: frozen sparse convolutions that compute only the input gradient.
+- ``frozen_conv``: frozen sparse convolutions that compute only the input gradient (every
+  spconv algorithm).
+- ``frozen_norm``: frozen BatchNorm / PDNorm as a constant per-channel scale-and-shift.
 - ``adapters``: bottleneck adapter, weight-free gated prompt attention, per-scene scatter ops.
 - ``dapt`` / ``point_peft``: the per-block modules of the two PEFT stages.
 - ``memory_bank``: Point-PEFT's point-prior bank (build, retrieval).
@@ -12,8 +14,9 @@ PEFT checkpoints, base-weight mapping and building the bank from training scenes
 Run a stage: ``tools/train.sh --peft dapt --weights exp/<base>/model/model_best.pth --datasets s3dis``.
 """
 from ppt.models.peft.frozen_conv import freeze_sparse_conv, freeze_sparse_convs
+from ppt.models.peft.frozen_norm import freeze_norms
 from ppt.models.peft.memory_bank import MemoryBank, build_memory_bank
 from ppt.models.peft.stages import STAGES, apply_stage, parameter_counts
 
-__all__ = ["STAGES", "MemoryBank", "apply_stage", "build_memory_bank", "freeze_sparse_conv",
-           "freeze_sparse_convs", "parameter_counts"]
+__all__ = ["STAGES", "MemoryBank", "apply_stage", "build_memory_bank", "freeze_norms",
+           "freeze_sparse_conv", "freeze_sparse_convs", "parameter_counts"]

@@ -20,6 +20,11 @@ so only the block input is kept; with that off, the adapter and the prompt reade
 on their own (``adapters.recompute``): their inner activations (LayerNorm output, bottleneck,
 attention output, ...) would otherwise double what a block keeps for backward.
 
+What trains: the adapters, their dynamic scales and prompt gates, and the head; the backbone is
+frozen whole, norms included, as in the DAPT paper (SPEC §8 had the norm affines train; that kept
+every norm input alive for backward and cost more memory than full fine-tuning; ``train_norms``
+of ``stages.apply_stage`` restores it).
+
 The dynamic scale's bias starts at 1 (weights ~N(0, 0.02)), so at step 0 every voxel passes the
 adapter's gradient (ReLU of a centred Linear would zero it for about half the voxels).
 """

@@ -24,9 +24,9 @@ For every stage but `full`, memory follows from what is frozen:
 - frozen norms (BatchNorm, PDNorm with its prompt modulation) run as a constant per-channel
   scale-and-shift that keeps no input (frozen_norm.py);
 - each adapted block (:class:`PeftBlock`) is recomputed in backward as a whole, so it keeps only
-  its input: its frozen convolutions skip the filter gradient, so the recomputation costs about
-  one forward of the block and the step stays cheaper than full fine-tuning
-  (``recompute_blocks=False``: only the adapter branches are recomputed);
+  its input: the price is one more forward of the block (its frozen convolutions skip the
+  filter gradient, which pays back part of it; bench/peft.py measures the step time both ways).
+  ``recompute_blocks=False`` recomputes only the adapter branches: faster, more memory;
 - the longest prefix of the backbone (stem, down-sampling layers, blocks, in execution order)
   that has nothing trainable runs under ``torch.no_grad`` (no activations kept for it at all).
 The domain prompts stay frozen, PDNorm modulations too.
