@@ -244,6 +244,11 @@ class PeftConfig:
         temperature: softmax temperature of the retrieval weights.
         input_grad_only: frozen sparse convs skip the filter gradient and keep no input.
         no_grad_prefix: run the frozen prefix of the backbone without autograd.
+        train_norms: DAPT also trains the norm affines (SPEC §8's first design); off: the
+            backbone is frozen whole, norms included, as the DAPT paper (frozen norms then run
+            as a constant scale-and-shift that keeps no input for backward).
+        recompute_blocks: adapted blocks keep only their input and are recomputed in backward
+            (less memory, ~10 % more time).
     """
 
     stage: str = "none"
@@ -259,6 +264,8 @@ class PeftConfig:
     temperature: float = 0.1
     input_grad_only: bool = True
     no_grad_prefix: bool = True
+    train_norms: bool = False
+    recompute_blocks: bool = True
 
 
 @dataclass

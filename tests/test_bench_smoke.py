@@ -69,3 +69,18 @@ def test_negative_transfer_quick_and_resume(tmp_path):
     assert not list((tmp_path / "runs").rglob("*.pth"))  # scores kept, weights dropped
     again = run_bench("negative_transfer.py", *args)  # resumed: every run has its result
     assert again.count("cached") == 2 and "started" not in again
+
+
+def test_peft_quick(synthetic_root, tmp_path):
+    # The memory table of every stage and the transfer rows: a stage missing, or a memory probe
+    # that measures nothing (peak 0), would leave the PEFT section of RESULTS.md unfounded.
+    out = run_bench("peft.py", "--quick", "--results", str(tmp_path), "--out", str(tmp_path / "runs"),
+                    "--data-root", str(synthetic_root))
+    result = json.loads((tmp_path / "peft_quick.json").read_text())
+    stages = [row["stage"] for row in result["cost"]]
+    assert stages == ["full", "linear", "bitfit", "dapt", "pointpeft"]
+    full = result["cost"][0]
+    assert full["peak_alloc_mb"] > 0 and full["trainable"] == full["total"]
+    for row in result["cost"][1:]:
+        assert 0 < row["trainable"] < row["total"] and row["peak_alloc_mb"] > 0
+    assert "| dapt |" in out

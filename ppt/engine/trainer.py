@@ -394,7 +394,7 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
             save_last()
             if is_best and main:
                 _copy_atomic(last_path, exp_dir / "model" / "model_best.pth")
-                logger.info(f"new best {cfg.train.best_on} mIoU {state.best_metric:.4f}: wrote model_best.pth")
+                logger.info(f"new best {what} {state.best_metric:.4f}: wrote model_best.pth")
     finally:
         logger.close()
     return {"epochs": state.epoch, "steps": state.step, "best_metric": state.best_metric,
