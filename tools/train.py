@@ -197,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         val = " ".join(f"{k} {v['mIoU']:.4f}" for k, v in summary["val"].items())
         best_on = cfg.train.best_on if cfg.train.best_on != "first" else (cfg.data.val or list(cfg.data.mix))[0]
-        best = (f"best {best_on} mIoU {summary['best_metric']:.4f} (epoch {summary['best_epoch']}); "
-                f"last val mIoU: {val}" if summary["best_epoch"] >= 0 else "not evaluated")
+        best = (f"best {best_on} mIoU {summary['best_metric']:.4f} (epoch {summary['best_epoch']})"
+                if summary["best_epoch"] >= 0 else "not evaluated")
+        if val:
+            best += f"; last val mIoU: {val}"
         print(f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']:.0f} s; "
               f"{best}; {exp_dir}")
         board = ".venv/bin/tensorboard" if Path(".venv/bin/tensorboard").exists() else "tensorboard"
