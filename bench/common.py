@@ -159,11 +159,17 @@ BENCH_MODELS = {
     "pdnorm_language": ("pdnorm", "language", ("scannet", "s3dis", "structured3d")),
     "pdnorm_decoupled": ("pdnorm", "decoupled", ("scannet", "s3dis", "structured3d")),
     "pdnorm_union": ("pdnorm", "union", ("scannet", "s3dis", "structured3d")),
+    "ptv3": ("none", "decoupled", ("scannet",)),
+    "ptv3_pdnorm_language": ("pdnorm", "language", ("scannet", "s3dis", "structured3d")),
 }
+# A demo-size PTv3 for smoke tests (the paper-size one is ppt.config.PTv3Config's defaults).
+DEMO_PTV3 = dict(enc_depths=(1, 1, 1, 1, 1), enc_channels=(16, 16, 32, 32, 64), enc_heads=(1, 1, 2, 2, 4),
+                 dec_depths=(1, 1, 1, 1), dec_channels=(16, 16, 32, 32), dec_heads=(1, 1, 2, 2),
+                 patch_size=128)
 
 
 def build_bench_model(name: str, channels=DEFAULT_CHANNELS, layers=DEFAULT_LAYERS, prompt_dim: int = 256,
-                      seed: int = 0):
+                      seed: int = 0, tiny: bool = False):
     """A randomly initialised Segmentor (compute does not depend on the weights).
 
     The language head gets random unit (K, 512) class embeddings: the width of CLIP ViT-B/16's
@@ -184,6 +190,14 @@ def build_bench_model(name: str, channels=DEFAULT_CHANNELS, layers=DEFAULT_LAYER
         text = {d: torch.nn.functional.normalize(torch.randn(len(c), TEXT_DIM, generator=g), dim=1)
                 for d, c in names.items()}
     torch.manual_seed(seed)
+    if name.startswith("ptv3"):  # Point Transformer V3, the paper's widths unless tiny
+        from dataclasses import asdict
+
+        from ppt.config import PTv3Config
+
+        settings = {**asdict(PTv3Config()), **(DEMO_PTV3 if tiny else {})}
+        return Segmentor(names, backbone=dict(in_channels=6, **settings), backbone_type="ptv3", prompt=prompt,
+                         prompt_dim=prompt_dim, head=head, text_embeddings=text)
     return Segmentor(names, backbone=dict(channels=tuple(channels), layers=tuple(layers)), prompt=prompt,
                      prompt_dim=prompt_dim, head=head, text_embeddings=text)
 

@@ -1,6 +1,8 @@
-"""Training-step time and peak memory of SpUNet and SpUNet + PDNorm with each head.
+"""Training-step time and peak memory of SpUNet / PTv3, plain and with PDNorm + each head.
 
-    python bench/train_step.py                      # CPU default plan (< 10 min on 2 cores)
+    python bench/train_step.py                      # CPU default plan (SpUNet + PTv3; ~30 min)
+    python bench/train_step.py --models spunet pdnorm_language ptv3 ptv3_pdnorm_language \
+        --sizes 50000 100000                        # SpUNet next to PTv3 (the paper's 46.2 M)
     python bench/train_step.py --full-grid          # every model x size, 1 warm-up + 3 repeats
     python bench/train_step.py --device cuda        # + fp32 / fp16 / bf16 autocast, full grid
     python bench/train_step.py --quick              # smoke: tiny model, 4k points
@@ -44,8 +46,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 # network and the PPT default (PDNorm + language), timed with fewer repeats.
 CPU_PLAN = [
     *[(m, 50_000, 1, 2) for m in BENCH_MODELS],
-    ("spunet", 100_000, 1, 1), ("pdnorm_language", 100_000, 1, 1),
-    ("spunet", 200_000, 1, 1), ("pdnorm_language", 200_000, 1, 1),
+    *[(m, 100_000, 1, 1) for m in ("spunet", "pdnorm_language", "ptv3", "ptv3_pdnorm_language")],
+    *[(m, 200_000, 1, 1) for m in ("spunet", "pdnorm_language", "ptv3", "ptv3_pdnorm_language")],
 ]
 
 
@@ -60,8 +62,7 @@ def measure_row(row: dict) -> dict:
     if row["threads"] > 0:
         torch.set_num_threads(row["threads"])
     device = torch.device(row["device"])
-    channels, layers = (DEMO_CHANNELS, DEMO_LAYERS) if row.get("tiny") else (None, None)
-    kwargs = {"channels": channels, "layers": layers} if channels else {}
+    kwargs = {"channels": DEMO_CHANNELS, "layers": DEMO_LAYERS, "tiny": True} if row.get("tiny") else {}
     model = build_bench_model(row["model"], **kwargs).to(device).train()
     optimizer = build_optimizer(model, OptimConfig())
     batch = to_device(synthetic_batch(row["points"], seed=row.get("seed", 0)), device)
@@ -105,7 +106,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
     common = {"device": args.device, "threads": args.threads}
     if args.quick:
         return [{**common, "model": m, "points": 4_000, "warmup": 1, "repeats": 2, "precision": "fp32",
-                 "tiny": True} for m in ("spunet", "pdnorm_language")]
+                 "tiny": True} for m in ("spunet", "pdnorm_language", "ptv3_pdnorm_language")]
     precisions = PRECISIONS if args.device == "cuda" else ("fp32",)
     if args.device == "cuda" or args.full_grid:
         w, r = (2, 10) if args.device == "cuda" else (1, 3)

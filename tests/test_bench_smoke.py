@@ -45,7 +45,7 @@ def test_train_step_quick(tmp_path):
     stdout = run_bench("train_step.py", "--quick", "--out", str(out))
     assert "| model |" in stdout and "pdnorm_language" in stdout
     rows = json.loads(out.read_text())["rows"]
-    assert [r["model"] for r in rows] == ["spunet", "pdnorm_language"]
+    assert [r["model"] for r in rows] == ["spunet", "pdnorm_language", "ptv3_pdnorm_language"]
     for r in rows:
         assert "error" not in r and r["finite_loss"] and r["step_s"] > 0 and r["actual_points"] == 4000
 
