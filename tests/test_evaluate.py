@@ -17,7 +17,8 @@ from ppt.data.scene_io import write_scene
 from ppt.data import grid
 from ppt.engine import evaluate as evaluate_module
 from ppt.data.grid import build_test_views, iter_test_views
-from ppt.engine.evaluate import confusion_image, eval_prompt, evaluate, predict_scene
+from ppt.engine.evaluate import eval_prompt, evaluate, predict_scene
+from ppt.engine.logging import confusion_image
 
 VOXEL = 0.1
 K = len(SCANNET20)

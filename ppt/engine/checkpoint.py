@@ -36,7 +36,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the model (message names the file)."""
 
 
-def _summary(keys, limit: int = MAX_LISTED) -> str:
+def summarize_keys(keys, limit: int = MAX_LISTED) -> str:
+    """The first ``limit`` keys, then the total count: "a, b, ... (12 in all)"."""
     keys = list(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -93,11 +94,12 @@ def check_resumable(ckpt: dict, path: str | os.PathLike) -> None:
     """Raise CheckpointError when ``ckpt`` lacks what exact resume needs."""
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint {path} cannot be resumed from: it lacks {_summary(missing)} "
+        raise CheckpointError(f"checkpoint {path} cannot be resumed from: it lacks {summarize_keys(missing)} "
                               f"(a weights-only file? use --weights to fine-tune from it)")
 
 
-def _strip_prefix(state: dict) -> dict:
+def strip_ddp_prefix(state: dict) -> dict:
+    """A state dict saved from a DDP wrapper (every key "module.") with the prefix removed."""
     if state and all(k.startswith("module.") for k in state):
         return {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -138,7 +140,7 @@ def peft_checkpoint_entries(model: nn.Module) -> dict:
 
 def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
     """Strict load with a readable summary of what does not fit."""
-    state = _strip_prefix(state)
+    state = strip_ddp_prefix(state)
     own = model.state_dict()
     peft = is_peft_model(model)
     if peft:  # a PEFT run's checkpoint holds only its trainable part
@@ -150,11 +152,11 @@ def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> 
               if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys ({_summary(missing)})")
+        problems.append(f"{len(missing)} missing keys ({summarize_keys(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_summary(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({summarize_keys(unexpected)})")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatches ({_summary(shapes, 3)})")
+        problems.append(f"{len(shapes)} shape mismatches ({summarize_keys(shapes, 3)})")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(problems)} "
                               f"(was it trained with another config?)")

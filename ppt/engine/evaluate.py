@@ -380,37 +380,3 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
     if keep_predictions:
         result["predictions"] = predictions
     return result
-
-
-def confusion_image(confusion: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
-    """Row-normalised confusion matrix (rows = true class) drawn as an image for TensorBoard.
-
-    Args:
-        confusion: int (K, K) counts, rows = true class, columns = predicted class.
-        class_names: K names.
-
-    Returns:
-        uint8 (H, W, 3) RGB image.
-    """
-    # Figure + Agg canvas directly: no pyplot, no global backend switch, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    confusion = np.asarray(confusion, np.float64)
-    k = len(class_names)
-    if confusion.shape != (k, k):
-        raise ValueError(f"confusion of shape {confusion.shape} for {k} class names")
-    rows = confusion.sum(1, keepdims=True)
-    norm = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
-    size = 2.5 + 0.3 * k
-    fig = Figure(figsize=(size, size), dpi=80)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
-    ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(k), class_names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -72,8 +73,6 @@ class ExperimentLogger:
 
     def validation(self, results: dict[str, dict], epoch: int, step: int) -> None:
         """Scalars, per-class IoU and a confusion-matrix image per dataset, plus a log table."""
-        from ppt.engine.evaluate import confusion_image
-
         for name, res in results.items():
             self.scalars({f"val/{name}/{k}": res[k] for k in ("mIoU", "mIoU_ref", "mAcc", "allAcc")
                           if k in res and np.isfinite(res[k])}, step)
@@ -117,3 +116,37 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+def confusion_image(confusion: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """Row-normalised confusion matrix (rows = true class) drawn as an image for TensorBoard.
+
+    Args:
+        confusion: int (K, K) counts, rows = true class, columns = predicted class.
+        class_names: K names.
+
+    Returns:
+        uint8 (H, W, 3) RGB image.
+    """
+    # Figure + Agg canvas directly: no pyplot, no global backend switch, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    confusion = np.asarray(confusion, np.float64)
+    k = len(class_names)
+    if confusion.shape != (k, k):
+        raise ValueError(f"confusion of shape {confusion.shape} for {k} class names")
+    rows = confusion.sum(1, keepdims=True)
+    norm = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    size = 2.5 + 0.3 * k
+    fig = Figure(figsize=(size, size), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -34,6 +34,7 @@ from ppt.engine.build import (
     text_embeddings_from_state,
 )
 from ppt.engine.weights import load_weights
+from ppt.io import atomic_write
 from ppt.losses import lovasz_softmax, segmentation_loss
 
 
@@ -403,8 +404,8 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through ``ppt.io.atomic_write`` (temp file, fsync, rename)."""
     import shutil
 
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    with open(src, "rb") as f_in:
+        atomic_write(dst, lambda f_out: shutil.copyfileobj(f_in, f_out))

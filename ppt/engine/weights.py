@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ppt.data.classes import DATASETS, union_label_space
-from ppt.engine.checkpoint import CheckpointError, load_checkpoint
+from ppt.engine.checkpoint import CheckpointError, load_checkpoint, strip_ddp_prefix, summarize_keys
 from ppt.models.heads import TEXT_PREFIX, DecoupledHead, UnionHead
 from ppt.models.prompts import MEAN_PROMPT, PDLayerNorm, PDNorm
 
@@ -53,11 +53,6 @@ BY_KEY, BY_NAME, FROM_MEAN, FOLDED, BY_CLASS, OWN, FRESH = (
     "key", "name", "mean", "folded", "class", "own", "fresh")
 _LOADED = {BY_KEY: "by key", BY_NAME: "by dataset name", FROM_MEAN: "from the base datasets' mean",
            FOLDED: "folded (norm + prompt)", BY_CLASS: "by class name"}
-
-
-def _summary(items: Sequence[str], limit: int = MAX_LISTED) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 @dataclass
@@ -121,16 +116,16 @@ class WeightsReport:
             parts.append(f"dropped base datasets: {', '.join(self.dropped)}")
         if self.mismatched:
             shapes = [f"{k} {shape}" for k, shape in self.mismatched.items()]
-            parts.append(f"{len(shapes)} shape mismatches kept initialised ({_summary(shapes)})")
+            parts.append(f"{len(shapes)} shape mismatches kept initialised ({summarize_keys(shapes, MAX_LISTED)})")
         fresh = [k for k in self.keys(FRESH) if k not in self.mismatched]
         if fresh:
-            parts.append(f"{len(fresh)} initialised fresh ({_summary(fresh)})")
+            parts.append(f"{len(fresh)} initialised fresh ({summarize_keys(fresh, MAX_LISTED)})")
         if self.unused:  # tensors of the datasets not taken are counted, the others named
             skipped = {*self.dropped, *untrained}
             counted = [k for k in self.unused if (_dataset_of(k) or ("", ""))[1] in skipped]
             others = [k for k in self.unused if k not in set(counted)]
             what = [f"{len(counted)} of datasets not taken"] if counted else []
-            what += [_summary(others)] if others else []
+            what += [summarize_keys(others, MAX_LISTED)] if others else []
             parts.append(f"{len(self.unused)} unexpected ignored ({'; '.join(what)})")
         return "; ".join(parts)
 
@@ -151,8 +146,7 @@ def read_base(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     if not tensors:
         raise CheckpointError(f"checkpoint {path} holds no model state dict "
                               f"(expected a 'model' or 'state_dict' entry of tensors)")
-    if all(k.startswith("module.") for k in tensors):  # saved from a DDP wrapper
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    tensors = strip_ddp_prefix(tensors)
     config = ckpt.get("config")
     return tensors, config if isinstance(config, dict) else {}
 
@@ -428,7 +422,7 @@ def map_weights(model: nn.Module, path: str | os.PathLike) -> WeightsReport:
     state, report = map_state(base, model, domains, trained, path=path)
     if not report.loaded:
         raise CheckpointError(f"checkpoint {path}: nothing in it fits this model by key or by dataset name "
-                              f"({len(base)} tensors, e.g. {_summary(list(base))}; "
+                              f"({len(base)} tensors, e.g. {summarize_keys(base, MAX_LISTED)}; "
                               f"{len(report.mismatched)} shape mismatches)")
     model.load_state_dict(state, strict=False)
     return report
