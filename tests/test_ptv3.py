@@ -21,6 +21,10 @@ from ppt.models.serialization import ORDERS, decode, encode
 from ppt.models.spunet import DomainContext
 
 NAMES = {d: DATASETS[d].class_names for d in ("structured3d", "scannet", "s3dis")}
+# Config overrides of a tiny PTv3 with a decoupled head (tests that build through the config).
+TINY_PTV3_CONFIG = ["model.backbone=ptv3", "model.head=decoupled", "ptv3.enc_depths=[1,1]",
+                    "ptv3.enc_channels=[8,16]", "ptv3.enc_heads=[1,2]", "ptv3.dec_depths=[1]",
+                    "ptv3.dec_channels=[8]", "ptv3.dec_heads=[2]", "ptv3.patch_size=24"]
 TINY = dict(enc_depths=(1, 2, 1), enc_channels=(8, 16, 16), enc_heads=(1, 2, 2),
             dec_depths=(1, 1), dec_channels=(8, 16), dec_heads=(2, 2), patch_size=32, drop_path=0.0)
 
@@ -268,10 +272,8 @@ def test_pd_layernorm_mean_domain_averages_the_affines():
 def test_config_builds_the_ptv3_it_names(synthetic_root):
     from ppt.engine.build import build_model
 
-    cfg = load_config(None, [f"data.root={synthetic_root}", "model.backbone=ptv3", "model.head=decoupled",
-                             "ptv3.enc_depths=[1,1]", "ptv3.enc_channels=[8,16]", "ptv3.enc_heads=[1,2]",
-                             "ptv3.dec_depths=[1]", "ptv3.dec_channels=[8]", "ptv3.dec_heads=[2]",
-                             "ptv3.patch_size=24", "ptv3.orders=[hilbert]", "train.loss=ce+lovasz"])
+    cfg = load_config(None, [f"data.root={synthetic_root}", *TINY_PTV3_CONFIG, "ptv3.orders=[hilbert]",
+                             "train.loss=ce+lovasz"])
     model = build_model(cfg)
     assert isinstance(model.backbone, PointTransformerV3)
     assert model.backbone.orders == ("hilbert",) and model.backbone.out_channels == 8
@@ -321,10 +323,8 @@ def test_block_parameters_get_their_own_lr_group(synthetic_root):
     # prompt parameters or the stem/head, would train them at the wrong lr.
     from ppt.engine.build import build_model, build_optimizer
 
-    cfg = load_config(None, [f"data.root={synthetic_root}", "model.backbone=ptv3", "model.prompt=pdnorm",
-                             "model.head=decoupled", "ptv3.enc_depths=[1,1]", "ptv3.enc_channels=[8,16]",
-                             "ptv3.enc_heads=[1,2]", "ptv3.dec_depths=[1]", "ptv3.dec_channels=[8]",
-                             "ptv3.dec_heads=[2]", "ptv3.patch_size=24", "optim.block_lr_scale=0.1"])
+    cfg = load_config(None, [f"data.root={synthetic_root}", *TINY_PTV3_CONFIG, "model.prompt=pdnorm",
+                             "optim.block_lr_scale=0.1"])
     model = build_model(cfg)
     groups = {g["name"]: g for g in build_optimizer(model, cfg.optim).param_groups}
     assert set(groups) == {"base", "prompt", "block"}
