@@ -1,126 +1,128 @@
-"""Throughput of each transform and of the whole pipelines on synthetic rooms.
+"""Training data pipeline: our ScanNet pipeline vs the reference's, profiled step by step.
 
-    python bench/data_pipeline.py [--sizes 50000 200000] [--repeats 3]
+    python bench/data_pipeline.py [--sizes 50000 200000] [--repeats 20] [--json out.json]
 
-Prints points/s (best of ``--repeats``) per transform at each scene size, and for grid
-sampling and elastic distortion also the reference implementation (Pointcept: ``np.unique``
-over coordinate rows; dense noise grid blurred with ``ndimage.convolve`` + SciPy's
-``RegularGridInterpolator``) and the speed-up. Single process, single thread of numpy work.
+For each scene size, both pipelines run on the same synthetic room with the same seeds
+(``--repeats`` samples, seeds 0..R-1, so random branches such as dropout or elastic are taken
+as often as in training). Printed: per step, milliseconds per million INPUT points (the mean
+over the samples) and its share of the pipeline, ours next to the reference
+(``bench/reference_pipeline.py``: Pointcept's algorithms); then throughput in millions of
+input points per second and the speed-up. Single process, torch and BLAS at one thread.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from scipy import ndimage
-from scipy.interpolate import RegularGridInterpolator
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import reference_pipeline  # noqa: E402
 from ppt.data import transforms as T  # noqa: E402
-from ppt.data.grid import GridSample, TestFragments  # noqa: E402
 from ppt.data.synthetic import make_scene  # noqa: E402
-
-
-def reference_grid_sample(sample: dict, voxel_size: float, rng: np.random.Generator) -> dict:
-    """Pointcept-style: unique voxel rows, one random point per voxel, inverse index."""
-    grid = np.floor(sample["coord"] / voxel_size).astype(np.int64)
-    grid -= grid.min(0)
-    _, inverse, count = np.unique(grid, axis=0, return_inverse=True, return_counts=True)
-    order = np.argsort(inverse.ravel(), kind="stable")
-    select = np.cumsum(np.insert(count, 0, 0)[:-1]) + rng.integers(0, count.max(), len(count)) % count
-    pick = order[select]
-    out = T.index_points(dict(sample), pick)
-    out["grid_coord"], out["inverse"] = grid[pick], inverse
-    return out
-
-
-def reference_elastic(sample: dict, params, rng: np.random.Generator) -> dict:
-    """Pointcept's ElasticDistortion: (3,1,1,1) box kernels via ndimage.convolve, twice."""
-    coords = sample["coord"]
-    blurx = np.ones((3, 1, 1, 1), np.float32) / 3
-    blury, blurz = np.ones((1, 3, 1, 1), np.float32) / 3, np.ones((1, 1, 3, 1), np.float32) / 3
-    for granularity, magnitude in params:
-        lo = coords.min(0)
-        dim = ((coords - lo).max(0) // granularity).astype(int) + 3
-        noise = rng.standard_normal((*dim, 3)).astype(np.float32)
-        for _ in range(2):
-            for kernel in (blurx, blury, blurz):
-                noise = ndimage.convolve(noise, kernel, mode="constant", cval=0)
-        axes = [np.linspace(a - granularity, a + granularity * (d - 2), d) for a, d in zip(lo, dim)]
-        interp = RegularGridInterpolator(axes, noise, bounds_error=False, fill_value=0)
-        coords = coords + interp(coords) * magnitude
-    sample["coord"] = coords
-    return sample
-
-
-def best_time(fn, sample: dict, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        s = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in sample.items()}
-        start = time.perf_counter()
-        fn(s)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def scene(num_points: int) -> dict:
     arrays = make_scene("scannet", np.random.default_rng([0, num_points]), num_points=int(num_points / 0.9))
-    return {"coord": T.CenterShift()({"coord": arrays["coord"]})["coord"],
-            "color": arrays["color"].astype(np.float32), "normal": arrays["normal"],
-            "segment": arrays["segment20"].astype(np.int64), "dataset": "scannet", "name": "bench"}
+    return {"coord": arrays["coord"], "color": arrays["color"].astype(np.float32),
+            "normal": arrays["normal"], "segment": arrays["segment20"].astype(np.int64),
+            "dataset": "scannet", "name": "bench"}
+
+
+def fresh(sample: dict) -> dict:
+    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in sample.items()}
+
+
+def step_names(steps) -> list[str]:
+    """Unique labels: a second CenterShift is the re-centring after the crop."""
+    names, seen = [], set()
+    for name in steps:
+        names.append(f"{name} (re-centre)" if name in seen else name)
+        seen.add(name)
+    return names
+
+
+def profile_ours(sample: dict, repeats: int) -> dict[str, float]:
+    """Seconds per step summed over ``repeats`` samples of our train pipeline."""
+    pipe = T.build_transforms("scannet", "train")
+    names = step_names([t.__class__.__name__ + (f" {t.axis}" if isinstance(t, T.RandomRotate) else "")
+                        for t in pipe.transforms])
+    spent = dict.fromkeys(names, 0.0)
+    for seed in range(repeats):
+        pipe.set_rng(np.random.default_rng(seed))
+        s = fresh(sample)
+        for name, t in zip(names, pipe.transforms):
+            start = time.perf_counter()
+            s = t(s)
+            spent[name] += time.perf_counter() - start
+    return spent
+
+
+def profile_reference(sample: dict, repeats: int) -> dict[str, float]:
+    steps = reference_pipeline.build()
+    names = step_names([n for n, _ in steps])
+    spent = dict.fromkeys(names, 0.0)
+    for seed in range(repeats):
+        rng = np.random.default_rng(seed)
+        s = fresh(sample)
+        for name, (_, fn) in zip(names, steps):
+            start = time.perf_counter()
+            s = fn(s, rng)
+            spent[name] += time.perf_counter() - start
+    return spent
+
+
+def val_throughput(sample: dict, repeats: int) -> float:
+    pipe = T.build_transforms("scannet", "val")
+    start = time.perf_counter()
+    for _ in range(repeats):
+        pipe(fresh(sample))
+    return len(sample["coord"]) * repeats / (time.perf_counter() - start) / 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    elastic = ((0.2, 0.4), (0.8, 1.6))
-    rows = [
-        ("CenterShift", T.CenterShift(), None),
-        ("RandomDropout", T.RandomDropout(0.2, p=1.0), None),
-        ("RandomRotate z", T.RandomRotate(p=1.0), None),
-        ("RandomScale", T.RandomScale(), None),
-        ("RandomFlip", T.RandomFlip(p=1.0), None),
-        ("RandomJitter", T.RandomJitter(), None),
-        ("ElasticDistortion", T.ElasticDistortion(elastic, p=1.0), lambda s: reference_elastic(s, elastic, rng)),
-        ("ChromaticAutoContrast", T.ChromaticAutoContrast(p=1.0), None),
-        ("ChromaticTranslation", T.ChromaticTranslation(p=1.0), None),
-        ("ChromaticJitter", T.ChromaticJitter(p=1.0), None),
-        ("GridSample (train)", GridSample(0.02), lambda s: reference_grid_sample(s, 0.02, rng)),
-        ("GridSample (+inverse)", GridSample(0.02, return_inverse=True), lambda s: reference_grid_sample(s, 0.02, rng)),
-        ("SphereCrop 60%", T.SphereCrop(ratio=0.6), None),
-        ("NormalizeColor", T.NormalizeColor(), None),
-        ("ShufflePoints", T.ShufflePoints(), None),
-        ("TestFragments", TestFragments(0.02), None),
-        ("train pipeline (scannet)", T.build_transforms("scannet", "train"), None),
-        ("val pipeline", T.build_transforms("scannet", "val"), None),
-    ]
-    scenes = {n: scene(n) for n in args.sizes}
-    print("points per second (millions), best of", args.repeats)
-    header = f"| {'transform':26s} |" + "".join(
-        f" {f'{n // 1000}k ours':>9s} | {f'{n // 1000}k ref':>8s} | {'speed-up':>8s} |" for n in args.sizes)
-    print(header)
-    print("|" + "---|" * (1 + 3 * len(args.sizes)))
-    for name, ours, ref in rows:
-        line = f"| {name:26s} |"
-        for n, s in scenes.items():
-            pts = len(s["coord"])
-            t_ours = best_time(ours, s, args.repeats)
-            cell = f" {pts / t_ours / 1e6:9.2f} |"
-            if ref is not None:
-                t_ref = best_time(ref, s, args.repeats)
-                cell += f" {pts / t_ref / 1e6:8.2f} | {t_ref / t_ours:7.1f}x |"
-            else:
-                cell += f" {'':8s} | {'':8s} |"
-            line += cell
-        print(line, flush=True)
-    print("scene sizes:", {n: len(s["coord"]) for n, s in scenes.items()})
+    torch.set_num_threads(1)
+    results = {}
+    for n in args.sizes:
+        sample = scene(n)
+        points = len(sample["coord"]) * args.repeats
+        profile_ours(sample, 2)                                   # warm-up (imports, allocator)
+        ours, ref = profile_ours(sample, args.repeats), profile_reference(sample, args.repeats)
+        per_mpt = 1e3 * 1e6 / points                              # seconds -> ms per M input points
+        total_ours, total_ref = sum(ours.values()), sum(ref.values())
+        print(f"\n{len(sample['coord']):,} input points, {args.repeats} samples; ms per million input points")
+        print(f"| {'step':28s} | {'ours':>7s} | {'share':>6s} | {'reference':>9s} | {'share':>6s} |")
+        print("|---|---:|---:|---:|---:|")
+        for name in list(ours) + [k for k in ref if k not in ours]:
+            o, r = ours.get(name), ref.get(name)
+            cell_o = f"{o * per_mpt:7.1f} | {100 * o / total_ours:5.1f}%" if o is not None else f"{'-':>7s} | {'':6s}"
+            cell_r = f"{r * per_mpt:9.1f} | {100 * r / total_ref:5.1f}%" if r is not None else f"{'-':>9s} | {'':6s}"
+            print(f"| {name:28s} | {cell_o} | {cell_r} |")
+        mpts_ours, mpts_ref = points / total_ours / 1e6, points / total_ref / 1e6
+        val = val_throughput(sample, max(3, args.repeats // 4))
+        print(f"| {'**whole pipeline, M pts/s**':28s} | {mpts_ours:7.2f} | | {mpts_ref:9.2f} | |")
+        print(f"speed-up {total_ref / total_ours:.1f}x; validation pipeline (ours) {val:.2f} M pts/s")
+        results[str(n)] = {"input_points": len(sample["coord"]), "ours_ms_per_mpt": {k: v * per_mpt for k, v in ours.items()},
+                           "reference_ms_per_mpt": {k: v * per_mpt for k, v in ref.items()},
+                           "ours_mpts_per_s": mpts_ours, "reference_mpts_per_s": mpts_ref,
+                           "val_mpts_per_s": val}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print("wrote", args.json)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from scipy.interpolate import RegularGridInterpolator
 from scipy.spatial.distance import cdist, pdist
 
 from ppt.data import transforms as T
-from ppt.data.grid import GridSample, TestFragments, build_test_views, voxelize
+from ppt.data.elastic import ElasticDistortion, smooth_noise, trilinear
+from ppt.data.grid import GridSample, TestFragments, build_test_views, group_voxels, voxelize
 from ppt.data.transforms import build_transforms
 
 
@@ -55,6 +56,18 @@ def test_grid_sample_randomness_is_seeded(toy_sample):
     c = GridSample(0.5, rng=np.random.default_rng(2))(copy(toy_sample))
     assert np.array_equal(a["coord"], b["coord"])
     assert not np.array_equal(a["coord"], c["coord"])
+
+
+def test_voxel_groups_keep_point_order_inside_a_voxel():
+    # Few voxels, many points each: an unstable sort would shuffle points within a voxel,
+    # and fragment i would no longer take each voxel's i-th point by original id.
+    key = np.random.default_rng(0).integers(0, 5, 5000)
+    order, start, count, voxel = group_voxels(key)
+    assert np.array_equal(key[order], np.sort(key)) and count.sum() == 5000
+    for s, c in zip(start, count):
+        assert (np.diff(order[s:s + c]) > 0).all()
+    assert np.array_equal(voxel, np.unique(key, return_inverse=True)[1].ravel())
+    assert group_voxels(key, with_voxel=False)[3] is None
 
 
 def test_fragments_cover_every_point_once_as_owner(toy_sample):
@@ -144,6 +157,7 @@ def test_sphere_crop_keeps_exactly_the_nearest_points_of_the_centre(toy_sample, 
     rows = original_rows(toy_sample, out)
     dist = np.linalg.norm(coord.astype(np.float64) - coord[centre], axis=1)
     assert np.array_equal(np.sort(rows), np.sort(np.argsort(dist)[:kept]))
+    assert (np.diff(rows) > 0).all()  # kept points stay in their original order
     for key in ("color", "normal", "segment", "instance"):  # every per-point key follows
         assert np.array_equal(out[key], toy_sample[key][rows]), key
     # with a real generator: the nearest points of SOME point, and another one per seed
@@ -171,19 +185,25 @@ def test_jitter_and_colour_ranges(toy_sample):
     assert norm.max() <= 1.0 and np.allclose(norm * 255, toy_sample["color"], atol=1e-3)
 
 
-def test_elastic_matches_reference_interpolation():
+@pytest.mark.parametrize("shape", [(7, 6, 5, 3), (4, 3, 2, 2), (2, 9, 3, 3)])
+def test_elastic_matches_reference_interpolation(shape):
     rng = np.random.default_rng(0)
-    noise = T.smooth_noise(rng.standard_normal((7, 6, 5, 3)).astype(np.float32))
+    noise = smooth_noise(rng.standard_normal(shape).astype(np.float32))
     origin, spacing = np.array([-0.3, 0.1, 0.0]), 0.2
-    pts = origin + rng.random((500, 3)) * spacing * (np.array([7, 6, 5]) - 1)
+    extent = spacing * (np.array(shape[:3]) - 1)
+    pts = origin + rng.random((500, 3)) * extent
+    # Points on the last x node / last z slice (the seams of trilinear's slice atlas) and
+    # points outside the grid (nearest edge value).
+    pts[:20, 0], pts[20:40, 2] = origin[0] + extent[0], origin[2] + extent[2]
+    pts[40:60] = origin - spacing + rng.random((20, 3)) * (extent + 2 * spacing)
     axes = [origin[i] + spacing * np.arange(noise.shape[i]) for i in range(3)]
-    ref = RegularGridInterpolator(axes, noise)(pts)
-    assert np.allclose(T.trilinear(noise, origin, spacing, pts), ref, atol=1e-5)
+    ref = RegularGridInterpolator(axes, noise)(np.clip(pts, origin, origin + extent))
+    assert np.abs(trilinear(noise, origin, spacing, pts) - ref).max() < 1e-5
 
 
 def test_elastic_distortion_is_smooth_and_seeded(toy_sample):
-    a = T.ElasticDistortion(p=1.0, rng=np.random.default_rng(5))(copy(toy_sample))
-    b = T.ElasticDistortion(p=1.0, rng=np.random.default_rng(5))(copy(toy_sample))
+    a = ElasticDistortion(p=1.0, rng=np.random.default_rng(5))(copy(toy_sample))
+    b = ElasticDistortion(p=1.0, rng=np.random.default_rng(5))(copy(toy_sample))
     assert np.array_equal(a["coord"], b["coord"])
     d = a["coord"] - toy_sample["coord"]
     assert np.abs(d).max() > 0.01
@@ -283,7 +303,7 @@ def test_elastic_matches_pointcept_semantics(toy_sample):
     params = ((0.2, 0.4), (0.8, 1.6))
     coord = toy_sample["coord"]
     for seed in (9, 10):
-        out = T.ElasticDistortion(params, p=1.0, rng=np.random.default_rng(seed))(copy(toy_sample))["coord"]
+        out = ElasticDistortion(params, p=1.0, rng=np.random.default_rng(seed))(copy(toy_sample))["coord"]
         rng = np.random.default_rng(seed)
         rng.random()  # the p draw
         expected = pointcept_elastic(coord, params, rng)
@@ -297,8 +317,8 @@ def test_elastic_matches_pointcept_semantics(toy_sample):
     shortcut = coord.astype(np.float64)
     for g, m in params:
         lo = coord.min(0)
-        noise = T.smooth_noise(rng.standard_normal((*(((coord - lo).max(0) // g).astype(int) + 3), 3), dtype=np.float32))
-        shortcut = shortcut + m * T.trilinear(noise, lo - g, g, coord)
+        noise = smooth_noise(rng.standard_normal((*(((coord - lo).max(0) // g).astype(int) + 3), 3), dtype=np.float32))
+        shortcut = shortcut + m * trilinear(noise, lo - g, g, coord)
     rng = np.random.default_rng(9)
     rng.random()
     assert np.abs(shortcut - pointcept_elastic(coord, params, rng)).max() > 1e-3

