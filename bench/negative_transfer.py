@@ -98,6 +98,11 @@ STUDY = [
     "train.epochs=1", "train.eval_every=1", "train.device=cpu", "train.threads=1",
     "train.log_every=50", "train.amp=false",
 ]
+# --backbone ptv3: the demo-size PTv3 of configs/demo_ptv3.yaml (0.6 M parameters) in place of
+# the SpUNet, everything else as STUDY (cross-entropy only, as the SpUNet rows).
+PTV3 = ["model.backbone=ptv3", "ptv3.enc_depths=[1, 1, 1, 1]", "ptv3.enc_channels=[16, 32, 48, 64]",
+        "ptv3.enc_heads=[1, 2, 3, 4]", "ptv3.dec_depths=[1, 1, 1]", "ptv3.dec_channels=[32, 32, 48]",
+        "ptv3.dec_heads=[2, 2, 3]", "ptv3.patch_size=128", "ptv3.mlp_ratio=2.0", "ptv3.drop_path=0.0"]
 QUICK = ["model.channels=[8, 8, 16, 16, 16, 16, 8, 8]", "model.prompt_dim=16", "data.num_workers=0"]
 
 
@@ -250,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precise-bn", type=int, default=0, metavar="N",
                    help="also score each run's final weights after recomputing BN statistics from N "
                         "training batches per dataset (rows '..., precise BN')")
+    p.add_argument("--backbone", choices=("spunet", "ptv3"), default="spunet",
+                   help="ptv3: the demo-size PTv3 (PTV3 overrides) in every run")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every run, e.g. --set optim.lr=0.01")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
-    extra = list(args.set)
+    extra = (PTV3 if args.backbone == "ptv3" else []) + list(args.set)
     if args.quick:
         args.scenes, args.steps, args.seeds = 6, 2, args.seeds[:1]
         args.variants = [v for v in args.variants if v in ("alone_scannet", "naive", "ppt")] or args.variants

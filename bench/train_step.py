@@ -6,6 +6,7 @@
     python bench/train_step.py --full-grid          # every model x size, 1 warm-up + 3 repeats
     python bench/train_step.py --device cuda        # + fp32 / fp16 / bf16 autocast, full grid
     python bench/train_step.py --quick              # smoke: tiny model, 4k points
+    python bench/train_step.py --forward-only ...   # inference: eval-mode forward, no grad
 
 One step = ``ppt.engine.trainer.train_step`` (the trainer's own step: zero_grad, forward under
 autocast, loss, backward, gradient norm, optimiser step; fp16 with a GradScaler, as in
@@ -22,7 +23,10 @@ CPU default plan: a step of the 39 M model at 200k points takes tens of seconds 
 so the bigger rows are timed ONCE after one warm-up step (``repeats`` column says how many);
 sizes and repeats per row are listed in ``CPU_PLAN``. ``CPU s/step`` is the process CPU time of
 the step: with the default single torch thread it is the step time on an idle core, which
-stays meaningful when other processes share the machine (wall time then grows, CPU time not). Results: ``bench/results/train_step_<device>.json``.
+stays meaningful when other processes share the machine (wall time then grows, CPU time not).
+``--forward-only`` times inference instead: the model in eval mode, one forward of the same
+batch under ``torch.no_grad`` (and autocast on CUDA), logits of every voxel; no optimiser.
+Results: ``bench/results/train_step_<device>.json``.
 """
 from __future__ import annotations
 
@@ -78,6 +82,16 @@ def measure_row(row: dict) -> dict:
         out = train_step(model, batch, optimizer, scaler, dtype, grad_clip=0.0)
         losses.append(out["loss"])
 
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(batch)
+        losses.append(float(logits.float().abs().mean()))
+
+    if row.get("forward_only"):
+        model.eval()
+        del optimizer
+        step = forward  # noqa: F811
+
     timing = time_call(step, row["repeats"], row["warmup"], row["device"])
     n = len(batch["coord"])
     return {**row, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
@@ -103,7 +117,7 @@ def run_child(row: dict, timeout: float) -> dict:
 
 
 def plan_rows(args: argparse.Namespace) -> list[dict]:
-    common = {"device": args.device, "threads": args.threads}
+    common = {"device": args.device, "threads": args.threads, "forward_only": args.forward_only}
     if args.quick:
         return [{**common, "model": m, "points": 4_000, "warmup": 1, "repeats": 2, "precision": "fp32",
                  "tiny": True} for m in ("spunet", "pdnorm_language", "ptv3_pdnorm_language")]
@@ -127,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch CPU threads (0 = torch default); 1 by default: on a shared 2-core machine "
                         "a second OpenMP thread spin-waits and made a step 10-30x slower")
     p.add_argument("--quick", action="store_true", help="smoke test: demo-size model, 4k points")
+    p.add_argument("--forward-only", action="store_true", help="inference: eval-mode forward without grad")
     p.add_argument("--timeout", type=float, default=900, help="seconds per row")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step_<device>.json)")
     p.add_argument("--_row", default=None, help=argparse.SUPPRESS)

@@ -84,3 +84,47 @@ def test_peft_quick(synthetic_root, tmp_path):
     for row in result["cost"][1:]:
         assert 0 < row["trainable"] < row["total"] and row["peak_alloc_mb"] > 0
     assert "| dapt |" in out
+
+
+def test_data_pipeline_quick(tmp_path):
+    # Both pipelines profiled step by step on the same room: a step missing from either side,
+    # or a throughput that is not points / time, would leave RESULTS.md §6 unfounded.
+    out = tmp_path / "dp.json"
+    stdout = run_bench("data_pipeline.py", "--sizes", "4000", "--repeats", "2", "--json", str(out))
+    assert "| ElasticDistortion" in stdout and "speed-up" in stdout
+    (row,) = json.loads(out.read_text()).values()
+    for side in ("ours", "reference"):
+        steps = row[f"{side}_ms_per_mpt"]
+        assert {"GridSample", "ElasticDistortion", "SphereCrop", "ShufflePoints"} <= set(steps)
+        assert abs(1e3 / sum(steps.values()) - row[f"{side}_mpts_per_s"]) < 1e-6 * row[f"{side}_mpts_per_s"] + 1e-9
+
+
+def test_reference_pipeline_keeps_one_point_per_voxel():
+    # The timing reference must do the reference's work: one point per voxel, keys aligned.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import data_pipeline
+    import reference_pipeline
+
+    sample = data_pipeline.scene(3000)
+    rng = np.random.default_rng(0)
+    for _, step in reference_pipeline.build(voxel=0.05):
+        sample = step(sample, rng)
+    n = len(sample["coord"])
+    assert sample["feat"].shape == (n, 6) and len(sample["segment"]) == n
+    assert len(np.unique(sample["grid_coord"], axis=0)) == n
+
+
+def test_time_to_accuracy_quick_and_resume(synthetic_root, tmp_path):
+    args = ["--quick", "--budgets", "0.1", "--setups", "scannet", "--data", str(synthetic_root),
+            "--out", str(tmp_path / "runs"), "--results", str(tmp_path)]
+    stdout = run_bench("time_to_accuracy.py", *args)
+    assert "| scannet | 0.1 |" in stdout
+    runs = json.loads((tmp_path / "time_to_accuracy.json").read_text())["runs"]
+    assert sorted(r["method"] for r in runs) == ["plain", "recipe"]
+    for r in runs:
+        assert r["steps"] > 0 and 0 <= r["mIoU"]["scannet"] <= 1 and r["minutes"] > 0
+    plain = next(r for r in runs if r["method"] == "plain")
+    assert 0.1 <= plain["minutes"] < 0.2  # stopped at the budget, training time only
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
+    again = run_bench("time_to_accuracy.py", *args)  # every run has its result: nothing trains
+    assert "recipe scannet" not in again and "plain scannet:" not in again

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ppt.config import load_config
+from ppt.config import OptimConfig, load_config
 from ppt.engine import checkpoint as ckpt_io
 from ppt.engine.build import build_model, build_optimizer, build_scheduler, build_train_loader
 from ppt.engine.trainer import NonFiniteError, TrainState, amp_settings, train, train_one_epoch, train_step
@@ -93,6 +93,22 @@ def test_prompt_group_peaks_at_a_tenth_of_the_base_lr(synthetic_root):
         assert math.isclose(max(l[1] for l in lrs), 0.1 * cfg.optim.lr, rel_tol=1e-3)
         assert all(math.isclose(b * 0.1, p, rel_tol=1e-6) for b, p in lrs)  # ratio held all along
         assert lrs[-1][0] < peak / 100
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 20])
+def test_onecycle_survives_runs_too_short_for_its_warmup(total):
+    # pct_start 0.05 of 20 steps is a one-step warm-up: OneCycleLR divided by zero there.
+    cfg = OptimConfig(name="adamw", lr=0.01, scheduler="onecycle", pct_start=0.05)
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(1))], "max_lr": 0.01}], lr=0.01)
+    sched = build_scheduler(opt, cfg, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step() if len(lrs) < total else None
+    assert all(math.isfinite(lr) and 0 < lr <= 0.01 + 1e-12 for lr in lrs)
+    if total >= 3:
+        assert max(lrs) > lrs[0] and lrs[-1] < max(lrs)  # still rises, then anneals
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(synthetic_root):

@@ -141,8 +141,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     total_steps = max(1, total_steps)
     max_lrs = [g["max_lr"] for g in optimizer.param_groups]
     if cfg.scheduler == "onecycle":
+        # OneCycleLR divides by its warm-up length in steps minus one: a warm-up of one step or
+        # less (pct_start 0.05 of a 20-step run) raised ZeroDivisionError. Such short runs
+        # warm up for 1.5 steps instead.
+        pct = cfg.pct_start if cfg.pct_start * total_steps > 1 else min(0.99, 1.5 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=cfg.pct_start,
+            optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=pct,
             anneal_strategy="cos", cycle_momentum=cfg.cycle_momentum and _has_momentum(optimizer),
             base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum, div_factor=cfg.div_factor,
             final_div_factor=cfg.final_div_factor)
