@@ -3,6 +3,9 @@
     python bench/negative_transfer.py                    # full study (19 runs, ~65 min on 2 busy cores)
     python bench/negative_transfer.py --quick --out /tmp/nt --results /tmp/nt   # smoke (< 1 min)
     python bench/negative_transfer.py --report-only      # table + chart from finished runs
+    python bench/negative_transfer.py --backbone ptv3 --variants alone_scannet alone_s3dis \
+        alone_structured3d naive ppt --out exp/negative_transfer_ptv3 \
+        --results bench/results/negative_transfer_ptv3     # the PTv3 rows (demo-size PTv3)
 
 Every run is ``ppt.engine.trainer.train(cfg, exp_dir)`` in this process (the code
 ``tools/train.py`` calls) with the same model size, step count and seeds; only the data mix,
