@@ -23,9 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import reference_pipeline  # noqa: E402
+from bench import reference_pipeline  # noqa: E402
 from ppt.data import transforms as T  # noqa: E402
 from ppt.data.synthetic import make_scene  # noqa: E402
 

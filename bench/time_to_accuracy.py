@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.common import RESULTS_DIR, machine_info, save_json  # noqa: E402
 
@@ -89,7 +88,7 @@ def calibrate(setup: str, args, extra: list[str]) -> tuple[float, float]:
 
 
 def run_plain(setup: str, budgets: list[float], args) -> list[dict]:
-    import plain_baseline
+    from bench import plain_baseline
     from ppt.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", QUICK if args.quick else [])

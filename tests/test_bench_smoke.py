@@ -101,9 +101,7 @@ def test_data_pipeline_quick(tmp_path):
 
 def test_reference_pipeline_keeps_one_point_per_voxel():
     # The timing reference must do the reference's work: one point per voxel, keys aligned.
-    sys.path.insert(0, str(ROOT / "bench"))
-    import data_pipeline
-    import reference_pipeline
+    from bench import data_pipeline, reference_pipeline
 
     sample = data_pipeline.scene(3000)
     rng = np.random.default_rng(0)
