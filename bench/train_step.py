@@ -89,10 +89,8 @@ def measure_row(row: dict) -> dict:
 
     if row.get("forward_only"):
         model.eval()
-        del optimizer
-        step = forward  # noqa: F811
-
-    timing = time_call(step, row["repeats"], row["warmup"], row["device"])
+    timed = forward if row.get("forward_only") else step
+    timing = time_call(timed, row["repeats"], row["warmup"], row["device"])
     n = len(batch["coord"])
     return {**row, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "actual_points": n, "step_s": round(timing["median_s"], 4), "times_s": timing["times_s"],
