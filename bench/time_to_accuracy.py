@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, machine_info, save_json  # noqa: E402
 
-SETUPS = {"joint": "{structured3d: 4, scannet: 2, s3dis: 1}", "scannet": "{scannet: 1}"}
+SETUPS = {"joint": {"structured3d": 4, "scannet": 2, "s3dis": 1}, "scannet": {"scannet": 1}}
 QUICK = ["model.channels=[8, 8, 16, 16, 16, 16, 8, 8]", "model.prompt_dim=16", "data.num_workers=0",
          "train.precise_bn=2"]
 
@@ -44,7 +43,7 @@ def recipe_config(setup: str, steps: int, args, extra: list[str]):
 
     # One epoch of exactly ``steps`` steps: data.loop makes the epoch long enough for
     # steps_per_epoch (a cap on the loader's epoch) to be the step count.
-    overrides = [f"data.mix={SETUPS[setup]}", f"data.root={args.data!r}", "train.epochs=1",
+    overrides = [f"data.mix={json.dumps(SETUPS[setup])}", f"data.root={args.data!r}", "train.epochs=1",
                  "data.loop=1000", f"train.steps_per_epoch={steps}", "train.eval_every=1", "train.log_every=50",
                  *(QUICK if args.quick else []), *extra]
     return load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", overrides)
@@ -92,7 +91,7 @@ def run_plain(setup: str, budgets: list[float], args) -> list[dict]:
     from ppt.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", QUICK if args.quick else [])
-    datasets = list(json.loads(re.sub(r"(\w+):", r'"\1":', SETUPS[setup])))
+    datasets = list(SETUPS[setup])
     records = plain_baseline.run(args.data, datasets, max(budgets), budgets, list(cfg.model.channels),
                                  list(cfg.model.layers), voxel=cfg.data.voxel_size,
                                  batch_size=cfg.data.batch_size, lr=args.plain_lr)
