@@ -169,10 +169,12 @@ def test_labelled_ply_keeps_double_coordinates(tmp_path):
     from ppt.data.clouds import write_labelled_ply
 
     coord = np.array([[512345.123456789, 5412345.987654321, 101.25], [0.5, 0.25, 0.125]])
-    write_labelled_ply(tmp_path / "p.ply", coord, np.array([2, 0]), np.array([0.5, 0.9], np.float32), 3)
+    write_labelled_ply(tmp_path / "p.ply", coord, np.array([2, 0]), 3,
+                       {"label": ("i2", np.array([2, 0])), "confidence": ("f4", np.array([0.5, 0.9]))})
     vertex = PlyData.read(str(tmp_path / "p.ply"))["vertex"]
     np.testing.assert_array_equal(np.stack([vertex[a] for a in "xyz"], 1), coord)  # float32 would lose ~5 cm
     assert vertex["label"].tolist() == [2, 0] and vertex["red"].tolist() == palette(3)[[2, 0], 0].tolist()
+    assert vertex["confidence"].dtype == np.float32 and vertex["confidence"].tolist() == [0.5, np.float32(0.9)]
 
 
 def test_list_inputs_expands_folders_and_skips_the_output_folder(tmp_path):

@@ -213,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {'warning' if note.startswith('no colour') else 'note'}: {note}", flush=True)
         kept = pred.labels[cloud.valid]
         written = [out / f"{stem}_pred.ply", out / f"{stem}_pred.npy"]
-        write_labelled_ply(written[0], cloud.coord, kept, pred.confidence[cloud.valid], len(pred.class_names))
+        write_labelled_ply(written[0], cloud.coord, kept, len(pred.class_names),
+                           {"label": ("i2", kept), "confidence": ("f4", pred.confidence[cloud.valid])})
         atomic_write(written[1], lambda f: np.save(f, pred.labels.astype(np.int16)))
         if args.png:
             written.append(out / f"{stem}_pred.png")

@@ -46,7 +46,6 @@ coloured by prediction, with ``pred`` and ``gt`` properties). The folder is prin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -56,8 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppt.data.clouds import palette  # noqa: E402
-from ppt.io import atomic_write  # noqa: E402
+from ppt.engine.eval_outputs import Progress, mode_folder, mode_key, scene_writer, write_metrics  # noqa: E402
 
 OPEN_VOCAB = "open_vocab"  # label-set name of --classes inside the model
 
@@ -119,71 +117,6 @@ def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 
-def mode_key(split: str, tta: str, prompt: str, label_set: str, weights: str = "") -> str:
-    """Name of an evaluation mode inside a dataset's results (metrics.json)."""
-    key = f"split={split}; tta={tta}; prompt={prompt}; classes={label_set}"
-    return key + (f"; weights={weights}" if weights else "")
-
-
-def _legacy_entries(old: dict) -> dict:
-    """Results of the old flat layout {dataset: entry}, keyed by mode (their TTA was fragments)."""
-    results: dict[str, dict] = {}
-    for dataset, entry in old.items():
-        if isinstance(entry, dict) and "mIoU" in entry:
-            tta = {True: "fragments", False: "off"}.get(entry.get("tta"), str(entry.get("tta")))
-            classes = ",".join(entry["label_set"]) if entry.get("label_set") else dataset
-            key = mode_key(entry.get("split", "val"), tta, entry.get("prompt") or dataset, classes)
-            results.setdefault(dataset, {})[key] = entry
-    return results
-
-
-def write_metrics(path: Path, entries: dict[str, dict[str, dict]]) -> dict:
-    """Merge ``{dataset: {mode: entry}}`` into the JSON file at ``path`` (atomic): only those
-    (dataset, mode) entries are replaced. Returns the whole file's content."""
-    from ppt.metrics import CONVENTIONS
-
-    old: dict = {}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            print(f"warning: {path} is not valid JSON; starting it afresh", file=sys.stderr)
-    results = old.get("results") if isinstance(old.get("results"), dict) else _legacy_entries(old)
-    for dataset, modes in entries.items():
-        results.setdefault(dataset, {}).update(modes)
-    merged = {"conventions": CONVENTIONS, "results": results}
-    text = json.dumps(merged, indent=2, sort_keys=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return merged
-
-
-def write_ply(path: Path, coord: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, num_classes: int) -> None:
-    """Binary PLY: x, y, z, red, green, blue (colour of the prediction), pred, gt (-1 = none)."""
-    from plyfile import PlyData, PlyElement
-
-    colours = palette(num_classes)[pred]
-    gt = gt if gt is not None else np.full(len(pred), -1)
-    vertex = np.empty(len(pred), [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"),
-                                  ("blue", "u1"), ("pred", "i2"), ("gt", "i2")])
-    for i, axis in enumerate("xyz"):
-        vertex[axis] = coord[:, i]
-    for i, channel in enumerate(("red", "green", "blue")):
-        vertex[channel] = colours[:, i]
-    vertex["pred"], vertex["gt"] = pred, gt
-    atomic_write(path, PlyData([PlyElement.describe(vertex, "vertex")]).write)
-
-
-def scene_writer(out_dir: Path, save_pred: bool, ply: bool, num_classes: int):
-    """``on_scene`` callback of ``evaluate`` saving predictions and/or PLY files."""
-    def save(scene: dict) -> None:
-        stem = scene["name"].replace("/", "-")
-        if save_pred:
-            atomic_write(out_dir / f"{stem}_pred.npy", lambda f: np.save(f, scene["pred"].astype(np.int16)))
-        if ply:
-            write_ply(out_dir / f"{stem}_pred.ply", scene["coord"], scene["pred"], scene["segment"], num_classes)
-    return save
-
-
 def embed(class_names, cfg):
     """(K, D) class-name embeddings with the experiment's text encoder and template."""
     from ppt.text import TextEncoderUnavailable, class_embeddings
@@ -231,49 +164,6 @@ def check_scenes(root: str, name: str, split: str) -> None:
         more = len(report.problems) - 1
         tail = f" (and {more} more problem(s): python tools/check_data.py {root})" if more else ""
         raise UsageError(report.problems[0] + tail)
-
-
-def _mode_folder(split: str, tta: str, prompt: str, own_prompt: str, label_set: list[str] | None) -> str:
-    """Sub-folder of result/<dataset>/ for predictions of a non-default mode ("" = default)."""
-    import hashlib
-
-    parts = [] if split == "val" else [split]
-    parts += [] if tta == "off" else [f"tta-{tta}"]
-    parts += [] if prompt == own_prompt else [f"prompt-{prompt}"]
-    if label_set:
-        parts.append("classes-" + hashlib.sha1(",".join(label_set).encode()).hexdigest()[:8])
-    return "_".join(parts)
-
-
-class Progress:
-    """A tqdm bar over views (scenes x views per scene) on a terminal, else one line per scene."""
-
-    def __init__(self, name: str, scenes: int, views_per_scene: int):
-        self.name, self.scenes, self.done = name, scenes, 0
-        self.tic = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            unit = "view" if views_per_scene > 1 else "scene"
-            self.bar = tqdm(total=scenes * views_per_scene, desc=name, unit=unit, file=sys.stderr,
-                            dynamic_ncols=True, leave=False, mininterval=0.5)
-
-    def forward(self, rows: int, views: int) -> None:
-        if self.bar is not None and views:
-            self.bar.update(views)
-
-    def scene(self, scene: dict) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.done}/{self.scenes} scenes")
-        else:
-            print(f"{self.name} {self.done}/{self.scenes} {scene['name']}: {len(scene['pred']):,} points "
-                  f"({time.perf_counter() - self.tic:.1f} s)", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
@@ -343,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         shown_prompt = prompt or name
         if note:
             print(f"note: {note}", flush=True)
-        out_dir = exp / "result" / name / _mode_folder(args.split, args.tta, shown_prompt, name, label_set)
+        out_dir = exp / "result" / name / mode_folder(args.split, args.tta, shown_prompt, name, label_set)
         saving = args.save_pred or args.ply
         writer = scene_writer(out_dir, args.save_pred, args.ply, len(label_set or info.class_names)) if saving else None
         progress = Progress(name, len(dataset.scenes), views_per_scene(args.tta))

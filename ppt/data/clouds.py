@@ -294,21 +294,23 @@ def palette(num_classes: int) -> np.ndarray:
     return np.round(np.array(rows + [(0.5, 0.5, 0.5)]) * 255).astype(np.uint8)
 
 
-def write_labelled_ply(path: str | os.PathLike, coord: np.ndarray, label: np.ndarray,
-                       confidence: np.ndarray, num_classes: int) -> Path:
-    """Binary PLY (atomic): x, y, z (the dtype of ``coord``), red, green, blue (the class colour),
-    ``label`` int16 and ``confidence`` float32, one vertex per row of ``coord``."""
+def write_labelled_ply(path: str | os.PathLike, coord: np.ndarray, label: np.ndarray, num_classes: int,
+                       fields: dict[str, tuple[str, np.ndarray]]) -> Path:
+    """Binary PLY (atomic), one vertex per row of ``coord`` (N, 3): x, y, z (the dtype of
+    ``coord``), red, green, blue (the colour of class ``label`` (N,)), then ``fields``:
+    property name -> (PLY numpy type such as "i2" or "f4", (N,) values)."""
     from plyfile import PlyData, PlyElement
 
     from ppt.io import atomic_write
 
     kind = "f8" if coord.dtype == np.float64 else "f4"
     vertex = np.empty(len(coord), [("x", kind), ("y", kind), ("z", kind), ("red", "u1"), ("green", "u1"),
-                                   ("blue", "u1"), ("label", "i2"), ("confidence", "f4")])
+                                   ("blue", "u1"), *((name, t) for name, (t, _) in fields.items())])
     colours = palette(num_classes)[label]
     for i, axis in enumerate("xyz"):
         vertex[axis] = coord[:, i]
     for i, channel in enumerate(("red", "green", "blue")):
         vertex[channel] = colours[:, i]
-    vertex["label"], vertex["confidence"] = label, confidence
+    for name, (_, values) in fields.items():
+        vertex[name] = values
     return atomic_write(path, PlyData([PlyElement.describe(vertex, "vertex")]).write)

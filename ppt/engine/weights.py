@@ -29,7 +29,6 @@ fine-tuned" starts from the dataset's own prompt and statistics (SPEC §6), henc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -38,6 +37,9 @@ import torch.nn.functional as F
 
 from ppt.data.classes import DATASETS, union_label_space
 from ppt.engine.checkpoint import CheckpointError, load_checkpoint, strip_ddp_prefix, summarize_keys
+from ppt.engine.weights_report import (  # noqa: F401  (the source tags are part of this module's API)
+    BY_CLASS, BY_KEY, BY_NAME, FOLDED, FRESH, FROM_MEAN, MAX_LISTED, OWN, WeightsReport, dataset_of,
+)
 from ppt.models.heads import TEXT_PREFIX, DecoupledHead, UnionHead
 from ppt.models.prompts import MEAN_PROMPT, PDLayerNorm, PDNorm
 
@@ -46,88 +48,6 @@ PROMPT_NORMS = (PDNorm, PDLayerNorm)  # per-dataset norms (``norms.<dataset>``) 
 PLAIN_NORMS = (nn.BatchNorm1d, nn.LayerNorm)  # spunet's BatchNorm is a BatchNorm1d
 TRACKED = "num_batches_tracked"  # taken when present, never required
 MODULATION = "modulation.1"  # PDNorm.modulation = Sequential(SiLU, Linear)
-MAX_LISTED = 3
-
-# how a model tensor was set (WeightsReport.sources)
-BY_KEY, BY_NAME, FROM_MEAN, FOLDED, BY_CLASS, OWN, FRESH = (
-    "key", "name", "mean", "folded", "class", "own", "fresh")
-_LOADED = {BY_KEY: "by key", BY_NAME: "by dataset name", FROM_MEAN: "from the base datasets' mean",
-           FOLDED: "folded (norm + prompt)", BY_CLASS: "by class name"}
-
-
-@dataclass
-class WeightsReport:
-    """What :func:`map_state` did to every tensor of the model.
-
-    Attributes:
-        path: the checkpoint file ("" when mapped from memory).
-        sources: model state key -> how it was set: "key", "name", "mean", "folded" (a shared
-            BN given a base domain's statistics with its prompt folded in), "class" (classifier
-            rows by class name), "own" (class embeddings of the model's class names), "fresh".
-        datasets: model dataset -> the base dataset its state came from, or "mean".
-        base_datasets: the base's datasets in prompt-table order.
-        trained: those the base trained on (its ``data.mix``); the others (validated only) have
-            untrained prompts and statistics and are never a source.
-        shared_domain: base domain whose statistics the model's shared BNs took (None: none).
-        mismatched: model key -> "(base shape)->(model shape)" of tensors kept initialised.
-        unused: base tensors nothing was made from.
-    """
-
-    path: str
-    sources: dict[str, str]
-    datasets: dict[str, str]
-    base_datasets: list[str]
-    trained: list[str]
-    shared_domain: str | None
-    mismatched: dict[str, str]
-    unused: list[str]
-
-    def keys(self, source: str) -> list[str]:
-        return [k for k, s in self.sources.items() if s == source]
-
-    @property
-    def loaded(self) -> int:
-        return sum(s in _LOADED for s in self.sources.values())
-
-    @property
-    def dropped(self) -> list[str]:
-        """Base datasets the model does not have."""
-        return [d for d in self.base_datasets if d not in self.datasets]
-
-    def summary(self) -> str:
-        """One line for the training log."""
-        counts = ", ".join(f"{len(self.keys(s))} {what}" for s, what in _LOADED.items() if self.keys(s))
-        parts = [f"loaded {self.loaded}/{len(self.sources)} tensors from {self.path} ({counts})"]
-        if self.base_datasets:
-            mean = "mean of " + "+".join(self.trained)
-            parts.append("datasets by name: " + ", ".join(
-                f"{d}<-{mean if s == MEAN_PROMPT else s}" for d, s in self.datasets.items()))
-        else:
-            parts.append("the base names no datasets: nothing mapped by dataset name")
-        if self.keys(FOLDED):
-            domain = self.shared_domain if self.shared_domain != MEAN_PROMPT else "the mean domain's"
-            parts.append(f"prompt-free norms <- {domain} statistics with its prompt folded into the affine")
-        if self.keys(OWN):
-            parts.append(f"class embeddings of {len(self.keys(OWN))} dataset(s) from the model's class names")
-        untrained = [d for d in self.base_datasets if d not in self.trained]
-        if untrained:
-            parts.append(f"untrained in the base (validated only), not used: {', '.join(untrained)}")
-        if self.dropped:
-            parts.append(f"dropped base datasets: {', '.join(self.dropped)}")
-        if self.mismatched:
-            shapes = [f"{k} {shape}" for k, shape in self.mismatched.items()]
-            parts.append(f"{len(shapes)} shape mismatches kept initialised ({summarize_keys(shapes, MAX_LISTED)})")
-        fresh = [k for k in self.keys(FRESH) if k not in self.mismatched]
-        if fresh:
-            parts.append(f"{len(fresh)} initialised fresh ({summarize_keys(fresh, MAX_LISTED)})")
-        if self.unused:  # tensors of the datasets not taken are counted, the others named
-            skipped = {*self.dropped, *untrained}
-            counted = [k for k in self.unused if (_dataset_of(k) or ("", ""))[1] in skipped]
-            others = [k for k in self.unused if k not in set(counted)]
-            what = [f"{len(counted)} of datasets not taken"] if counted else []
-            what += [summarize_keys(others, MAX_LISTED)] if others else []
-            parts.append(f"{len(self.unused)} unexpected ignored ({'; '.join(what)})")
-        return "; ".join(parts)
 
 
 def read_base(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -151,18 +71,6 @@ def read_base(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config if isinstance(config, dict) else {}
 
 
-def _dataset_of(key: str) -> tuple[str, str] | None:
-    """(kind, dataset) of a per-dataset key: PDNorm norms, decoupled classifiers, text embeddings."""
-    parts = key.split(".")
-    if len(parts) >= 3 and parts[-3] == "norms":
-        return "norms", parts[-2]
-    if key.startswith("head.classifiers.") and len(parts) == 4:
-        return "classifiers", parts[2]
-    if key.startswith("head." + TEXT_PREFIX) and len(parts) == 2:
-        return "text", parts[1][len(TEXT_PREFIX):]
-    return None
-
-
 def base_datasets(state: dict[str, torch.Tensor], config: dict | None = None) -> list[str]:
     """A base model's datasets in prompt-table order: from its per-dataset keys (the Segmentor
     registers PDNorm's norms, the decoupled classifiers and the text embeddings in that order),
@@ -170,7 +78,7 @@ def base_datasets(state: dict[str, torch.Tensor], config: dict | None = None) ->
     for kind in ("norms", "classifiers", "text"):
         names: list[str] = []
         for key in state:
-            found = _dataset_of(key)
+            found = dataset_of(key)
             if found and found[0] == kind and found[1] not in names:
                 names.append(found[1])
         if names:
