@@ -162,7 +162,7 @@ BENCH_MODELS = {
     "ptv3": ("none", "decoupled", ("scannet",)),
     "ptv3_pdnorm_language": ("pdnorm", "language", ("scannet", "s3dis", "structured3d")),
 }
-# A demo-size PTv3 for smoke tests (the paper-size one is ppt.config.PTv3Config's defaults).
+# A demo-size PTv3 for smoke tests (the paper-size one is ppt.config_ptv3.PTv3Config's defaults).
 DEMO_PTV3 = dict(enc_depths=(1, 1, 1, 1, 1), enc_channels=(16, 16, 32, 32, 64), enc_heads=(1, 1, 2, 2, 4),
                  dec_depths=(1, 1, 1, 1), dec_channels=(16, 16, 32, 32), dec_heads=(1, 1, 2, 2),
                  patch_size=128)
@@ -193,7 +193,7 @@ def build_bench_model(name: str, channels=DEFAULT_CHANNELS, layers=DEFAULT_LAYER
     if name.startswith("ptv3"):  # Point Transformer V3, the paper's widths unless tiny
         from dataclasses import asdict
 
-        from ppt.config import PTv3Config
+        from ppt.config_ptv3 import PTv3Config
 
         settings = {**asdict(PTv3Config()), **(DEMO_PTV3 if tiny else {})}
         return Segmentor(names, backbone=dict(in_channels=6, **settings), backbone_type="ptv3", prompt=prompt,

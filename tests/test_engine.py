@@ -15,7 +15,8 @@ import torch.nn as nn
 from ppt.config import OptimConfig, load_config
 from ppt.engine import checkpoint as ckpt_io
 from ppt.engine.build import build_model, build_optimizer, build_scheduler, build_train_loader
-from ppt.engine.trainer import NonFiniteError, TrainState, amp_settings, train, train_one_epoch, train_step
+from ppt.engine.precision import amp_settings
+from ppt.engine.trainer import NonFiniteError, TrainState, train, train_one_epoch, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.channels=[8,8,16,16,16,16,8,8]", "model.layers=[1,1,1,1,1,1,1,1]", "model.prompt_dim=16",

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ppt.config import LOSSES as CONFIG_LOSSES
-from ppt.config import PTV3_ORDERS, load_config
+from ppt.config import load_config
+from ppt.config_ptv3 import PTV3_ORDERS
 from ppt.data.classes import DATASETS
 from ppt.losses import LOSSES, segmentation_loss
 from ppt.models.prompts import PDLayerNorm, PDNorm

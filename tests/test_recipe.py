@@ -15,7 +15,8 @@ from ppt.config import load_config, save_config
 from ppt.data.mixing import MultiDatasetLoader, _Steps
 from ppt.engine.build import build_model, build_optimizer, build_scheduler
 from ppt.engine.precise_bn import precise_bn_plan, update_bn_stats
-from ppt.engine.trainer import amp_policy, best_metric, evaluate_all
+from ppt.engine.precision import amp_policy
+from ppt.engine.trainer import best_metric, evaluate_all
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("ppt_train_tool", REPO / "tools" / "train.py")
@@ -275,7 +276,8 @@ def test_resume_may_extend_epochs_but_not_change_the_lr(synthetic_root, tmp_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_amp_step_scales_the_loss(synthetic_root):
     from ppt.engine.build import build_train_loader
-    from ppt.engine.trainer import amp_settings, to_device, train_step
+    from ppt.engine.precision import amp_settings
+    from ppt.engine.trainer import to_device, train_step
 
     cfg = load_config(None, [f"data.root={synthetic_root}", "data.mix={scannet: 1}", *TINY, "data.batch_size=2",
                              "train.device=cuda", "train.amp=true"])

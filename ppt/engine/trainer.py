@@ -2,7 +2,7 @@
 and logging explicitly (no hooks).
 
 Precision: one code path. On CUDA with ``train.amp``: bf16 autocast where supported, else fp16,
-and in both cases a GradScaler (see :func:`amp_policy`); on CPU fp32 (autocast and scaler
+and in both cases a GradScaler (see ``ppt.engine.precision``); on CPU fp32 (autocast and scaler
 disabled, same calls). A step whose loss or gradient is not finite is skipped and counted
 (``train/skipped_steps`` in TensorBoard, a warning line in train.log).
 
@@ -28,6 +28,7 @@ from ppt.data.classes import IGNORE_INDEX
 from ppt.engine import checkpoint as ckpt_io
 from ppt.engine import distributed as dist_utils
 from ppt.engine.precise_bn import update_bn_stats
+from ppt.engine.precision import amp_description, amp_settings
 from ppt.engine.resume import replan_schedule, resume_changes
 from ppt.engine.build import (
     build_model, build_optimizer, build_scheduler, build_train_loader, build_val_datasets,
@@ -56,34 +57,6 @@ class TrainState:
     best_epoch: int = -1
     nonfinite_steps: int = 0       # skipped steps in total
     consecutive_nonfinite: int = 0
-
-
-def amp_policy(device_type: str, enabled: bool, bf16_supported: bool) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, loss scaling on?) for ``train.amp`` on a device.
-
-    CUDA: bf16 autocast where supported, else fp16 — and loss scaling in BOTH cases. bf16
-    alone would not need it, but spconv casts its convolutions to fp16 under any CUDA autocast,
-    so their input gradients are fp16: unscaled, most of them fall below fp16's smallest normal
-    (measured at initialisation on 40k voxels: 81 % subnormal, 4.6 % flushed to zero). The
-    scaler costs one multiply and skips the rare overflow step. CPU: fp32, no scaler.
-    """
-    if not enabled or device_type != "cuda":
-        return None, False
-    return (torch.bfloat16 if bf16_supported else torch.float16), True
-
-
-def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """(autocast dtype or None, GradScaler) for ``device`` (:func:`amp_policy`)."""
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype, scale = amp_policy(device.type, enabled, bf16)
-    return dtype, torch.amp.GradScaler(device.type, enabled=scale)
-
-
-def amp_description(device: torch.device, amp_dtype: torch.dtype | None, scaler) -> str:
-    """"amp off (CPU)", "amp bf16 + loss scaling", ... for the start line."""
-    if amp_dtype is None:
-        return "amp off (CPU)" if device.type == "cpu" else "amp off"
-    return f"amp {str(amp_dtype).removeprefix('torch.')}" + (" + loss scaling" if scaler.is_enabled() else "")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
