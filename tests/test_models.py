@@ -323,6 +323,33 @@ def test_union_head_columns():
         head.set_label_space("new", ["spaceship"])
 
 
+@pytest.mark.parametrize("channels, dim", [(8, 32), (32, 16)])  # feature-width form / projected form
+def test_language_head_equals_the_projected_form_with_gradients(channels, dim):
+    """The head's logits and gradients (features, weight, bias) equal the reference's
+    ``s * normalize(W x + b) @ T^T``; a non-zero bias, since a dropped bias term (b.t_k,
+    2 x.W^T b or |b|^2) would go unseen at its zero initialisation. An all-zero projection
+    (x = 0, b = 0) must give zero logits and finite gradients (the eps keeps 0 / 0 out)."""
+    emb = text_embeddings(dim=dim)
+    head = LanguageHead(channels, emb, logit_scale=100.0)
+    with torch.no_grad():
+        head.proj.bias.normal_(0.0, 0.5)
+    x = torch.randn(40, channels, requires_grad=True)
+    upstream = torch.randn(40, len(NAMES["scannet"]))
+    logits = head(x, "scannet")
+    grads = torch.autograd.grad((logits * upstream).sum(), [x, head.proj.weight, head.proj.bias])
+    ref = 100.0 * F.normalize(F.linear(x, head.proj.weight, head.proj.bias), dim=-1) @ emb["scannet"].t()
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [x, head.proj.weight, head.proj.bias])
+    torch.testing.assert_close(logits, ref, atol=2e-3, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
+    with torch.no_grad():
+        head.proj.bias.zero_()
+    zero = torch.zeros(3, channels, requires_grad=True)
+    out = head(zero, "scannet")
+    (g,) = torch.autograd.grad(out.sum(), [zero])
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(g).all()
+
+
 def test_language_head_uses_its_datasets_embeddings():
     emb = text_embeddings(dim=16)
     head = LanguageHead(8, emb, logit_scale=100.0)
