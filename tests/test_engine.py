@@ -112,6 +112,24 @@ def test_onecycle_survives_runs_too_short_for_its_warmup(total):
         assert max(lrs) > lrs[0] and lrs[-1] < max(lrs)  # still rises, then anneals
 
 
+def test_data_elastic_reaches_every_training_pipeline(synthetic_root):
+    """``data.elastic=false`` drops elastic distortion from each dataset's training pipeline
+    and keeps the rest (a key that is parsed but not passed on would leave it in)."""
+    from ppt.data.elastic import ElasticDistortion
+    from ppt.data.transforms import RandomRotate
+
+    def kinds(cfg):
+        loader = build_train_loader(cfg)
+        return {name: [type(t) for t in ds.transform.transforms] for name, ds in loader.datasets.items()}
+
+    on, off = kinds(tiny_config(synthetic_root)), kinds(tiny_config(synthetic_root, "data.elastic=false"))
+    assert set(on) == set(off) == {"scannet", "s3dis"}
+    for name in on:
+        assert ElasticDistortion in on[name] and ElasticDistortion not in off[name]
+        assert [k for k in on[name] if k is not ElasticDistortion] == off[name]
+        assert RandomRotate in off[name]
+
+
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(synthetic_root):
     cfg = tiny_config(synthetic_root, "train.max_nonfinite=3", "train.epochs=4")
     torch.manual_seed(0)

@@ -333,7 +333,7 @@ SPHERE_CROP = {"scannet": dict(point_max=100_000), "s3dis": dict(ratio=0.6),
 
 
 def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, augment: bool = True,
-                     rng: np.random.Generator | None = None) -> Compose:
+                     rng: np.random.Generator | None = None, elastic: bool = True) -> Compose:
     """The reference per-sample pipeline (SPEC §2) for one dataset.
 
     Args:
@@ -343,6 +343,8 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
             Test-time views: ``ppt.data.grid.build_test_views``.
         voxel_size: grid sampling voxel in metres.
         augment: for "train", False keeps only the deterministic steps plus grid sampling.
+        elastic: with ``augment``, include elastic distortion (the reference's default; off
+            is the lighter pipeline for short runs, ``data.elastic``).
         rng: generator for all random steps (``Compose.set_rng`` replaces it per sample).
     """
     from ppt.data.elastic import ElasticDistortion
@@ -362,7 +364,7 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
                 RandomScale((0.9, 1.1)),
                 RandomFlip(p=0.5),
                 RandomJitter(0.005, 0.02),
-                ElasticDistortion(((0.2, 0.4), (0.8, 1.6)), p=0.95),
+                *([ElasticDistortion(((0.2, 0.4), (0.8, 1.6)), p=0.95)] if elastic else []),
                 ChromaticAutoContrast(p=0.2),
             ]
         crop = SPHERE_CROP.get(dataset_name, SPHERE_CROP["scannet"])
