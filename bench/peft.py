@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or ("peft_quick.json" if args.quick else "peft.json")
     previous = Path(args.results) / name
     if previous.is_file():  # a partial rerun (--skip-cost / --skip-transfer) keeps the other part
-        result = {**json.loads(previous.read_text()), **result}
+        kept = ("base", "transfer", "transfer_runs") if args.skip_transfer else ("cost",)
+        old = json.loads(previous.read_text())
+        result = {**{k: old[k] for k in kept if k in old}, **result}  # never the old run's notes
     path = save_json(result, previous)
     print(f"wrote {path} ({time.perf_counter() - tic:.0f} s)")
     return 0
