@@ -40,3 +40,15 @@ def toy_sample():
         "dataset": "scannet",
         "name": "toy",
     }
+
+
+@pytest.fixture
+def saved_numel():
+    """``measure(fn) -> (fn(), elements of the tensors autograd saves while fn runs)`` (tensors
+    saved inside a checkpoint are not seen: a checkpoint keeps only its inputs)."""
+    def measure(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = fn()
+        return out, sum(saved)
+    return measure
