@@ -44,8 +44,9 @@ class DataConfig:
         num_workers: loader worker processes per training process.
         mix3d_prob: probability of merging each pair of samples (Mix3D).
         augment: apply the training augmentations (SPEC §2).
-        elastic: include elastic distortion in them (the reference does). Off learns faster in
-            short runs: ScanNet-like alone, 497 demo steps: 44.9 vs 38.8 mIoU (bench/RESULTS.md §7).
+        elastic: include elastic distortion in them (the reference does). An ablation switch:
+            off was not better in short single-domain runs over 3 seeds (ScanNet-like alone,
+            497 demo steps: 41.0 +- 3.3 vs 39.8 +- 0.9 mIoU; bench/RESULTS.md §7).
         loop: repeat the first (main) dataset's scene list this many times per epoch (the
             others cycle anyway).
         check: quick header check of the data root before training.
