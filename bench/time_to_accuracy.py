@@ -70,9 +70,10 @@ def run_recipe(setup: str, steps: int, args, extra: list[str], tag: str) -> dict
 def calibrate(setup: str, args, extra: list[str]) -> tuple[float, float]:
     """(overhead s, s per step) of the recipe from two runs (steps a and 3a).
 
-    Not shorter: the first ~100 steps run ~30 % faster than the rest (measured: 0.41 s/step
-    over steps 0-100, 0.45-0.59 after, joint setup), so a fit over 20 and 60 steps planned an
-    "8-minute" run that took 11."""
+    Not shorter: a fit over 20 and 60 steps (0.41 s/step in steps 0-100, 0.45-0.59 later, joint
+    setup) planned an "8-minute" run that took 11. Whether early steps are really faster is not
+    settled: this VM's speed moves by up to a third between runs (bench/RESULTS.md §7), which
+    is also why a planned run can end well inside its budget."""
     path = Path(args.out) / f"{setup}_calibration.json"
     if path.is_file():
         c = json.loads(path.read_text())

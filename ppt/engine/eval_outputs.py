@@ -65,7 +65,7 @@ def scene_writer(out_dir: Path, save_pred: bool, ply: bool, num_classes: int):
             atomic_write(out_dir / f"{stem}_pred.npy", lambda f: np.save(f, scene["pred"].astype(np.int16)))
         if ply:
             gt = scene["segment"] if scene["segment"] is not None else np.full(len(scene["pred"]), -1)
-            write_labelled_ply(out_dir / f"{stem}_pred.ply", scene["coord"].astype(np.float32), scene["pred"],
+            write_labelled_ply(out_dir / f"{stem}_pred.ply", np.asarray(scene["coord"], np.float32), scene["pred"],
                                num_classes, {"pred": ("i2", scene["pred"]), "gt": ("i2", gt)})
     return save
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ppt.data.classes import DATASETS, union_label_space
 from ppt.engine.checkpoint import CheckpointError, load_checkpoint, strip_ddp_prefix, summarize_keys
-from ppt.engine.weights_report import (  # noqa: F401  (the source tags are part of this module's API)
+from ppt.engine.weights_report import (
     BY_CLASS, BY_KEY, BY_NAME, FOLDED, FRESH, FROM_MEAN, MAX_LISTED, OWN, WeightsReport, dataset_of,
 )
 from ppt.models.heads import TEXT_PREFIX, DecoupledHead, UnionHead
