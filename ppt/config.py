@@ -77,6 +77,10 @@ class ModelConfig:
         prompt_dim: domain prompt length.
         decoupled_bn: PDNorm keeps BN statistics per dataset.
         zero_init: zero-initialise the prompt modulation (training starts as the plain network).
+        prompt_adaptive: PDNorm modulates with the prompt; false leaves decoupled norms only
+            (the reference's ``norm_adaptive=False`` / ``pdnorm_adaptive=False`` models, e.g.
+            PPT-v1m2 and SpUNet-v1m3 pdnorm-base; converted with ``tools/convert.py``).
+        stem_channels: width of the SpUNet's k5 stem (the reference's ``base_channels``).
         head: "language", "decoupled" or "union".
         text_encoder: "minilm" (offline) or "clip:<model>:<pretrained tag or path>".
         template: text template of a class name for the language head.
@@ -92,6 +96,8 @@ class ModelConfig:
     prompt_dim: int = 256
     decoupled_bn: bool = True
     zero_init: bool = True
+    prompt_adaptive: bool = True
+    stem_channels: int = 32
     head: str = "language"
     text_encoder: str = "minilm"
     template: str = "a point of {}"
@@ -286,7 +292,8 @@ def validate(cfg: Config, where: str = "") -> Config:
         raise bad("model.channels", "and model.layers need 8 entries each (4 encoder + 4 decoder stages)")
     positive = {"data.voxel_size": cfg.data.voxel_size, "data.batch_size": cfg.data.batch_size,
                 "optim.lr": cfg.optim.lr, "train.epochs": cfg.train.epochs, "data.loop": cfg.data.loop,
-                "train.max_nonfinite": cfg.train.max_nonfinite, "train.log_every": cfg.train.log_every}
+                "train.max_nonfinite": cfg.train.max_nonfinite, "train.log_every": cfg.train.log_every,
+                "model.stem_channels": cfg.model.stem_channels}
     for key, value in positive.items():
         if value <= 0:
             raise bad(key, f"must be > 0, got {value}")

@@ -57,13 +57,14 @@ def build_model(cfg: Config, text_embeddings: dict[str, torch.Tensor] | None = N
     if m.backbone == "ptv3":
         backbone = dict(in_channels=m.in_channels, **asdict(cfg.ptv3))
     else:
-        backbone = dict(in_channels=m.in_channels, channels=tuple(m.channels), layers=tuple(m.layers))
+        backbone = dict(in_channels=m.in_channels, channels=tuple(m.channels), layers=tuple(m.layers),
+                        stem_channels=m.stem_channels)
     return Segmentor(
         class_names={d: get_dataset_info(d).class_names for d in datasets},
         backbone=backbone, backbone_type=m.backbone,
         prompt=m.prompt, prompt_dim=m.prompt_dim, decoupled_bn=m.decoupled_bn, head=m.head,
         text_embeddings=text_embeddings if m.head == "language" else None,
-        logit_scale=m.logit_scale, zero_init=m.zero_init,
+        logit_scale=m.logit_scale, zero_init=m.zero_init, prompt_adaptive=m.prompt_adaptive,
     )
 
 

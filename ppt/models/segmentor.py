@@ -39,6 +39,8 @@ class Segmentor(nn.Module):
         text_embeddings: dataset name -> (K_d, D) class embeddings (language head only).
         logit_scale: fixed logit scale of the language head.
         zero_init: zero-initialise PDNorm's modulation (training starts as the plain network).
+        prompt_adaptive: PDNorm modulates with the prompt ("pdnorm" only); False leaves the
+            decoupled norms alone, as the reference's ``norm_adaptive=False`` models.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class Segmentor(nn.Module):
         text_embeddings: dict[str, torch.Tensor] | None = None,
         logit_scale: float = 100.0,
         zero_init: bool = True,
+        prompt_adaptive: bool = True,
     ):
         super().__init__()
         if prompt not in PROMPT_ADAPTERS:
@@ -67,7 +70,8 @@ class Segmentor(nn.Module):
 
         layers: dict = {}
         if prompt == "pdnorm":
-            pd = dict(domains=self.domains, prompt_dim=prompt_dim, decoupled=decoupled_bn, zero_init=zero_init)
+            pd = dict(domains=self.domains, prompt_dim=prompt_dim, decoupled=decoupled_bn, zero_init=zero_init,
+                      adaptive=prompt_adaptive)
             layers["norm_layer"] = partial(PDNorm, **pd)
             if backbone_type == "ptv3":
                 layers["ln_layer"] = partial(PDLayerNorm, **pd)
