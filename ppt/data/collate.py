@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ppt.data.transforms import POINT_KEYS
+from ppt.data.sample_ops import POINT_KEYS
 
 DTYPES = {"coord": torch.float32, "grid_coord": torch.int32, "feat": torch.float32,
           "segment": torch.int64, "index": torch.int64, "owned": torch.bool,

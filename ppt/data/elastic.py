@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ppt.data.transforms import RandomTransform
+from ppt.data.sample_ops import RandomTransform
 
 
 def smooth_noise(noise: np.ndarray, passes: int = 2) -> np.ndarray:

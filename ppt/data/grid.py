@@ -13,8 +13,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ppt.data import transforms as T
-from ppt.data.transforms import RandomTransform, index_points
+from ppt.data import sample_ops as ops
+from ppt.data.sample_ops import RandomTransform, index_points
 
 # Test-time augmentation (SPEC §7): z-rotations x scales, plus one flipped view.
 TTA_ANGLES = (0.0, 0.5 * math.pi, math.pi, 1.5 * math.pi)
@@ -216,12 +216,12 @@ def iter_test_views(sample: dict, voxel_size: float = 0.02, protocol: str = "fra
     """
     if protocol not in TTA_PROTOCOLS:
         raise ValueError(f"unknown TTA protocol {protocol!r}; valid: {', '.join(TTA_PROTOCOLS)}")
-    base = T.NormalizeColor()(T.CenterShift(apply_z=True)(dict(sample)))
-    recentre, collect = T.CenterShift(apply_z=False), T.Collect()
+    base = ops.NormalizeColor()(ops.CenterShift(apply_z=True)(dict(sample)))
+    recentre, collect = ops.CenterShift(apply_z=False), ops.Collect()
     fragmenter, grid = TestFragments(voxel_size), TestGrid(voxel_size)
     for v, (angle, scale, flipped) in enumerate(tta_views(angles, scales, flip)):
         view = dict(base)
-        rot = T.rotation_matrix("z", angle)
+        rot = ops.rotation_matrix("z", angle)
         view["coord"] = (base["coord"] @ rot.T) * np.float32(scale)
         if "normal" in base:
             view["normal"] = base["normal"] @ rot.T
