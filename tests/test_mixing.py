@@ -126,6 +126,35 @@ def test_resume_yields_remaining_batches():
                                                                if k != "epoch_rule"})
 
 
+def test_resume_repeats_the_mix3d_merges_of_an_uninterrupted_run():
+    # Mix3D draws per step of the epoch: a resumed loader that seeded its merges by the batches
+    # it has served since the restart (or from an RNG the checkpoint does not hold) merges other
+    # pairs than the run that was never stopped.
+    def loader():
+        return toy_loader(sizes=(40, 10, 4), seed=5, batch_size=4, mix3d_prob=0.5)
+
+    full = loader()
+    full.set_epoch(1)
+    full = list(full)
+    killed = loader()
+    killed.set_epoch(1)
+    it = iter(killed)
+    for _ in range(9):
+        next(it)
+    state = killed.state_dict()
+    np.random.seed(123)                  # a new process: other global RNG state
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 9 == 7
+    assert [b["name"] for b in rest] == [b["name"] for b in full[9:]]
+    for a, b in zip(rest, full[9:]):
+        assert torch.equal(a["coord"], b["coord"]) and torch.equal(a["offset"], b["offset"])
+    merged = [sum("+" in n for n in b["name"]) for b in rest]   # merged pairs per batch (of 2)
+    assert 0 < sum(merged) < 2 * len(rest) and len(set(merged)) > 1  # the draws matter here
+
+
 def test_rank_shards_are_disjoint_and_equal():
     shards = [toy_loader(rank=r, world_size=2).plan(0) for r in range(2)]
     assert len(shards[0]) == len(shards[1])
