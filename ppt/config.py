@@ -47,6 +47,10 @@ class DataConfig:
         elastic: include elastic distortion in them (the reference does). An ablation switch:
             off was not better in short single-domain runs over 3 seeds (ScanNet-like alone,
             497 demo steps: 41.0 +- 3.3 vs 39.8 +- 0.9 mIoU; bench/RESULTS.md §7).
+        color_drop: probability of dropping a training sample's whole colour (set to 0, as
+            Pointcept's ``RandomDropColor``; the Sonata recipe uses 0.2). 0 = off. A model
+            trained with it labels clouds without colour (``tools/infer.py`` fills in the same
+            0); one trained without refuses them.
         loop: repeat the first (main) dataset's scene list this many times per epoch (the
             others cycle anyway).
         check: quick header check of the data root before training.
@@ -61,6 +65,7 @@ class DataConfig:
     mix3d_prob: float = 0.8
     augment: bool = True
     elastic: bool = True
+    color_drop: float = 0.0
     loop: int = 1
     check: bool = True
 
@@ -299,6 +304,8 @@ def validate(cfg: Config, where: str = "") -> Config:
             raise bad(key, f"must be > 0, got {value}")
     if not 0.0 <= cfg.data.mix3d_prob <= 1.0:
         raise bad("data.mix3d_prob", f"must be in [0, 1], got {cfg.data.mix3d_prob}")
+    if not 0.0 <= cfg.data.color_drop <= 1.0:
+        raise bad("data.color_drop", f"must be a probability in [0, 1], got {cfg.data.color_drop}")
     if not 0.0 < cfg.optim.pct_start < 1.0:
         raise bad("optim.pct_start", f"must be in (0, 1), got {cfg.optim.pct_start}")
     if cfg.peft.stage != "none" and not cfg.peft.base:

@@ -6,8 +6,10 @@
 
 Inputs: PLY (binary or ASCII, point clouds or meshes), ``.npy`` (N x 3/6/9: x y z [r g b [nx ny
 nz]]), ``.txt`` / ``.xyz`` (the same columns as text, S3DIS style), folders (every such file
-directly inside), in any number (see ``ppt.data.clouds``). Missing colour -> zeros (with a
-warning), missing normals -> estimated. Rows with NaN/inf coordinates are dropped and counted.
+directly inside), in any number (see ``ppt.data.clouds``). Missing normals -> estimated. Missing
+colour -> refused (one ``error:`` line) unless the model was trained with colour dropout
+(``data.color_drop`` > 0): then filled as training dropped it, said in one ``note:`` line. Rows
+with NaN/inf coordinates are dropped and counted.
 
 Outputs in ``--out`` (default ``<exp>/infer/``), per input ``<stem>``:
 ``<stem>_pred.ply`` (every kept point at its original coordinates, coloured by class, with
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         for note in pred.notes[len(cloud.notes):]:
-            print(f"  {'warning' if note.startswith('no colour') else 'note'}: {note}", flush=True)
+            print(f"  note: {note}", flush=True)
         kept = pred.labels[cloud.valid]
         written = [out / f"{stem}_pred.ply", out / f"{stem}_pred.npy"]
         write_labelled_ply(written[0], cloud.coord, kept, len(pred.class_names),

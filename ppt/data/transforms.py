@@ -195,6 +195,38 @@ class SphereCrop(RandomTransform):
         return sample
 
 
+# The colour a dropped sample gets, in 0..255 (so also 0 after NormalizeColor's /255): the
+# reference's RandomDropColor ``drop_value``. ``ppt.engine.predict`` fills clouds that have no
+# colour with this same value for models trained with colour dropout.
+DROPPED_COLOR = 0.0
+
+
+class RandomColorDrop(RandomTransform):
+    """With probability ``p`` set EVERY point's ``color`` to ``DROPPED_COLOR``: the model also
+    learns to label clouds that have no colour (geometry and normals alone).
+
+    Pointcept's ``RandomDropColor(drop_ratio=1.0, drop_application_ratio=p)`` (the Sonata /
+    Concerto recipes, p 0.2): same value (0 of 0..255, black), whole sample at once. It runs
+    after the chromatic augmentations here (the reference drops before its colour jitter), so a
+    dropped sample holds exactly the value inference fills in, not a jittered copy of it.
+    Reads and writes ``color`` (N, 3), 0..255.
+
+    Args:
+        p: probability of dropping a sample's colour (``data.color_drop``).
+    """
+
+    def __init__(self, p: float = 0.2, rng=None):
+        super().__init__(rng)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"colour drop probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, sample: dict) -> dict:
+        if self.rng.random() < self.p:
+            sample["color"] = np.full_like(sample["color"], DROPPED_COLOR, dtype=np.float32)
+        return sample
+
+
 class ShufflePoints(RandomTransform):
     """Randomly permute the points (all per-point keys; ``inverse`` is remapped to match)."""
 
@@ -214,7 +246,8 @@ SPHERE_CROP = {"scannet": dict(point_max=100_000), "s3dis": dict(ratio=0.6),
 
 
 def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, augment: bool = True,
-                     rng: np.random.Generator | None = None, elastic: bool = True) -> Compose:
+                     rng: np.random.Generator | None = None, elastic: bool = True,
+                     color_drop: float = 0.0) -> Compose:
     """The reference per-sample pipeline (SPEC §2) for one dataset.
 
     Args:
@@ -226,6 +259,9 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
         augment: for "train", False keeps only the deterministic steps plus grid sampling.
         elastic: with ``augment``, include elastic distortion (the reference's default; off
             is the lighter pipeline for short runs, ``data.elastic``).
+        color_drop: for "train", probability of dropping a sample's whole colour
+            (``RandomColorDrop``, ``data.color_drop``); 0 leaves the step out. Independent of
+            ``augment``: it decides which inputs the model can label, not how varied they are.
         rng: generator for all random steps (``Compose.set_rng`` replaces it per sample).
     """
     if split != "train":
@@ -253,6 +289,8 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
             # running them on the kept points gives the same distribution of samples, on
             # ~2x fewer points. (Auto-contrast reads the whole cloud's colour range: it stays.)
             steps += [ChromaticTranslation(p=0.95, ratio=0.05), ChromaticJitter(p=0.95, std=0.05)]
+        if color_drop > 0:
+            steps.append(RandomColorDrop(p=color_drop))
         steps += [CenterShift(apply_z=False), NormalizeColor()]
         if augment:
             steps.append(ShufflePoints())
