@@ -41,7 +41,8 @@ class DataConfig:
         val: datasets evaluated on their val split; empty = the datasets of ``mix``.
         voxel_size: grid-sampling voxel in metres.
         batch_size: samples per step summed over all processes (split evenly across them).
-        num_workers: loader worker processes per training process.
+        num_workers: loader worker processes per training process, capped at the cores left
+            after one per training process (``ppt.engine.threads.loader_workers``).
         mix3d_prob: probability of merging each pair of samples (Mix3D).
         augment: apply the training augmentations (SPEC §2).
         elastic: include elastic distortion in them (the reference does). An ablation switch:
@@ -177,7 +178,9 @@ class TrainConfig:
         max_nonfinite: stop after this many consecutive skipped (non-finite) steps.
         steps_per_epoch: cap on steps per epoch (0 = the loader's full epoch); for demos/tests.
         log_every: write a train.log / TensorBoard line every N steps.
-        threads: torch CPU threads per process (0 = torch's default).
+        threads: torch CPU threads per process; 0 = auto: one per core that other processes
+            leave free at start-up, shared between this machine's training processes (OpenMP
+            threads on a core another job keeps busy stall every step; ``ppt.engine.threads``).
         sync_bn: with several processes, normalise with the statistics of the global batch
             (``ppt.engine.distributed.SyncBatchNorm1d``), as one process would.
         loss: "ce" (cross-entropy) or "ce+lovasz" (+ Lovasz-softmax, equal weights: the PTv3
@@ -313,6 +316,11 @@ def validate(cfg: Config, where: str = "") -> Config:
     for key in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k"):
         if getattr(cfg.peft, key) < 1:
             raise bad(f"peft.{key}", f"must be >= 1, got {getattr(cfg.peft, key)}")
+    untrained = [d for d in cfg.data.val if d not in cfg.data.mix]
+    if untrained and cfg.model.head != "language":
+        raise bad("data.val", f"names {', '.join(untrained)}, not in data.mix: the {cfg.model.head} head's "
+                              f"classifier for it would never be trained; add it to data.mix, drop it from "
+                              f"data.val, or use model.head=language (scores any dataset by its class names)")
     evaluated = cfg.data.val or list(cfg.data.mix)
     if cfg.train.best_on not in ("first", "mean", *evaluated):
         raise bad("train.best_on", f"is {cfg.train.best_on!r}; valid: first, mean or an evaluated "

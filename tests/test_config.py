@@ -208,3 +208,22 @@ def test_save_config_is_atomic_yaml(tmp_path):
     save_config(cfg, out)
     assert yaml.safe_load(out.read_text())["optim"]["lr"] == 0.5
     assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]  # no temp file left
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_joint_configs_keep_the_best_of_a_named_dataset(path):
+    """A joint run keeps model_best by a dataset it names, ScanNet when it trains on ScanNet (the
+    reference); "first" would pick Structured3D in a 4:2:1 mix and report ScanNet from it."""
+    cfg = shipped(path)
+    if len(cfg.data.mix) > 1:
+        assert cfg.train.best_on != "first", path.name
+        if "scannet" in cfg.data.mix:
+            assert cfg.train.best_on == "scannet", path.name
+
+
+def test_untrained_val_dataset_is_refused_without_a_language_head():
+    """A decoupled / union head has no trained classifier for a val dataset outside the mix."""
+    for head in ("decoupled", "union"):
+        with pytest.raises(ConfigError, match=r"data.val.*names s3dis, not in data.mix.*never be trained"):
+            load_config(None, ["data.mix={scannet: 1}", "data.val=[scannet, s3dis]", f"model.head={head}"])
+    load_config(None, ["data.mix={scannet: 1}", "data.val=[scannet, s3dis]", "model.head=language"])

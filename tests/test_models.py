@@ -406,3 +406,34 @@ def test_overfits_one_tiny_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("backbone", ["spunet", "ptv3"])
+def test_mean_prompt_averages_trained_domains_only(backbone):
+    """A val dataset outside data.mix is in the model but untrained (random prompt row, BN
+    statistics 0 / 1). build_model makes "mean" average the trained domains only: with one
+    trained domain "mean" is that domain; averaging the untrained one in at weight 1/2 is not."""
+    from ppt.config import load_config
+    from ppt.engine.build import build_model
+
+    tiny = (["model.channels=[8,8,16,16,16,16,8,8]", "model.layers=[1,1,1,1,1,1,1,1]"] if backbone == "spunet" else
+            ["model.backbone=ptv3", "ptv3.enc_depths=[1,1]", "ptv3.enc_channels=[8,16]", "ptv3.enc_heads=[1,2]",
+             "ptv3.dec_depths=[1]", "ptv3.dec_channels=[8]", "ptv3.dec_heads=[1]", "ptv3.patch_size=64",
+             "ptv3.drop_path=0.0", "ptv3.shuffle_orders=false"])
+    cfg = load_config(None, ["data.mix={scannet: 1}", "data.val=[scannet, s3dis]",
+                             "model.head=language", "model.prompt_dim=16", "model.zero_init=false", *tiny])
+    torch.manual_seed(0)
+    model = build_model(cfg, text_embeddings(16)).eval()
+    with torch.no_grad():  # a trained scannet domain: statistics and prompt of its own
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    batch = make_batch("scannet", n=1500)
+    with torch.no_grad():
+        mean, own = model(batch, prompt="mean"), model(batch, prompt="scannet")
+        assert torch.allclose(mean, own, atol=1e-4, rtol=1e-4)
+        from ppt.models.prompts import set_mean_domains
+
+        set_mean_domains(model, ["scannet", "s3dis"])  # what "mean over every domain" computed
+        assert not torch.allclose(model(batch, prompt="mean"), own, atol=1e-2)

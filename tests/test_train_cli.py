@@ -133,3 +133,19 @@ def test_weights_fine_tune_reports_and_resume_of_corrupt_checkpoint(tiny_config,
     proc = run(train_cmd(tiny_config, exp_root, "--name", "base", "--resume", "train.epochs=2"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {weights} is corrupt")
+
+
+def test_datasets_without_the_best_on_dataset_falls_back_with_a_note(synthetic_root, capsys):
+    """ppt_joint.yaml keeps the best by scannet; fine-tuned onto --datasets s3dis it must not stop
+    on that key: it falls back to the first dataset and says so."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import train as train_tool
+
+    args = train_tool.parse_args(["--config", str(REPO / "configs" / "ppt_joint.yaml"), "--datasets", "s3dis",
+                                  "--data-root", str(synthetic_root), "--plan", "--sizes", "s3dis:4/1"])
+    cfg, _ = train_tool.prepare(args)
+    assert cfg.train.best_on == "first" and list(cfg.data.mix) == ["s3dis"]
+    assert "leaves out scannet" in capsys.readouterr().err
+    args = train_tool.parse_args(["--config", str(REPO / "configs" / "ppt_joint.yaml"), "--datasets", "s3dis",
+                                  "--plan", "--sizes", "s3dis:4/1", "train.best_on=mean"])
+    assert train_tool.prepare(args)[0].train.best_on == "mean"  # the user's choice stands

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-points", type=int, default=0, help="points per forward (default: evaluate's)")
     p.add_argument("--workers", type=int, default=2, help="processes preparing scenes")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the experiment's train.threads; 0 = leave torch's setting)")
+                   help="torch CPU threads (default: the experiment's train.threads; 0 = one per free core)")
     return p.parse_args(argv)
 
 
@@ -138,12 +138,6 @@ def resolve_datasets(text: str, cfg) -> list[str]:
     return names
 
 
-def trained_domains(cfg) -> set[str]:
-    """Domains whose prompt and normalisation were trained: the datasets of ``data.mix``
-    (``data.val`` datasets outside the mix are in the model but untrained)."""
-    return set(cfg.data.mix)
-
-
 def parse_classes(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -172,7 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 
     from ppt.data.classes import get_dataset_info
     from ppt.data.datasets import build_dataset
+    from ppt.engine.build import trained_domains
     from ppt.engine.evaluate import MAX_POINTS, eval_prompt, evaluate, views_per_scene
+    from ppt.engine.threads import choose_threads, loader_workers
     from ppt.metrics import format_table
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -183,11 +179,12 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     label_set = parse_classes(args.classes)
     exp = Path(args.exp)
     cfg, model, ckpt_path = load_experiment(exp, args.weights, device)
-    threads = cfg.train.threads if args.threads is None else args.threads
-    if threads > 0:  # as in training: more threads than free cores spin instead of working
-        torch.set_num_threads(threads)
+    # as in training: one thread per free core (more spin instead of working on a busy machine)
+    threads, _ = choose_threads(cfg.train.threads if args.threads is None else args.threads)
+    torch.set_num_threads(threads)
+    args.workers = loader_workers(args.workers)
     datasets = resolve_datasets(args.dataset, cfg)
-    domains, trained = set(getattr(model, "domains", ())), trained_domains(cfg)
+    domains, trained = set(getattr(model, "domains", ())), set(trained_domains(cfg))
     if args.prompt is not None and args.prompt not in (*domains, "mean"):
         raise UsageError(f"unknown prompt {args.prompt!r}; valid: {', '.join(sorted(domains))}, mean")
     if label_set is not None and cfg.model.head != "language":
@@ -203,9 +200,10 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             prompt, note = eval_prompt(name, trained, args.prompt)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        if label_set is None and name not in domains and cfg.model.head != "language":
-            raise UsageError(f"the {cfg.model.head} head has no classes for {name!r}; evaluate a trained "
-                             f"dataset or use a language-head model")
+        if label_set is None and name not in trained and cfg.model.head != "language":
+            why = "has no classes for" if name not in domains else "never trained its classifier of"
+            raise UsageError(f"the {cfg.model.head} head {why} {name!r} (trained: {', '.join(sorted(trained))}); "
+                             f"evaluate a trained dataset or use a language-head model")
         if label_set is not None:
             known = {_norm(c) for c in info.class_names}
             unknown = [n for n in label_set if _norm(n) not in known]

@@ -126,7 +126,14 @@ def prepare(args: argparse.Namespace):
         raise InputError("--config is required (or --peft STAGE, which defaults to configs/peft_STAGE.yaml)")
     if args.datasets is not None:
         mix = parse_mix(args.datasets)
+        best_on = load_config(args.config, overrides).train.best_on
         overrides += ["data.mix={" + ", ".join(f"{k}: {v}" for k, v in mix.items()) + "}", "data.val=[]"]
+        if best_on not in ("first", "mean", *mix) and not any(o.startswith("train.best_on=") for o in overrides):
+            # e.g. ppt_joint.yaml (best by scannet) fine-tuned onto --datasets s3dis
+            overrides.append("train.best_on=first")
+            print(f"note: --datasets leaves out {best_on}, which train.best_on of {args.config} names: "
+                  f"model_best.pth is kept by {next(iter(mix))} (the first dataset); set train.best_on=NAME "
+                  f"to choose", file=sys.stderr)
     if args.data_root is not None:
         overrides.append(f"data.root={args.data_root!r}" if "'" not in args.data_root else f"data.root={args.data_root}")
     cfg = load_config(args.config, overrides)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ppt.config import Config, DataConfig, ModelConfig, OptimConfig
 from ppt.data.classes import get_dataset_info
+from ppt.engine.threads import loader_workers, local_processes
 from ppt.models.heads import TEXT_PREFIX
 
 
@@ -19,6 +20,12 @@ def model_datasets(cfg: Config) -> list[str]:
     """The model's domains / label spaces: the training mix, then any extra val datasets."""
     names = list(cfg.data.mix)
     return names + [d for d in cfg.data.val if d not in names]
+
+
+def trained_domains(cfg: Config) -> list[str]:
+    """Domains whose prompt and normalisation were trained: the datasets of ``data.mix``
+    (``data.val`` datasets outside the mix are in the model but untrained)."""
+    return list(cfg.data.mix)
 
 
 def build_text_embeddings(cfg: ModelConfig, datasets: list[str]) -> dict[str, torch.Tensor]:
@@ -48,6 +55,7 @@ def build_model(cfg: Config, text_embeddings: dict[str, torch.Tensor] | None = N
     """
     from dataclasses import asdict
 
+    from ppt.models.prompts import set_mean_domains
     from ppt.models.segmentor import Segmentor
 
     m = cfg.model
@@ -59,13 +67,15 @@ def build_model(cfg: Config, text_embeddings: dict[str, torch.Tensor] | None = N
     else:
         backbone = dict(in_channels=m.in_channels, channels=tuple(m.channels), layers=tuple(m.layers),
                         stem_channels=m.stem_channels)
-    return Segmentor(
+    model = Segmentor(
         class_names={d: get_dataset_info(d).class_names for d in datasets},
         backbone=backbone, backbone_type=m.backbone,
         prompt=m.prompt, prompt_dim=m.prompt_dim, decoupled_bn=m.decoupled_bn, head=m.head,
         text_embeddings=text_embeddings if m.head == "language" else None,
         logit_scale=m.logit_scale, zero_init=m.zero_init, prompt_adaptive=m.prompt_adaptive,
     )
+    set_mean_domains(model, trained_domains(cfg))  # "mean" = the trained datasets only
+    return model
 
 
 def per_rank_batch_size(data: DataConfig, world_size: int) -> int:
@@ -92,7 +102,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1):
                                     loop=d.loop if name == main else 1)
                 for name in d.mix}
     return MultiDatasetLoader(datasets, dict(d.mix), per_rank_batch_size(d, world_size),
-                              num_workers=d.num_workers, seed=cfg.train.seed, rank=rank,
+                              num_workers=loader_workers(d.num_workers, local_processes()), seed=cfg.train.seed, rank=rank,
                               world_size=world_size, mix3d_prob=d.mix3d_prob)
 
 

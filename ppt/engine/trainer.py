@@ -30,6 +30,7 @@ from ppt.engine import distributed as dist_utils
 from ppt.engine.precise_bn import update_bn_stats
 from ppt.engine.precision import amp_description, amp_settings
 from ppt.engine.resume import replan_schedule, resume_changes
+from ppt.engine.threads import choose_threads, loader_workers, local_processes
 from ppt.engine.build import (
     build_model, build_optimizer, build_scheduler, build_train_loader, build_val_datasets,
     text_embeddings_from_state,
@@ -209,7 +210,7 @@ def evaluate_all(model: nn.Module, val_sets: dict, cfg: Config, device: torch.de
     for name, ds in val_sets.items():
         prompt, note = eval_prompt(name, cfg.data.mix, None)
         results[name] = evaluate(model, ds, device, prompt=prompt, voxel_size=cfg.data.voxel_size,
-                                 amp_dtype=amp_dtype, num_workers=min(cfg.data.num_workers, 2))
+                                 amp_dtype=amp_dtype, num_workers=loader_workers(min(cfg.data.num_workers, 2), local_processes()))
         results[name].update(prompt=prompt or name, prompt_note=note)
     return results
 
@@ -239,8 +240,8 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
     """
     exp_dir = Path(exp_dir)
     rank, world, device = dist_utils.init_distributed(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    threads, threads_note = choose_threads(cfg.train.threads, local_processes())
+    torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     last_path = exp_dir / "model" / "model_last.pth"
@@ -304,7 +305,7 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
     logger.info(f"{'resumed' if resume else 'started'} {exp_dir} on {world} process(es), device {device}, "
                 f"{amp_description(device, amp_dtype, scaler)}; {n_params / 1e6:.2f} M parameters; "
                 f"{steps_per_epoch} steps/epoch (one pass over {next(iter(cfg.data.mix))}); "
-                f"datasets {dict(cfg.data.mix)}")
+                f"datasets {dict(cfg.data.mix)}; {threads_note}")
     if weights_report:
         logger.info(weights_report)
     if resume_ckpt is not None:

@@ -1,7 +1,7 @@
 """Point Prompt Training: domain prompts and the layers that read them (SPEC §4).
 
 - :class:`DomainPrompts`: one learnable ``prompt_dim`` vector per dataset, plus the ``"mean"``
-  prompt (mean of the table) for a domain never trained on.
+  prompt (mean of the trained rows, :func:`set_mean_domains`) for a domain never trained on.
 - :class:`PDNorm`: prompt-driven normalisation, the paper's default adapter. It replaces every
   norm of the backbone: ``y = BN_d(x) * (1 + scale) + shift`` with
   ``(shift, scale) = Linear(SiLU(prompt))``; BN statistics and affine are kept per dataset
@@ -14,8 +14,8 @@
   placed in each basic block's ``prompt_adapter`` slot; both return a delta added to the block
   input and start silent (zero-initialised output layer).
 
-Unknown domain (``"mean"``) in PDNorm: in eval mode the BN uses the mixture of the per-dataset
-running statistics (mean of means; variance of the mixture = mean of (var + mean^2) - mean^2)
+Unknown domain (``"mean"``) in PDNorm: in eval mode the BN uses the mixture of the trained
+datasets' running statistics (mean of means; variance of the mixture = mean of (var + mean^2) - mean^2)
 and the mean of their affine parameters; in train mode it normalises with batch statistics and
 the mean affine (running statistics are never updated for ``"mean"``).
 """
@@ -60,12 +60,41 @@ class DomainPrompts(nn.Module):
         self.table = nn.Embedding(len(self.names), dim)  # N(0, 1) init, as the reference
 
     def forward(self, domain: str) -> torch.Tensor:
-        """Dataset name or ``"mean"`` -> (1, dim) prompt."""
+        """Dataset name or ``"mean"`` (mean of the trained rows) -> (1, dim) prompt."""
         if domain == MEAN_PROMPT:
-            return self.table.weight.mean(dim=0, keepdim=True)
+            rows = [self.names.index(d) for d in mean_domains(self)]
+            return self.table.weight[rows].mean(dim=0, keepdim=True)
         if domain not in self.names:
             raise KeyError(f"unknown prompt {domain!r}; valid prompts: {', '.join(self.names)}, {MEAN_PROMPT}")
         return self.table.weight[self.names.index(domain)][None]
+
+
+def mean_domains(module: nn.Module) -> tuple[str, ...]:
+    """The domains the ``"mean"`` prompt of ``module`` averages: those :func:`set_mean_domains`
+    named (the trained ones), else all of the module's domains."""
+    names = getattr(module, "mean_over", None)
+    return names if names else (module.names if isinstance(module, DomainPrompts) else module.domains)
+
+
+def set_mean_domains(model: nn.Module, trained: Sequence[str]) -> None:
+    """Make the ``"mean"`` prompt of every prompt table and prompt-driven norm of ``model``
+    average over the ``trained`` domains only.
+
+    A domain that is in the model but was never trained (a ``data.val`` dataset outside
+    ``data.mix``) has a random prompt row and BN statistics of mean 0 / var 1; averaging it in
+    at weight 1/K pulls the unknown-domain answer towards noise. ``ppt.engine.build.build_model``
+    calls this with the config's trained datasets, so training-time validation, ``tools/test.py
+    --prompt mean`` and ``tools/infer.py`` all use the same mean. Domains of ``trained`` the
+    model lacks are ignored; when none is left, the mean is over all domains.
+    """
+    for module in model.modules():
+        if isinstance(module, DomainPrompts):
+            known = module.names
+        elif isinstance(module, (PDNorm, PDLayerNorm)):
+            known = module.domains
+        else:
+            continue
+        module.mean_over = tuple(d for d in known if d in set(trained))
 
 
 def _batch_norm(num_features: int, affine: bool = True) -> nn.BatchNorm1d:
@@ -139,7 +168,7 @@ class PDNorm(nn.Module):
         norm = _own_norm(self, domain)
         if norm is not None:
             return norm(x)
-        bns = list(self.norms.values())
+        bns = [self.norms[d] for d in mean_domains(self)]
         weight = torch.stack([bn.weight for bn in bns]).mean(0)
         bias = torch.stack([bn.bias for bn in bns]).mean(0)
         if self.training:
@@ -179,7 +208,7 @@ class PDLayerNorm(nn.Module):
         norm = _own_norm(self, domain)
         if norm is not None:
             return norm(x)
-        lns = list(self.norms.values())
+        lns = [self.norms[d] for d in mean_domains(self)]
         weight = torch.stack([ln.weight for ln in lns]).mean(0)
         bias = torch.stack([ln.bias for ln in lns]).mean(0)
         return F.layer_norm(x, lns[0].normalized_shape, weight, bias, lns[0].eps)
