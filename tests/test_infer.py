@@ -179,13 +179,35 @@ def test_labelled_ply_keeps_double_coordinates(tmp_path):
 
 def test_list_inputs_expands_folders_and_skips_the_output_folder(tmp_path):
     (tmp_path / "scans" / "out").mkdir(parents=True)
-    for name in ("b.ply", "a.npy", "notes.md"):
+    (tmp_path / "scans" / "sub").mkdir()
+    for name in ("b.ply", "a.npy", "notes.md", "pts.csv"):
         (tmp_path / "scans" / name).write_text("x")
     (tmp_path / "scans" / "out" / "a_pred.ply").write_text("x")
-    files, errors = list_inputs([tmp_path / "scans", tmp_path / "scans" / "a.npy", tmp_path / "nope.ply",
-                                 tmp_path / "scans" / "notes.md"], exclude=tmp_path / "scans" / "out")
+    (tmp_path / "scans" / "sub" / "c.ply").write_text("x")
+    files, errors, skipped = list_inputs([tmp_path / "scans", tmp_path / "scans" / "a.npy", tmp_path / "nope.ply",
+                                          tmp_path / "scans" / "notes.md"], exclude=tmp_path / "scans" / "out")
     assert [f.name for f in files] == ["a.npy", "b.ply"]  # sorted, no repeat, no .md, not recursive
-    assert len(errors) == 2 and "nope.ply: no such file" in errors[0] and "unsupported file type '.md'" in errors[1]
+    assert len(errors) == 2 and "nope.ply: no such file" in errors[0]
+    assert "notes.md: not a point cloud format (.md); supported: .ply, .npy, .txt, .xyz" in errors[1]
+    # What a folder held but was not read is said, with why (the output folder is not mentioned).
+    assert len(skipped) == 3, skipped
+    assert skipped[0].endswith("notes.md: not a point cloud format (.md); supported: .ply, .npy, .txt, .xyz")
+    assert "pts.csv: not a point cloud format (.csv)" in skipped[1] and "rename it to .txt" in skipped[1]
+    assert "sub: a folder" in skipped[2] and "not recursively" in skipped[2]
+
+
+def test_cli_lists_the_files_a_folder_held_but_did_not_read(experiment, tmp_path, capsys):
+    (tmp_path / "scans").mkdir()
+    np.save(tmp_path / "scans" / "a.npy", np.concatenate(room(300), 1))
+    (tmp_path / "scans" / "README.md").write_text("my scans")
+    (tmp_path / "scans" / "pts.csv").write_text("1,2,3\n")
+    rc = tool.main([str(tmp_path / "scans"), "--exp", str(experiment), "--out", str(tmp_path / "out"),
+                    "--device", "cpu"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("skipped")]
+    assert rc == 0 and len(lines) == 2, lines  # skipping is not a failure
+    assert "README.md: not a point cloud format (.md); supported: .ply, .npy, .txt, .xyz" in lines[0]
+    assert "pts.csv: not a point cloud format (.csv)" in lines[1]
+    assert (tmp_path / "out" / "a_pred.npy").is_file()
 
 
 # --- tiles -----------------------------------------------------------------------------------

@@ -175,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
         if not classes:
             raise UsageError(f"--classes {args.classes!r} names no class")
     out = output_folder(args)
-    files, errors = list_inputs(args.inputs, exclude=out)
+    files, errors, skipped = list_inputs(args.inputs, exclude=out)
+    for message in skipped:
+        print(f"skipped {message}", flush=True)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     if not files:

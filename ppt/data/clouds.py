@@ -70,36 +70,64 @@ class Cloud:
 
 
 def list_inputs(paths: Iterable[str | os.PathLike], exclude: Path | None = None,
-                ) -> tuple[list[Path], list[str]]:
+                ) -> tuple[list[Path], list[str], list[str]]:
     """Expand files and folders into cloud files.
 
     A folder contributes every file with a supported suffix directly inside it (sorted, not
-    recursive); files inside ``exclude`` (the output folder) are skipped so that a re-run
-    does not read its own predictions.
+    recursive); files inside ``exclude`` (the output folder) are left out so that a re-run
+    does not read its own predictions. Every other entry of a folder is reported as skipped,
+    with the reason (a user who drops ``scan.las`` or ``pts.csv`` into the folder learns why
+    it was not labelled, instead of finding one output fewer).
 
     Returns:
-        (files in order, without repeats; error messages for paths that give no cloud file).
+        (files in order, without repeats; error messages for paths that give no cloud file;
+        one message per folder entry skipped, naming it and why).
     """
     files: list[Path] = []
     errors: list[str] = []
+    skipped: list[str] = []
     exclude = exclude.resolve() if exclude is not None else None
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
-                           and (exclude is None or p.resolve().parent != exclude))
+            found = []
+            for entry in sorted(path.iterdir()):
+                resolved = entry.resolve()
+                if exclude is not None and exclude in (resolved, resolved.parent):
+                    continue  # the output folder, or our own earlier output
+                if entry.is_dir():
+                    skipped.append(f"{entry}: a folder (folders are read one level deep, not recursively)")
+                elif entry.suffix.lower() in SUFFIXES:
+                    found.append(entry)
+                else:
+                    skipped.append(f"{entry}: {unsupported(entry)}")
             if not found:
                 errors.append(f"{path}: folder holds no point cloud file ({', '.join(SUFFIXES)})")
             files += found
         elif not path.exists():
             errors.append(f"{path}: no such file or folder")
         elif path.suffix.lower() not in SUFFIXES:
-            errors.append(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
-                          f"supported: {', '.join(SUFFIXES)}")
+            errors.append(f"{path}: {unsupported(path)}")
         else:
             files.append(path)
     unique = list(dict.fromkeys(files))
-    return unique, errors
+    return unique, errors, skipped
+
+
+# What to do with files of a format the readers do not take, by suffix.
+FORMAT_HINTS = {".csv": "if it holds x,y,z[,r,g,b] rows, rename it to .txt",
+                ".las": "convert it to PLY (e.g. pdal translate in.las out.ply)",
+                ".laz": "convert it to PLY (e.g. pdal translate in.laz out.ply)",
+                ".pcd": "convert it to PLY (e.g. pcl_pcd2ply, or Open3D)",
+                ".e57": "convert it to PLY (e.g. CloudCompare)"}
+
+
+def unsupported(path: Path) -> str:
+    """Why ``path`` is not read: its format, the supported ones, and a hint where one exists."""
+    suffix = path.suffix.lower()
+    hint = FORMAT_HINTS.get(suffix)
+    return (f"not a point cloud format ({suffix or 'no suffix'}); supported: {', '.join(SUFFIXES)}"
+            + (f"; {hint}" if hint else ""))
 
 
 def read_cloud(path: str | os.PathLike) -> Cloud:
@@ -114,7 +142,7 @@ def read_cloud(path: str | os.PathLike) -> Cloud:
         elif suffix in (".txt", ".xyz"):
             coord, color, normal, notes = _split_columns(_read_text(path), path)
         else:
-            raise CloudError(f"{path}: unsupported file type {suffix!r}; supported: {', '.join(SUFFIXES)}")
+            raise CloudError(f"{path}: {unsupported(path)}")
     except OSError as err:
         raise CloudError(f"{path}: cannot read ({err.strerror or err})") from None
     return make_cloud(coord, color, normal, path=path, notes=notes)
