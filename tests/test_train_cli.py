@@ -149,3 +149,13 @@ def test_datasets_without_the_best_on_dataset_falls_back_with_a_note(synthetic_r
     args = train_tool.parse_args(["--config", str(REPO / "configs" / "ppt_joint.yaml"), "--datasets", "s3dis",
                                   "--plan", "--sizes", "s3dis:4/1", "train.best_on=mean"])
     assert train_tool.prepare(args)[0].train.best_on == "mean"  # the user's choice stands
+
+
+def test_demo_takes_overrides():
+    """`tools/train.sh train.threads=1` is the demo with an override (README's advice), not
+    "--config is required"; a mistyped override stops before data is generated or trained."""
+    out = subprocess.run(["bash", str(REPO / "tools" / "train.sh"), "optim.lrr=0.1"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "unknown config key 'optim.lrr' (command-line override); did you mean 'optim.lr'?" in out.stderr
+    assert "--config is required" not in out.stderr and "generating" not in out.stdout

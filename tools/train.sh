@@ -2,6 +2,7 @@
 # Train (and then test) a PPT experiment.
 #
 #   tools/train.sh                       # no arguments: the synthetic demo end to end
+#   tools/train.sh train.threads=1       # the demo with config overrides
 #   tools/train.sh --config configs/ppt_joint.yaml --name ppt --gpus 8
 #   tools/train.sh --config configs/ppt_joint.yaml --datasets scannet:2,s3dis:1 --gpus 4 optim.lr=0.02
 #   tools/train.sh --config configs/scannet_spunet.yaml --name ft --weights exp/ppt/model/model_best.pth
@@ -18,8 +19,8 @@
 # unless --config is given), --resume (without --config: exp/NAME/config.yaml), --plan (print
 # datasets, sizes, steps per epoch, total steps and evaluation volume, then exit), --no-test; anything
 # of the form key=value is a config override. More than one process -> torchrun.
-# With no arguments: make data/synthetic if missing, train configs/demo.yaml into exp/demo
-# (resumed if it already exists), then run tools/test.py on it.
+# With no arguments (or only key=value overrides): make data/synthetic if missing, train
+# configs/demo.yaml into exp/demo (resumed if it already exists), then run tools/test.py on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,6 @@ die() { echo "error: $*" >&2; exit 2; }
 CONFIG="" NAME="" DATASETS="" DATA_ROOT="" GPUS=1 MACHINES=1 RANK_ID=0 MASTER="" WEIGHTS=""
 RESUME=0 TEST=1 OVERRIDES=() PEFT="" PLAN=0
 DEMO=0
-[[ $# -eq 0 ]] && DEMO=1
 
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -55,8 +55,14 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+# No --config / --name / --peft / --weights / --datasets / --resume: the demo (key=value overrides
+# apply to it, e.g. `tools/train.sh train.threads=1`).
+[[ -z "$CONFIG$NAME$PEFT$WEIGHTS$DATASETS$DATA_ROOT" && $RESUME -eq 0 ]] && DEMO=1
 if [[ $DEMO -eq 1 ]]; then
   CONFIG=configs/demo.yaml NAME=demo
+  # overrides checked before anything is generated (a plan from stand-in sizes needs no data)
+  "$PY" tools/train.py --config "$CONFIG" --plan --sizes structured3d:1/1,scannet:1/1,s3dis:1/1 \
+      "${OVERRIDES[@]+"${OVERRIDES[@]}"}" > /dev/null || exit 2
   if [[ ! -d data/synthetic ]]; then
     echo "demo: generating synthetic data in data/synthetic"
     "$PY" tools/make_synthetic.py --out data/synthetic --scenes 30 --seed 0
