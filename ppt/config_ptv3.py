@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 
 PTV3_ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")  # = ppt.models.serialization.ORDERS
+PTV3_CHOICES = {"pooling": ("serialized", "grid"), "stem": ("conv", "linear"),  # = ppt.models.ptv3's
+                "resample_norm": ("batch", "layer"), "unpool_cpe": ("sum", "skip")}
+MAX_SERIAL_DEPTH = 21  # = ppt.models.serialization.MAX_DEPTH
 
 
 @dataclass
@@ -26,6 +29,26 @@ class PTv3Config:
         drop_path: largest stochastic-depth rate (linear over the blocks from 0).
         orders: serialization orders (z, z-trans, hilbert, hilbert-trans), cycled over the blocks.
         shuffle_orders: shuffle the order list at every forward and pooling in training.
+
+    Reference variants (Pointcept PT-v3m1 / PT-v3m2; ``tools/convert.py`` sets them for imported
+    models; the defaults are this project's model = PT-v3m1 with PT-v3m2's decoder CPE input):
+
+    Args:
+        serial_depth: bits per axis of the serialization codes (16: a sample's order never
+            depends on its batch); 0 = from the batch's largest grid coordinate, as the reference
+            (``int(max + 1).bit_length()``): the Hilbert orders of an imported model exactly.
+        pooling: "serialized" (coarse codes = fine codes >> 3, PT-v3m1) or "grid" (each coarse
+            level serialized again at its own data depth, PT-v3m2; differs only with
+            ``serial_depth: 0``).
+        stem: "conv" (subm conv k5, PT-v3m1) or "linear" (PT-v3m2's Linear embedding).
+        resample_norm: norm of stem, pooling and unpooling: "batch" (PT-v3m1) or "layer"
+            (PT-v3m2's LayerNorm everywhere; prompt-driven with ``model.prompt: pdnorm``).
+        unpool_cpe: what the first decoder block's positional-encoding conv reads: "sum" (the
+            unpooled features, PT-v3m2) or "skip" (only the projected skip features, PT-v3m1).
+        layer_scale: LayerScale init on both residual branches of every block (0 = none).
+        enc_mode: encoder only (PT-v3m2 ``enc_mode``, Sonata / Concerto): the features of every
+            stage are brought back to full resolution and concatenated (``sum(enc_channels)``
+            wide, the reference's pooling_parent walk); the ``dec_*`` keys are unused.
     """
 
     enc_depths: tuple[int, ...] = (2, 2, 2, 6, 2)
@@ -39,6 +62,13 @@ class PTv3Config:
     drop_path: float = 0.3
     orders: tuple[str, ...] = PTV3_ORDERS
     shuffle_orders: bool = True
+    serial_depth: int = 16
+    pooling: str = "serialized"
+    stem: str = "conv"
+    resample_norm: str = "batch"
+    unpool_cpe: str = "sum"
+    layer_scale: float = 0.0
+    enc_mode: bool = False
 
 
 def validate_ptv3(cfg, bad) -> None:
@@ -48,14 +78,21 @@ def validate_ptv3(cfg, bad) -> None:
     if not (len(p.enc_depths) == len(p.enc_channels) == len(p.enc_heads) >= 2):
         raise bad("ptv3.enc_depths", "ptv3.enc_channels and ptv3.enc_heads need the same length (>= 2 stages), "
                                      f"got {len(p.enc_depths)}, {len(p.enc_channels)}, {len(p.enc_heads)}")
-    for key in ("dec_depths", "dec_channels", "dec_heads"):
+    for key, valid in PTV3_CHOICES.items():
+        if getattr(p, key) not in valid:
+            raise bad(f"ptv3.{key}", f"is {getattr(p, key)!r}; valid: {', '.join(valid)}")
+    if not 0 <= p.serial_depth <= MAX_SERIAL_DEPTH:
+        raise bad("ptv3.serial_depth", f"must be in [0, {MAX_SERIAL_DEPTH}] (0 = from the data), got {p.serial_depth}")
+    if p.layer_scale < 0:
+        raise bad("ptv3.layer_scale", f"must be >= 0 (0 = no LayerScale), got {p.layer_scale}")
+    for key in () if p.enc_mode else ("dec_depths", "dec_channels", "dec_heads"):
         if len(getattr(p, key)) != len(p.enc_depths) - 1:
             raise bad(f"ptv3.{key}", f"needs {len(p.enc_depths) - 1} entries (one fewer than the encoder), "
                                      f"got {len(getattr(p, key))}")
     for key in ("enc_depths", "enc_channels", "enc_heads", "dec_depths", "dec_channels", "dec_heads"):
-        if min(getattr(p, key)) < 1:
+        if any(v < 1 for v in getattr(p, key)):
             raise bad(f"ptv3.{key}", f"entries must be >= 1, got {list(getattr(p, key))}")
-    for kind in ("enc", "dec"):
+    for kind in ("enc",) if p.enc_mode else ("enc", "dec"):
         for c, h in zip(getattr(p, f"{kind}_channels"), getattr(p, f"{kind}_heads")):
             if c % h:
                 raise bad(f"ptv3.{kind}_heads", f"must divide the stage widths; {c} channels, {h} heads")

@@ -14,6 +14,24 @@ serialized by one space-filling curve; block ``i`` of a stage uses order ``i % l
 every pooling ("shuffle order"). Deviation from the reference: orders are not shuffled in
 eval mode, so evaluation (and test-time augmentation) is deterministic.
 
+Switches for imported Pointcept models (``ppt.interop.pointcept_ptv3``; defaults = this
+project's model, which is PT-v3m1 except where noted):
+
+- ``unpool_cpe``: "sum" (the first decoder block's CPE conv reads the unpooled sum, as PT-v3m2)
+  or "skip" (PT-v3m1: it reads only the projected skip features).
+- ``serial_depth``: bits per axis of the serialization codes; 0 = from the batch's largest grid
+  coordinate, as the reference (exact reference orders; a sample's order then depends on its
+  batch). ``pooling``: "serialized" (codes shifted, PT-v3m1) or "grid" (each coarse level
+  serialized again at its own depth, PT-v3m2's GridPooling; differs from "serialized" only with
+  ``serial_depth`` 0).
+- ``stem``: "conv" (subm conv k5, no bias; PT-v3m1) or "linear" (PT-v3m2's Linear embedding).
+  ``resample_norm``: "batch" (stem, pooling and unpooling normalised by ``norm_layer``; PT-v3m1)
+  or "layer" (by ``ln_layer``; PT-v3m2 has LayerNorm everywhere).
+- ``layer_scale``: LayerScale on both branches of every block (PT-v3m2's ``layer_scale``; 0 = off).
+- ``enc_mode``: encoder only; every stage's output is brought back to full resolution through
+  the pooling clusters and concatenated (finest first), as Pointcept's ``pooling_parent`` walk
+  in DefaultSegmentorV2 / PPT-v1m3: ``out_channels = sum(enc_channels)``.
+
 Same contract as :class:`ppt.models.spunet.SpUNet`: ``forward(batch, ctx) -> (N, out_channels)``
 with rows in batch order; every norm is built by ``norm_layer`` (the batch norms of stem,
 pooling and unpooling) or ``ln_layer`` (the LayerNorms of the blocks) and called as
@@ -36,33 +54,44 @@ from spconv.core import ConvAlgo
 from spconv.pytorch.conv import SparseConvolution
 
 from ppt.models.ptv3_layers import (
-    Block, GridPooling, GridUnpooling, LayerNorm, Level, NormLayer, make_level, pool_level,
+    Block, GridPooling, GridUnpooling, LayerNorm, Level, NormLayer, data_depth, make_level, pool_level,
 )
-from ppt.models.serialization import DEFAULT_DEPTH, ORDERS
+from ppt.models.serialization import DEFAULT_DEPTH, MAX_DEPTH, ORDERS
 from ppt.models.spunet import BatchNorm, DomainContext, cuda_default_algo
 
 PTV3_DEFAULT_PARAMS = 46_166_272  # PointTransformerV3() with plain norms, as the reference PT-v3m1 (paper: 46.2 M)
 STEM_KERNEL = 5
+REFERENCE_MAX_DEPTH = 16  # Point.serialization asserts a data depth <= 16
+STEMS = ("conv", "linear")
+RESAMPLE_NORMS = ("batch", "layer")
+POOLINGS = ("serialized", "grid")
+UNPOOL_CPE = ("sum", "skip")
 
 
 class Stem(nn.Module):
-    """Embedding: subm conv k5 (no bias) -> norm -> GELU, on level 0.
+    """Embedding: subm conv k5 (no bias; ``conv``) or Linear (``linear``, PT-v3m2) -> norm ->
+    GELU, on level 0.
 
     Args:
         in_channels: input feature channels.
         channels: embedding channels.
-        norm_layer: builds the (batch) norm.
+        norm_layer: builds the norm.
+        kind: "conv" or "linear".
     """
 
-    def __init__(self, in_channels: int, channels: int, norm_layer: NormLayer):
+    def __init__(self, in_channels: int, channels: int, norm_layer: NormLayer, kind: str = "conv"):
         super().__init__()
-        self.conv = spconv.SubMConv3d(in_channels, channels, kernel_size=STEM_KERNEL, padding=1,
-                                      bias=False, indice_key="stem")
+        if kind == "conv":
+            self.conv = spconv.SubMConv3d(in_channels, channels, kernel_size=STEM_KERNEL, padding=1,
+                                          bias=False, indice_key="stem")
+        else:
+            self.linear = nn.Linear(in_channels, channels)
+        self.kind = kind
         self.norm = norm_layer(channels)
 
     def forward(self, feat: torch.Tensor, level: Level, ctx: DomainContext) -> torch.Tensor:
         """(N, C_in) -> (N, channels)."""
-        x = self.conv(level.sparse.replace_feature(feat)).features
+        x = self.conv(level.sparse.replace_feature(feat)).features if self.kind == "conv" else self.linear(feat)
         return F.gelu(self.norm(x, ctx))
 
 
@@ -97,6 +126,8 @@ class PointTransformerV3(nn.Module):
         norm_layer: builds the batch norms (stem, pooling, unpooling).
         ln_layer: builds the LayerNorms of the blocks.
         adapter_layer: optional builder of each block's prompt adapter.
+        serial_depth, pooling, stem, resample_norm, unpool_cpe, layer_scale, enc_mode: the switches
+            of the module docstring (defaults: this project's model).
     """
 
     def __init__(
@@ -116,11 +147,25 @@ class PointTransformerV3(nn.Module):
         norm_layer: NormLayer = BatchNorm,
         ln_layer: NormLayer = LayerNorm,
         adapter_layer: Callable[[int], nn.Module] | None = None,
+        serial_depth: int = DEFAULT_DEPTH,
+        pooling: str = "serialized",
+        stem: str = "conv",
+        resample_norm: str = "batch",
+        unpool_cpe: str = "sum",
+        layer_scale: float = 0.0,
+        enc_mode: bool = False,
     ):
         super().__init__()
         stages = len(enc_depths)
-        if not (len(enc_channels) == len(enc_heads) == stages and
-                len(dec_depths) == len(dec_channels) == len(dec_heads) == stages - 1):
+        for name, value, valid in (("pooling", pooling, POOLINGS), ("stem", stem, STEMS),
+                                   ("resample_norm", resample_norm, RESAMPLE_NORMS),
+                                   ("unpool_cpe", unpool_cpe, UNPOOL_CPE)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+        if not 0 <= serial_depth <= MAX_DEPTH:
+            raise ValueError(f"serial_depth must be in [0, {MAX_DEPTH}] (0 = from the data), got {serial_depth}")
+        if not (len(enc_channels) == len(enc_heads) == stages and (enc_mode or
+                len(dec_depths) == len(dec_channels) == len(dec_heads) == stages - 1)):
             raise ValueError(f"PTv3 needs equally long enc_depths/enc_channels/enc_heads and one entry "
                              f"fewer for dec_*, got enc {len(enc_depths)}/{len(enc_channels)}/"
                              f"{len(enc_heads)}, dec {len(dec_depths)}/{len(dec_channels)}/{len(dec_heads)}")
@@ -129,27 +174,33 @@ class PointTransformerV3(nn.Module):
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.in_channels = in_channels
-        self.out_channels = dec_channels[0]
+        self.enc_mode = enc_mode
+        self.out_channels = sum(enc_channels) if enc_mode else dec_channels[0]
         self.orders = tuple(orders)
         self.shuffle_orders = shuffle_orders
-        self.depth = DEFAULT_DEPTH
+        self.depth = serial_depth
+        self.reserialize = pooling == "grid"
+        self.unpool_cpe = unpool_cpe
+        resample_layer = ln_layer if resample_norm == "layer" else norm_layer
 
         def blocks(channels: int, heads: int, rates: list[float], level: int) -> list[Block]:
-            return [Block(channels, heads, patch_size, mlp_ratio, rate, ln_layer, f"stage{level}", adapter_layer)
-                    for rate in rates]
+            return [Block(channels, heads, patch_size, mlp_ratio, rate, ln_layer, f"stage{level}", adapter_layer,
+                          layer_scale) for rate in rates]
 
-        self.stem = Stem(in_channels, enc_channels[0], norm_layer)
+        self.stem = Stem(in_channels, enc_channels[0], resample_layer, stem)
         rates = torch.linspace(0, drop_path, sum(enc_depths)).tolist()
         self.encoder = nn.ModuleList()
         for s in range(stages):
-            down = GridPooling(enc_channels[s - 1], enc_channels[s], norm_layer) if s > 0 else None
+            down = GridPooling(enc_channels[s - 1], enc_channels[s], resample_layer) if s > 0 else None
             own = rates[sum(enc_depths[:s]):sum(enc_depths[:s + 1])]
             self.encoder.append(Stage(down, blocks(enc_channels[s], enc_heads[s], own, s)))
+        self.decoder = nn.ModuleList()  # execution order: deepest stage first
+        if enc_mode:
+            return
         rates = torch.linspace(0, drop_path, sum(dec_depths)).tolist()
         widths = [*dec_channels, enc_channels[-1]]
-        self.decoder = nn.ModuleList()  # execution order: deepest stage first
         for s in reversed(range(stages - 1)):
-            up = GridUnpooling(widths[s + 1], enc_channels[s], widths[s], norm_layer)
+            up = GridUnpooling(widths[s + 1], enc_channels[s], widths[s], resample_layer)
             own = rates[sum(dec_depths[:s]):sum(dec_depths[:s + 1])][::-1]
             self.decoder.append(Stage(up, blocks(widths[s], dec_heads[s], own, s)))
 
@@ -169,11 +220,12 @@ class PointTransformerV3(nn.Module):
         grid = batch["grid_coord"]
         if grid.ndim != 2 or grid.shape[1] != 3 or (grid.numel() and grid.min() < 0):
             raise ValueError(f"batch['grid_coord'] must be (N, 3) non-negative ints, got shape {tuple(grid.shape)}")
-        if grid.numel() and int(grid.max()) >= 1 << self.depth:
+        depth, limit = (self.depth, self.depth) if self.depth else (data_depth(grid), REFERENCE_MAX_DEPTH)
+        if grid.numel() and (depth > limit or int(grid.max()) >= 1 << depth):
             raise ValueError(f"batch['grid_coord'] reaches {int(grid.max())}; PTv3 serializes at most "
-                             f"{1 << self.depth} voxels per axis (use a larger voxel size)")
+                             f"{1 << limit} voxels per axis (use a larger voxel size)")
         offset = batch["offset"].to(grid.device).long()
-        return make_level(grid, offset, self.orders, self.depth, self.training and self.shuffle_orders)
+        return make_level(grid, offset, self.orders, depth, self.training and self.shuffle_orders)
 
     def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
         """Batch dict (``grid_coord``, ``feat`` (N, C_in), ``offset``) -> (N, out_channels)
@@ -190,19 +242,24 @@ class PointTransformerV3(nn.Module):
             levels, skips = [], []
             for stage in self.encoder:
                 if stage.resample is not None:
-                    level = pool_level(level, shuffle)
+                    level = pool_level(level, shuffle, self.reserialize)
                     x = stage.resample(x, level, ctx)
                 x = self._run_blocks(stage, x, level, ctx)
                 levels.append(level)
                 skips.append(x)
+            if self.enc_mode:  # the pooling_parent walk: deepest first, concatenated finest first
+                for fine in reversed(range(len(levels) - 1)):
+                    x = torch.cat([skips[fine], x[levels[fine + 1].cluster]], dim=1)
+                return x
             for stage in self.decoder:
                 coarse = levels.pop()
                 skips.pop()
-                x = stage.resample(x, skips[-1], coarse, ctx)
-                x = self._run_blocks(stage, x, levels[-1], ctx)
+                x, skip = stage.resample(x, skips[-1], coarse, ctx)
+                x = self._run_blocks(stage, x, levels[-1], ctx, skip if self.unpool_cpe == "skip" else None)
         return x
 
-    def _run_blocks(self, stage: Stage, x: torch.Tensor, level: Level, ctx: DomainContext) -> torch.Tensor:
+    def _run_blocks(self, stage: Stage, x: torch.Tensor, level: Level, ctx: DomainContext,
+                    cpe_input: torch.Tensor | None = None) -> torch.Tensor:
         for i, block in enumerate(stage.blocks):
-            x = block(x, level, ctx, i % len(self.orders))
+            x = block(x, level, ctx, i % len(self.orders), cpe_input if i == 0 else None)
         return x

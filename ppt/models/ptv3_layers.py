@@ -16,6 +16,13 @@ Deviation from the reference: without flash-attn the reference shrinks K to the 
 sample of the batch, which makes a sample's output depend on its batch; here it never does.
 
 Drop path is per point, as the reference (timm's DropPath applied to (N, C) point features).
+
+Serialization depth (bits per axis of the codes): fixed (``depth > 0``, this project's default,
+so a sample's order never depends on its batch) or, as the reference, from the batch
+(:func:`data_depth`: ``int(max grid coordinate + 1).bit_length()``). Pooling shifts the codes
+(PT-v3m1's ``SerializedPooling``: depth - 1 per level) or re-serializes each coarse level from its
+own coordinates (PT-v3m2's ``GridPooling``, ``reserialize=True``); with a data depth the two give
+different Hilbert orders, so imported models keep their own rule.
 """
 from __future__ import annotations
 
@@ -101,6 +108,7 @@ class Level:
         order: (O, N) rows sorted by each code (serialized position -> row).
         inverse: (O, N) serialized position of each row.
         depth: bits per axis of the codes.
+        orders: the order name of each code row (rows are permuted when orders are shuffled).
         sparse: sparse tensor (indices = batch id, grid) whose index cache the conditional
             positional encodings of this resolution share; its features are a placeholder.
         cluster: (N_finer,) row of this level holding each row of the finer level (None at 0).
@@ -112,6 +120,7 @@ class Level:
     order: torch.Tensor
     inverse: torch.Tensor
     depth: int
+    orders: tuple[str, ...]
     sparse: spconv.SparseConvTensor
     cluster: torch.Tensor | None = None
     _patches: dict[int, Patches] = field(default_factory=dict)
@@ -123,14 +132,22 @@ class Level:
         return self._patches[patch_size]
 
 
-def _sorted(code: torch.Tensor, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O, N) codes -> (code, order, inverse), the O rows permuted when ``shuffle``."""
+def data_depth(grid: torch.Tensor) -> int:
+    """The reference's serialization depth of a batch: ``int(grid.max() + 1).bit_length()``
+    (``Point.serialization`` with ``depth=None``), computed per level by PT-v3m2."""
+    return int(grid.max() + 1).bit_length() if grid.numel() else 1
+
+
+def _sorted(code: torch.Tensor, orders: tuple[str, ...],
+            shuffle: bool) -> tuple[torch.Tensor, tuple[str, ...], torch.Tensor, torch.Tensor]:
+    """(O, N) codes -> (code, orders, order, inverse), the O rows permuted when ``shuffle``."""
     if shuffle:
-        code = code[torch.randperm(code.shape[0]).to(code.device)]
+        perm = torch.randperm(code.shape[0])
+        code, orders = code[perm.to(code.device)], tuple(orders[i] for i in perm.tolist())
     order = torch.argsort(code, dim=1, stable=True)
     positions = torch.arange(code.shape[1], device=code.device).expand_as(order)
     inverse = torch.empty_like(order).scatter_(1, order, positions)
-    return code, order, inverse
+    return code, orders, order, inverse
 
 
 def _sparse(grid: torch.Tensor, offset: torch.Tensor) -> spconv.SparseConvTensor:
@@ -140,28 +157,41 @@ def _sparse(grid: torch.Tensor, offset: torch.Tensor) -> spconv.SparseConvTensor
     return spconv.SparseConvTensor(grid.new_zeros(len(grid), 1, dtype=torch.float32), indices, shape, len(offset))
 
 
+def _codes(grid: torch.Tensor, batch: torch.Tensor, depth: int, orders: Sequence[str]) -> torch.Tensor:
+    """(O, N) codes of (N, 3) grid coordinates, one row per order name."""
+    return torch.stack([encode(grid, batch, depth, o) for o in orders])
+
+
 def make_level(grid: torch.Tensor, offset: torch.Tensor, orders: Sequence[str], depth: int,
                shuffle: bool) -> Level:
-    """Level 0 from (N, 3) non-negative grid coordinates and (B,) offsets."""
+    """Level 0 from (N, 3) non-negative grid coordinates and (B,) offsets; ``depth`` bits per
+    axis (``data_depth(grid)`` for the reference's rule)."""
     batch = offset_to_batch(offset)
-    code = torch.stack([encode(grid, batch, depth, o) for o in orders])
-    code, order, inverse = _sorted(code, shuffle)
-    return Level(grid.long(), offset, code, order, inverse, depth, _sparse(grid, offset))
+    code, names, order, inverse = _sorted(_codes(grid, batch, depth, orders), tuple(orders), shuffle)
+    return Level(grid.long(), offset, code, order, inverse, depth, names, _sparse(grid, offset))
 
 
-def pool_level(level: Level, shuffle: bool) -> Level:
+def pool_level(level: Level, shuffle: bool, reserialize: bool = False) -> Level:
     """The level of half the resolution: voxels merged by ``code >> 3`` (their 2x2x2 cell).
 
-    Coarse rows are sorted by the first order's code, hence in batch order.
+    Coarse rows are sorted by the first order's code, hence in batch order. Codes: the fine
+    codes shifted (depth - 1; PT-v3m1), or with ``reserialize`` encoded again from the coarse
+    grid at its own data depth (PT-v3m2's GridPooling). A level of depth 0 (every coordinate 0)
+    is not merged further, as PT-v3m1 (its pooling depth falls to 0 there).
     """
-    code = level.code >> POOL_SHIFT
+    shift = 1 if level.depth >= 1 else 0
+    code = level.code >> (POOL_SHIFT * shift)
     _, cluster, counts = torch.unique(code[0], sorted=True, return_inverse=True, return_counts=True)
     first = torch.argsort(cluster, stable=True)[torch.cumsum(counts, 0) - counts]  # a voxel per cell
-    grid = level.grid[first] >> 1
+    grid = level.grid[first] >> shift
     batch = offset_to_batch(level.offset)[first]
     offset = torch.cumsum(torch.bincount(batch, minlength=len(level.offset)), 0)
-    code, order, inverse = _sorted(code[:, first], shuffle)
-    return Level(grid, offset, code, order, inverse, level.depth - 1, _sparse(grid, offset), cluster)
+    depth, code = level.depth - shift, code[:, first]
+    if reserialize:
+        depth = data_depth(grid)
+        code = _codes(grid, batch, depth, level.orders)
+    code, names, order, inverse = _sorted(code, level.orders, shuffle)
+    return Level(grid, offset, code, order, inverse, depth, names, _sparse(grid, offset), cluster)
 
 
 class DropPath(nn.Module):
@@ -248,11 +278,24 @@ class SubmConvBias(nn.Module):
         return self.conv(x).features + self.bias
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (PT-v3m2's LayerScale): ``x * gamma``, ``gamma``
+    initialised to ``init``."""
+
+    def __init__(self, channels: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """PTv3 block, pre-norm: x += xCPE(x); x += attn(LN(x)); x += MLP(LN(x)).
 
     xCPE (conditional positional encoding): 3x3x3 submanifold conv (bias) -> Linear -> LN.
-    ``prompt_adapter`` (optional) adds ``adapter(x, ctx)`` to the block input first.
+    ``prompt_adapter`` (optional) adds ``adapter(x, ctx)`` to the block input first. With
+    ``layer_scale > 0`` both branches are scaled by a LayerScale (``ls1``, ``ls2``; PT-v3m2).
 
     Args:
         channels: C.
@@ -263,10 +306,12 @@ class Block(nn.Module):
         ln_layer: builds the block's LayerNorms (called as ``norm(x, ctx)``).
         indice_key: spconv key of the resolution (CPE convs of a level share their indices).
         adapter_layer: optional builder of the prompt adapter.
+        layer_scale: initial LayerScale value; 0 = no LayerScale.
     """
 
     def __init__(self, channels: int, num_heads: int, patch_size: int, mlp_ratio: float, drop_path: float,
-                 ln_layer: NormLayer, indice_key: str, adapter_layer: Callable[[int], nn.Module] | None = None):
+                 ln_layer: NormLayer, indice_key: str, adapter_layer: Callable[[int], nn.Module] | None = None,
+                 layer_scale: float = 0.0):
         super().__init__()
         self.prompt_adapter = adapter_layer(channels) if adapter_layer is not None else None
         self.cpe_conv = SubmConvBias(channels, CPE_KERNEL, indice_key)
@@ -277,15 +322,22 @@ class Block(nn.Module):
         self.norm2 = ln_layer(channels)
         self.mlp = MLP(channels, mlp_ratio)
         self.drop_path = DropPath(drop_path)
+        self.ls1 = LayerScale(channels, layer_scale) if layer_scale else nn.Identity()
+        self.ls2 = LayerScale(channels, layer_scale) if layer_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor, level: Level, ctx: DomainContext, order_index: int) -> torch.Tensor:
-        """(N, C) -> (N, C) features of ``level``."""
+    def forward(self, x: torch.Tensor, level: Level, ctx: DomainContext, order_index: int,
+                cpe_input: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) -> (N, C) features of ``level``.
+
+        ``cpe_input``: (N, C) features the CPE conv reads instead of ``x`` (PT-v3m1's first
+        decoder block sees only the projected skip features there; see ``GridUnpooling``).
+        """
         if self.prompt_adapter is not None:
             x = x + self.prompt_adapter(x, ctx)
-        cpe = self.cpe_conv(level.sparse.replace_feature(x))
+        cpe = self.cpe_conv(level.sparse.replace_feature(x if cpe_input is None else cpe_input))
         x = x + self.cpe_norm(self.cpe_linear(cpe), ctx)
-        x = x + self.drop_path(self.attn(self.norm1(x, ctx), level, order_index))
-        return x + self.drop_path(self.mlp(self.norm2(x, ctx)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x, ctx), level, order_index)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x, ctx))))
 
 
 class GridPooling(nn.Module):
@@ -327,7 +379,12 @@ class GridUnpooling(nn.Module):
         self.proj_skip = nn.Linear(skip_channels, out_channels)
         self.norm_skip = norm_layer(out_channels)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, coarse: Level, ctx: DomainContext) -> torch.Tensor:
-        """(N_coarse, C_in), (N_fine, C_skip) -> (N_fine, C_out)."""
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, coarse: Level,
+                ctx: DomainContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N_coarse, C_in), (N_fine, C_skip) -> ((N_fine, C_out) output, (N_fine, C_out) the
+        projected skip alone: what PT-v3m1's first decoder block reads in its CPE conv, because
+        its ``SerializedUnpooling`` adds the coarse features to ``feat`` but not to the sparse
+        tensor the conv reads; PT-v3m2's ``GridUnpooling`` refreshes it)."""
         up = F.gelu(self.norm(self.proj(x), ctx))
-        return F.gelu(self.norm_skip(self.proj_skip(skip), ctx)) + up[coarse.cluster]
+        skip = F.gelu(self.norm_skip(self.proj_skip(skip), ctx))
+        return skip + up[coarse.cluster], skip
