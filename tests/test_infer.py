@@ -177,6 +177,34 @@ def test_labelled_ply_keeps_double_coordinates(tmp_path):
     assert vertex["confidence"].dtype == np.float32 and vertex["confidence"].tolist() == [0.5, np.float32(0.9)]
 
 
+def redmean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Colour distance 0..765 that tracks what the eye tells apart (the "redmean" weighting):
+    independent of the CIELAB distance the palette is built with."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    r, d = (a[..., 0] + b[..., 0]) / 2, a - b
+    return np.sqrt((2 + r / 256) * d[..., 0] ** 2 + 4 * d[..., 1] ** 2 + (2 + (255 - r) / 256) * d[..., 2] ** 2)
+
+
+@pytest.mark.parametrize("datasets", [("scannet", "s3dis", "structured3d"), ("scannet",), ("s3dis",),
+                                      ("structured3d",)])
+def test_no_two_classes_in_a_picture_share_a_colour(datasets):
+    # The golden-ratio hues used before gave wall and otherprop/clutter the same yellow (redmean
+    # distance 24); every pair of classes, and each class against the white background and the
+    # grey of dropped rows, must now be far apart.
+    from ppt.data.classes import get_dataset_info
+
+    names, _ = union_label_space({d: get_dataset_info(d).class_names for d in datasets})
+    colours = palette(len(names))
+    assert colours.shape == (len(names) + 1, 3) and colours[-1].tolist() == [128, 128, 128]
+    cls = colours[:-1]
+    pairs = redmean(cls[:, None], cls[None])
+    np.fill_diagonal(pairs, np.inf)
+    i, j = np.unravel_index(np.argmin(pairs), pairs.shape)
+    assert pairs[i, j] > 60, (names[i], names[j], cls[i], cls[j])
+    assert redmean(cls, np.array([255, 255, 255])).min() > 60 and redmean(cls, colours[-1]).min() > 60
+    assert (palette(len(names) + 5)[:len(names)] == cls).all()  # a class keeps its colour in longer lists
+
+
 def test_list_inputs_expands_folders_and_skips_the_output_folder(tmp_path):
     (tmp_path / "scans" / "out").mkdir(parents=True)
     (tmp_path / "scans" / "sub").mkdir()
