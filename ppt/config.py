@@ -52,6 +52,12 @@ class DataConfig:
             Pointcept's ``RandomDropColor``; the Sonata recipe uses 0.2). 0 = off. A model
             trained with it labels clouds without colour (``tools/infer.py`` fills in the same
             0); one trained without refuses them.
+        crop_points: dataset name -> most points a training sample keeps after grid sampling
+            (a sphere crop around a random point); 0 = no cap. Default the reference's: ScanNet
+            100000, S3DIS and Structured3D no cap. Those two also keep only 60 % / 80 % of their
+            points, the reference's ratio crop (fixed; with a cap as well, the smaller wins).
+            Datasets a given dict leaves out keep their default
+            (``data.crop_points={s3dis: 80000}`` still caps ScanNet at 100000).
         loop: repeat the first (main) dataset's scene list this many times per epoch (the
             others cycle anyway).
         check: quick header check of the data root before training.
@@ -67,6 +73,8 @@ class DataConfig:
     augment: bool = True
     elastic: bool = True
     color_drop: float = 0.0
+    crop_points: dict[str, int] = field(default_factory=lambda: {"scannet": 100_000, "s3dis": 0,
+                                                                 "structured3d": 0})
     loop: int = 1
     check: bool = True
 
@@ -296,6 +304,12 @@ def validate(cfg: Config, where: str = "") -> Config:
     for name, ratio in cfg.data.mix.items():
         if ratio < 1:
             raise bad(f"data.mix.{name}", f"must be a positive integer batch ratio, got {ratio}")
+    for name, cap in cfg.data.crop_points.items():
+        if name not in DATASETS:
+            raise bad("data.crop_points", f"names unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        if cap < 0:
+            raise bad(f"data.crop_points.{name}", f"must be >= 0 points (0 = no cap), got {cap}")
+    cfg.data.crop_points = {**DataConfig().crop_points, **cfg.data.crop_points}  # unnamed: default
     if len(cfg.model.channels) != 8 or len(cfg.model.layers) != 8:
         raise bad("model.channels", "and model.layers need 8 entries each (4 encoder + 4 decoder stages)")
     positive = {"data.voxel_size": cfg.data.voxel_size, "data.batch_size": cfg.data.batch_size,

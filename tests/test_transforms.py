@@ -148,7 +148,9 @@ def original_rows(sample, out):
     return np.array([row[tuple(p)] for p in out["coord"]])
 
 
-@pytest.mark.parametrize("kwargs, kept", [(dict(point_max=500), 500), (dict(ratio=0.6), 1200)])
+@pytest.mark.parametrize("kwargs, kept", [(dict(point_max=500), 500), (dict(ratio=0.6), 1200),
+                                          (dict(point_max=500, ratio=0.6), 500),
+                                          (dict(point_max=1500, ratio=0.6), 1200)])
 def test_sphere_crop_keeps_exactly_the_nearest_points_of_the_centre(toy_sample, kwargs, kept):
     coord = toy_sample["coord"]
     # a corner point: a box, a 2-D (xy) ball or a crop around the scene centre would differ
@@ -353,3 +355,31 @@ def test_data_modules_import_each_other_without_a_circle():
 
     for name in graph:
         visit(name, [])
+
+
+def test_data_crop_points_reaches_every_training_pipeline(synthetic_root):
+    """``data.crop_points`` caps each dataset's training sample (after grid sampling); names
+    left out keep the reference's cap; an unknown name is an error naming the key."""
+    from ppt.config import ConfigError, DataConfig, load_config
+    from ppt.engine.build import build_train_loader
+
+    assert DataConfig().crop_points == T.CROP_POINTS  # the config default is the reference's
+
+    def crops(*extra):
+        cfg = load_config(None, [f"data.root={synthetic_root}", "data.mix={scannet: 1, s3dis: 1}",
+                                 "data.batch_size=2", "data.num_workers=0", "data.voxel_size=0.05",
+                                 "data.check=false", *extra])
+        loader = build_train_loader(cfg)
+        return {name: [(t.point_max, t.ratio) for t in ds.transform.transforms if isinstance(t, T.SphereCrop)]
+                for name, ds in loader.datasets.items()}, loader
+
+    default, _ = crops()
+    assert default == {"scannet": [(100_000, None)], "s3dis": [(0, 0.6)]}
+    capped, loader = crops("data.crop_points={s3dis: 300}")
+    assert capped == {"scannet": [(100_000, None)], "s3dis": [(300, 0.6)]}
+    sample = loader.datasets["s3dis"].get(0, np.random.default_rng(0))
+    assert len(sample["coord"]) == 300  # the synthetic rooms hold thousands of voxels
+    with pytest.raises(ConfigError, match="'data.crop_points'.*unknown dataset 'scanet'"):
+        load_config(None, ["data.crop_points={scanet: 5}"])
+    with pytest.raises(ConfigError, match="'data.crop_points.s3dis'.*>= 0"):
+        load_config(None, ["data.crop_points={s3dis: -1}"])

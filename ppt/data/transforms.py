@@ -163,15 +163,19 @@ class ChromaticJitter(RandomTransform):
 
 
 class SphereCrop(RandomTransform):
-    """Keep the points nearest to a random point's position, at most ``point_max`` of them or
-    ``ratio`` of the points. All per-point keys; refuses samples with an ``inverse``.
+    """Keep the points nearest to a random point's position: at most ``point_max`` of them and
+    at most ``ratio`` of the points (the smaller; either may be None). All per-point keys;
+    refuses samples with an ``inverse``.
+
+    The reference's SphereCrop takes one or the other (a ``sample_rate`` replaces
+    ``point_max``); with only one given, the two agree.
 
     Args:
-        point_max: maximum points kept (ignored when ``ratio`` is given).
-        ratio: share of the points kept.
+        point_max: maximum points kept; None or 0 = no cap.
+        ratio: share of the points kept; None = all.
     """
 
-    def __init__(self, point_max: int = 100_000, ratio: float | None = None, rng=None):
+    def __init__(self, point_max: int | None = 100_000, ratio: float | None = None, rng=None):
         super().__init__(rng)
         self.point_max, self.ratio = point_max, ratio
 
@@ -180,7 +184,9 @@ class SphereCrop(RandomTransform):
             raise ValueError("SphereCrop would invalidate 'inverse': crop before "
                              "GridSample(return_inverse=True)")
         n = len(sample["coord"])
-        limit = int(self.ratio * n) if self.ratio is not None else self.point_max
+        limit = int(self.ratio * n) if self.ratio is not None else n
+        if self.point_max:
+            limit = min(limit, self.point_max)
         if n > limit:
             coord = sample["coord"]
             centre = coord[self.rng.integers(n)]
@@ -240,18 +246,20 @@ class ShufflePoints(RandomTransform):
         return sample
 
 
-# Sphere-crop sizes of the reference configs (SPEC §2).
-SPHERE_CROP = {"scannet": dict(point_max=100_000), "s3dis": dict(ratio=0.6),
-               "structured3d": dict(ratio=0.8)}
+# Sphere-crop sizes of the reference configs (SPEC §2): a cap on the points for ScanNet (0 = no
+# cap), a share of the points for S3DIS and Structured3D. ``data.crop_points`` (ppt/config.py)
+# sets the caps per dataset; its default repeats these (tested).
+CROP_POINTS = {"scannet": 100_000, "s3dis": 0, "structured3d": 0}
+CROP_RATIO = {"s3dis": 0.6, "structured3d": 0.8}
 
 
 def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, augment: bool = True,
                      rng: np.random.Generator | None = None, elastic: bool = True,
-                     color_drop: float = 0.0) -> Compose:
+                     color_drop: float = 0.0, crop_points: int | None = None) -> Compose:
     """The reference per-sample pipeline (SPEC §2) for one dataset.
 
     Args:
-        dataset_name: picks the sphere-crop size (unknown names crop like ScanNet).
+        dataset_name: picks the sphere crop's ratio (``CROP_RATIO``) and default cap.
         split: "train" gives the augmenting pipeline; anything else the validation pipeline
             (centre, grid sample with ``inverse``/``origin_segment``, normalise, features).
             Test-time views: ``ppt.data.grid.build_test_views``.
@@ -262,6 +270,9 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
         color_drop: for "train", probability of dropping a sample's whole colour
             (``RandomColorDrop``, ``data.color_drop``); 0 leaves the step out. Independent of
             ``augment``: it decides which inputs the model can label, not how varied they are.
+        crop_points: for "train", most points the sphere crop keeps after grid sampling (0 =
+            no cap; ``data.crop_points``); None = the reference's ``CROP_POINTS`` (unknown
+            names: ScanNet's). S3DIS and Structured3D also keep only their ``CROP_RATIO``.
         rng: generator for all random steps (``Compose.set_rng`` replaces it per sample).
     """
     if split != "train":
@@ -281,8 +292,9 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
                 *([ElasticDistortion(((0.2, 0.4), (0.8, 1.6)), p=0.95)] if elastic else []),
                 ChromaticAutoContrast(p=0.2),
             ]
-        crop = SPHERE_CROP.get(dataset_name, SPHERE_CROP["scannet"])
-        steps += [GridSample(voxel_size), SphereCrop(**crop)]
+        if crop_points is None:
+            crop_points = CROP_POINTS.get(dataset_name, CROP_POINTS["scannet"])
+        steps += [GridSample(voxel_size), SphereCrop(crop_points, CROP_RATIO.get(dataset_name))]
         if augment:
             # The reference runs these two before grid sampling. Both act on each point alone
             # and which points grid sampling and the crop keep does not depend on colour, so

@@ -98,7 +98,8 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1):
     main = next(iter(d.mix))
     datasets = {name: build_dataset(name, d.root, "train",
                                     build_transforms(name, "train", d.voxel_size, augment=d.augment,
-                                                     elastic=d.elastic, color_drop=d.color_drop),
+                                                     elastic=d.elastic, color_drop=d.color_drop,
+                                                     crop_points=d.crop_points.get(name)),
                                     loop=d.loop if name == main else 1)
                 for name in d.mix}
     return MultiDatasetLoader(datasets, dict(d.mix), per_rank_batch_size(d, world_size),
