@@ -35,6 +35,7 @@ into .venv; not in requirements.txt).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import sys
 import types
@@ -125,14 +126,18 @@ class _FakeClipModel(nn.Module):
 
 
 def _install_stubs() -> None:
+    bench_dir = str(Path(__file__).resolve().parent)
+
     def absent_or(name: str) -> bool:
-        if name in sys.modules:
+        """True when no real package ``name`` is installed (a script run from bench/ puts bench/
+        first on sys.path, where bench/peft.py would pass for the ``peft`` package)."""
+        if name in sys.modules and not str(getattr(sys.modules[name], "__file__", "")).startswith(bench_dir):
             return False
         try:
-            importlib.import_module(name)
-            return False
-        except ImportError:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
             return True
+        return spec is None or str(spec.origin or "").startswith(bench_dir)
 
     if absent_or("torch_scatter"):
         m = types.ModuleType("torch_scatter")
@@ -261,3 +266,15 @@ def build(pointcept_dir: str | Path, model_cfg: dict) -> nn.Module:
     from addict import Dict
 
     return module("builder").build_model(Dict(deepcopy(model_cfg)))
+
+
+def native_convs(model: nn.Module) -> nn.Module:
+    """Set every spconv layer of ``model`` to ``ConvAlgo.Native``: spconv's default implicit-GEMM
+    algorithm runs on CUDA only, and this project's SpUNet uses Native on the CPU too."""
+    from spconv.core import ConvAlgo
+    from spconv.pytorch.conv import SparseConvolution
+
+    for m in model.modules():
+        if isinstance(m, SparseConvolution):
+            m.algo = ConvAlgo.Native
+    return model

@@ -1,0 +1,404 @@
+"""Pointcept checkpoints in and out: ``tools/convert.py`` is a thin command line over this.
+
+Import (:func:`import_checkpoint`): a Pointcept checkpoint (``{"state_dict": ...}``, keys with
+or without ``module.``; a pretraining checkpoint's encoder under ``student.backbone.``) plus the
+reference config it was trained with (a file, read safely by ``ppt.interop.pointcept_config``,
+or a preset name of ``ppt.interop.pointcept_presets``) -> an experiment folder
+``<exp_root>/<name>/`` (``config.yaml``, ``model/model_best.pth``, ``convert.json``) that
+``tools/test.py``, ``tools/infer.py``, ``tools/train.py --weights`` and ``--peft`` use as one
+trained here. The folder is written to a temp folder beside it and renamed into place.
+
+Export (:func:`export_experiment`): an experiment of this project -> ``{"state_dict": ...}``
+loadable with ``strict=True`` by the reference model built from the same reference config
+(the one recorded in ``convert.json`` for a converted model, or ``--config``, or, for SpUNet
+models, the reference model dict derived from this project's config, written next to the
+checkpoint as ``<out>.model.py``).
+
+Model families (picked by the reference backbone ``type``, :data:`FAMILIES`) live in their own
+modules with three functions: ``config_sections(model_cfg) -> {"model": {...}, "ptv3": {...}}``,
+``to_ours(state, model_cfg) -> state`` and ``to_pointcept(state, model_cfg) -> state``, where
+``model_cfg`` is the reference's ``model`` dict with :data:`DATASETS_KEY` added (this project's
+dataset names of the model's domains, in prompt-table order; :func:`datasets_of`). Every
+reference key must be consumed and every key of this project's model produced; the result is
+loaded with ``strict=True`` before anything is written.
+
+Dataset names: the reference's PPT ``conditions`` ("ScanNet", "S3DIS", "Structured3D") map to
+this project's "scannet", "s3dis", "structured3d" (:data:`CONDITION_DATASETS`); a single-dataset
+model's dataset comes from its config's val (else train) dataset ``type``; class lists are checked
+against this project's (same order; the reference's "refridgerator" spelling accepted).
+
+PPT-v1m1's language head (shared by its SpUNet and PTv3 variants, :func:`language_head_to_ours`):
+``logits = exp(logit_scale) * cos(proj_head(x), class_embedding[valid_index[condition]])``. A
+converted model keeps the reference's FUNCTION: the text rows of each label space are the rows
+the reference's ``valid_index`` table picks, in the dataset's label order, even where that table
+is wrong. The reference's S3DIS row ``(0, 1, 4, 5, 6, 7, 8, 10, 19, 29, 30, 31, 32)`` lists
+S3DIS's names in another order than S3DIS's labels (SPEC §1), so the converted S3DIS label space
+scores "ceiling" points with the text of "wall", "wall" with "chair", and so on, exactly as the
+reference was trained and evaluated. Fine-tuning here (``--weights``) re-embeds the class names
+with the model's text encoder (``ppt.engine.weights``), which drops the quirk.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import os
+import pprint
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ppt.interop import ConversionError
+
+DATASETS_KEY = "_ppt_datasets"
+CONDITION_DATASETS = {"ScanNet": "scannet", "S3DIS": "s3dis", "Structured3D": "structured3d"}
+DATASET_TYPES = {"ScanNetDataset": "scannet", "S3DISDataset": "s3dis", "Structured3DDataset": "structured3d"}
+NAME_ALIASES = {"refridgerator": "refrigerator"}  # the reference's ScanNet spelling
+# reference backbone type -> family module
+FAMILIES = {
+    "SpUNet-v1m1": "ppt.interop.pointcept_spunet",
+    "SpUNet-v1m3": "ppt.interop.pointcept_spunet",
+    "PT-v3m1": "ppt.interop.pointcept_ptv3",
+    "PT-v3m2": "ppt.interop.pointcept_ptv3",
+}
+CLIP_ENCODERS = {"ViT-B/16": "clip:ViT-B-16:openai", "ViT-B/32": "clip:ViT-B-32:openai",
+                 "ViT-L/14": "clip:ViT-L-14:openai"}
+PRETRAIN_PREFIX = "student.backbone."
+FEATURES = ("color", "normal")  # what this project's pipeline feeds (6 channels)
+
+
+def dataset_of_condition(condition: str) -> str:
+    """A reference PPT condition ("ScanNet") -> this project's dataset name ("scannet")."""
+    if condition not in CONDITION_DATASETS:
+        raise ConversionError(f"reference condition {condition!r} has no dataset here; known: "
+                              f"{', '.join(CONDITION_DATASETS)}")
+    return CONDITION_DATASETS[condition]
+
+
+def condition_of_dataset(dataset: str) -> str:
+    for cond, name in CONDITION_DATASETS.items():
+        if name == dataset:
+            return cond
+    raise ConversionError(f"dataset {dataset!r} has no reference condition; known: {', '.join(CONDITION_DATASETS.values())}")
+
+
+def datasets_of(model_cfg: dict) -> list[str]:
+    """This project's dataset names of a reference model's domains, in prompt-table order:
+    what the core put under :data:`DATASETS_KEY`, else PPT's ``conditions``."""
+    if DATASETS_KEY in model_cfg:
+        return list(model_cfg[DATASETS_KEY])
+    if "conditions" in model_cfg:
+        return [dataset_of_condition(c) for c in model_cfg["conditions"]]
+    raise ConversionError("model config names no datasets (no PPT conditions and no data section)")
+
+
+def backbone_type(model_cfg: dict) -> str:
+    backbone = model_cfg.get("backbone")
+    if not isinstance(backbone, dict) or "type" not in backbone:
+        raise ConversionError("reference config key 'model.backbone.type' is missing")
+    return backbone["type"]
+
+
+def family_of(model_cfg: dict):
+    """The family module that converts this reference model (by backbone type)."""
+    kind = backbone_type(model_cfg)
+    if kind not in FAMILIES:
+        raise ConversionError(f"reference model type 'model.backbone.type={kind}' is not supported; "
+                              f"supported: {', '.join(FAMILIES)}")
+    try:
+        return importlib.import_module(FAMILIES[kind])
+    except ImportError as err:
+        raise ConversionError(f"reference model type {kind}: its converter is not available ({err})") from None
+
+
+# --- the language head of PPT-v1m1 -----------------------------------------------------------
+
+def _take(state: dict, key: str) -> torch.Tensor:
+    if key not in state:
+        raise ConversionError(f"checkpoint lacks reference key '{key}'")
+    return state.pop(key)
+
+
+def language_head_to_ours(state: dict, model_cfg: dict) -> dict:
+    """Consume PPT-v1m1's own keys (``embedding_table``, ``proj_head``, ``class_embedding``,
+    ``logit_scale``) from ``state``; return ``prompts.table.weight``, ``head.proj.*`` and one
+    ``head.text_<dataset>`` (K_d, D) per domain (rows = ``class_embedding[valid_index[c]]``,
+    the reference's rows in its order: see the module docstring on S3DIS)."""
+    datasets = datasets_of(model_cfg)
+    conditions = [dataset_of_condition(c) for c in model_cfg["conditions"]]
+    valid_index = model_cfg["valid_index"]
+    table = _take(state, "embedding_table.weight")
+    emb = _take(state, "class_embedding")
+    _take(state, "logit_scale")  # a config value here (model.logit_scale): see config_from_reference
+    out = {"prompts.table.weight": torch.stack([table[conditions.index(d)] for d in datasets]),
+           "head.proj.weight": _take(state, "proj_head.weight"), "head.proj.bias": _take(state, "proj_head.bias")}
+    for d in datasets:
+        rows = list(valid_index[conditions.index(d)])
+        if max(rows) >= len(emb):
+            raise ConversionError(f"valid_index of {d} picks row {max(rows)} of a {len(emb)}-row class_embedding")
+        out[f"head.text_{d}"] = emb[rows].clone()
+    return out
+
+
+def language_head_to_pointcept(state: dict, model_cfg: dict) -> dict:
+    """Inverse of :func:`language_head_to_ours` (consumes our head and prompt keys). Rows of
+    ``class_embedding`` no ``valid_index`` entry picks are zero (never read by the reference);
+    two label spaces that need different text in one shared row are an error."""
+    datasets = datasets_of(model_cfg)
+    conditions = [dataset_of_condition(c) for c in model_cfg["conditions"]]
+    names = model_cfg["class_name"]
+    table_ours = _take(state, "prompts.table.weight")
+    proj_w, proj_b = _take(state, "head.proj.weight"), _take(state, "head.proj.bias")
+    emb = torch.zeros(len(names), proj_w.shape[0])
+    owner: dict[int, str] = {}
+    for d in datasets:
+        text = _take(state, f"head.text_{d}")
+        rows = model_cfg["valid_index"][conditions.index(d)]
+        if len(rows) != len(text):
+            raise ConversionError(f"label space {d} has {len(text)} classes, the reference's valid_index row "
+                                  f"for {condition_of_dataset(d)} has {len(rows)}")
+        for k, row in enumerate(rows):
+            if row in owner and not torch.allclose(emb[row], text[k], atol=1e-6):
+                raise ConversionError(
+                    f"class_embedding row {row} ({names[row]!r}) is shared by {owner[row]} and {d} class {k} "
+                    f"in the reference's valid_index, but this model's text embeddings differ: the reference's "
+                    f"shared table cannot hold them (give --config a Pointcept config whose valid_index fits)")
+            emb[row], owner[row] = text[k], f"{d} class {k}"
+    table = torch.stack([table_ours[datasets.index(dataset_of_condition(c))] for c in model_cfg["conditions"]])
+    return {"embedding_table.weight": table, "proj_head.weight": proj_w, "proj_head.bias": proj_b,
+            "class_embedding": emb}
+
+
+# --- reading the reference's files ------------------------------------------------------------
+
+def load_reference_config(config: str | os.PathLike) -> tuple[dict, str]:
+    """(evaluated config dict, where it came from) for a config file path or a preset name."""
+    from ppt.interop.pointcept_config import load_pointcept_config
+    from ppt.interop.pointcept_presets import PRESETS
+
+    if str(config) in PRESETS:
+        preset = PRESETS[str(config)]
+        return {"model": copy.deepcopy(preset["model"]), "data": copy.deepcopy(preset["data"])}, \
+            f"preset {config} ({preset['source']})"
+    path = Path(config)
+    if not path.is_file():
+        raise ConversionError(f"config {config} does not exist and is not a preset; presets: {', '.join(PRESETS)}")
+    return load_pointcept_config(path), str(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(reference state dict without ``module.``, notes) of a Pointcept checkpoint file.
+
+    A pretraining checkpoint (keys ``student.backbone.*``) gives its student encoder as
+    ``backbone.*``; the rest of it (teacher, heads, mask token) is dropped and noted."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle and tensor errors all mean "not a checkpoint we can read"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConversionError(f"checkpoint {path} is corrupt or not a torch checkpoint "
+                              f"({type(err).__name__}: {reason[:200]})") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ConversionError(f"checkpoint {path} holds no state dict (expected {{'state_dict': {{name: tensor}}}})")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items() if torch.is_tensor(v)}
+    notes = []
+    if any(k.startswith(PRETRAIN_PREFIX) for k in state):
+        dropped = [k for k in state if not k.startswith(PRETRAIN_PREFIX)]
+        state = {"backbone." + k[len(PRETRAIN_PREFIX):]: v for k, v in state.items() if k.startswith(PRETRAIN_PREFIX)}
+        notes.append(f"pretraining checkpoint: took the {len(state)} tensors under {PRETRAIN_PREFIX}, "
+                     f"dropped {len(dropped)} others (teacher, pretraining heads, mask token)")
+    return state, notes
+
+
+def _class_names_match(reference: list[str], ours: tuple[str, ...]) -> bool:
+    return [NAME_ALIASES.get(n, n) for n in reference] == list(ours)
+
+
+def single_dataset(ref: dict) -> str:
+    """This project's dataset of a single-dataset reference config (its val, else train, type),
+    checked against ``data.num_classes`` / ``data.names``."""
+    from ppt.data.classes import get_dataset_info
+
+    data = ref.get("data") or {}
+    kinds = [data.get(split, {}).get("type") for split in ("val", "train", "test") if isinstance(data.get(split), dict)]
+    known = [DATASET_TYPES[k] for k in kinds if k in DATASET_TYPES]
+    if not known:
+        raise ConversionError(f"reference config key 'data.val.type' ({kinds[0] if kinds else 'missing'}) names no "
+                              f"dataset known here; known: {', '.join(DATASET_TYPES)}")
+    info = get_dataset_info(known[0])
+    if "num_classes" in data and data["num_classes"] != info.num_classes:
+        raise ConversionError(f"reference config key 'data.num_classes' is {data['num_classes']}; "
+                              f"{info.name} has {info.num_classes} classes here")
+    if "names" in data and not _class_names_match(list(data["names"]), info.class_names):
+        raise ConversionError(f"reference config key 'data.names' differs from {info.name}'s class list here "
+                              f"(same names in the same label order needed): {list(data['names'])}")
+    return info.name
+
+
+def _voxel_size(ref: dict) -> float:
+    """The reference's grid size (test voxelize, else val GridSample); 0.02 when absent."""
+    data = ref.get("data") or {}
+    test = (data.get("test") or {}).get("test_cfg") or {}
+    if isinstance(test.get("voxelize"), dict) and "grid_size" in test["voxelize"]:
+        return float(test["voxelize"]["grid_size"])
+    for t in (data.get("val") or {}).get("transform", []) or []:
+        if isinstance(t, dict) and t.get("type") == "GridSample":
+            return float(t["grid_size"])
+    return 0.02
+
+
+def _check_features(ref: dict, model_cfg: dict) -> None:
+    backbone = model_cfg.get("backbone", {})
+    if backbone.get("in_channels", len(FEATURES) * 3) != 6:
+        raise ConversionError(f"reference config key 'model.backbone.in_channels' is {backbone['in_channels']}; this "
+                              f"project feeds {'+'.join(FEATURES)} (6 channels)")
+    for t in ((ref.get("data") or {}).get("val") or {}).get("transform", []) or []:
+        if isinstance(t, dict) and t.get("type") == "Collect" and "feat_keys" in t:
+            if tuple(t["feat_keys"]) != FEATURES:
+                raise ConversionError(f"reference feeds features {tuple(t['feat_keys'])}; this project feeds {FEATURES}")
+
+
+def reference_model(ref: dict) -> dict:
+    """The reference ``model`` dict with this project's dataset names added (:data:`DATASETS_KEY`)."""
+    if not isinstance(ref.get("model"), dict):
+        raise ConversionError("reference config has no 'model' dict")
+    model_cfg = copy.deepcopy(ref["model"])
+    if DATASETS_KEY not in model_cfg:
+        if "conditions" in model_cfg:
+            model_cfg[DATASETS_KEY] = [dataset_of_condition(c) for c in model_cfg["conditions"]]
+        else:
+            model_cfg[DATASETS_KEY] = [single_dataset(ref)]
+    return model_cfg
+
+
+def config_from_reference(ref: dict, model_cfg: dict, state: dict):
+    """This project's :class:`ppt.config.Config` for a reference config (+ the state's logit scale)."""
+    from ppt.config import config_from_dict
+
+    family = family_of(model_cfg)
+    sections = family.config_sections(model_cfg)
+    datasets = datasets_of(model_cfg)
+    val_types = [(ref.get("data") or {}).get("val", {}).get("type")] if isinstance((ref.get("data") or {}).get("val"), dict) else []
+    val = [DATASET_TYPES[t] for t in val_types if t in DATASET_TYPES and DATASET_TYPES[t] in datasets]
+    cfg = {"data": {"mix": {d: 1 for d in datasets}, "val": val, "voxel_size": _voxel_size(ref)},
+           **{k: dict(v) for k, v in sections.items()}}
+    model = cfg.setdefault("model", {})
+    if "logit_scale" in state:  # PPT: exp of the reference's (CLIP's) learned log scale
+        model["logit_scale"] = float(math.exp(float(state["logit_scale"])))
+    if "clip_model" in model_cfg and model.get("head") == "language":
+        model["text_encoder"] = CLIP_ENCODERS.get(model_cfg["clip_model"], "clip:" + model_cfg["clip_model"].replace("/", "-") + ":openai")
+        model["template"] = model_cfg.get("template", "[x]").replace("[x]", "{}")
+    try:
+        return config_from_dict(cfg, " (converted from the reference config)")
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+
+
+# --- import -----------------------------------------------------------------------------------
+
+def convert_state(state: dict, model_cfg: dict, cfg) -> dict:
+    """Reference state -> this project's state, checked by a strict load into the built model."""
+    from ppt.engine.build import build_model, text_embeddings_from_state
+
+    ours = family_of(model_cfg).to_ours(dict(state), model_cfg)
+    model = build_model(cfg, text_embeddings_from_state(ours))
+    own = model.state_dict()
+    missing = [k for k in own if k not in ours]
+    unexpected = [k for k in ours if k not in own]
+    shapes = [f"{k} {tuple(ours[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in ours and tuple(ours[k].shape) != tuple(v.shape)]
+    for what, keys in (("produced no value for", missing), ("produced keys the model lacks:", unexpected),
+                       ("shape mismatch:", shapes)):
+        if keys:
+            raise ConversionError(f"conversion {what} {', '.join(keys[:4])}" + (f" ({len(keys)} in all)" if len(keys) > 4 else ""))
+    model.load_state_dict(ours, strict=True)
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def import_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike, name: str,
+                      exp_root: str | os.PathLike = "exp") -> Path:
+    """Convert a Pointcept checkpoint into ``<exp_root>/<name>/``; returns the folder.
+
+    Raises:
+        ConversionError: missing/corrupt checkpoint or config, unsupported model type, unmapped
+            key, shape mismatch, existing target folder. Nothing is written then.
+    """
+    from ppt.config import save_config
+
+    if not name or "/" in name or name.startswith("."):
+        raise ConversionError(f"--name {name!r} must be a plain folder name")
+    target = Path(exp_root) / name
+    if target.exists():
+        raise ConversionError(f"{target} already exists; choose another --name or remove it")
+    ref, source = load_reference_config(config)
+    state, notes = read_checkpoint(checkpoint)
+    model_cfg = reference_model(ref)
+    _check_features(ref, model_cfg)
+    cfg = config_from_reference(ref, model_cfg, state)
+    ours = convert_state(state, model_cfg, cfg)
+    record = {"pointcept_checkpoint": str(checkpoint), "pointcept_config": source, "notes": notes,
+              "reference_keys": len(state), "keys": len(ours), "pointcept_model": _plain(model_cfg)}
+    Path(exp_root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=exp_root, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        (tmp / "model").mkdir()
+        save_config(cfg, tmp / "config.yaml")
+        torch.save({"version": 1, "model": ours, "config": cfg.to_dict(), "epoch": 0, "pointcept": record},
+                   tmp / "model" / "model_best.pth")
+        (tmp / "convert.json").write_text(json.dumps(record, indent=1) + "\n")
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _plain(value):
+    """Tuples -> lists, recursively (JSON); the checkpoint stores plain containers only."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- export -----------------------------------------------------------------------------------
+
+def export_experiment(exp: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | None = None) -> Path:
+    """Write ``{"state_dict": ...}`` for the reference model of ``config`` (default: the one
+    recorded by the import, else derived from this project's config) to ``out`` atomically."""
+    from ppt.engine.checkpoint import CheckpointError, atomic_save
+    from ppt.engine.predict import ExperimentError, load_experiment
+
+    try:
+        cfg, model, ckpt_path = load_experiment(exp)
+    except (ExperimentError, CheckpointError) as err:
+        raise ConversionError(str(err)) from None
+    record_path = Path(exp) / "convert.json"
+    if config is not None:
+        ref, _ = load_reference_config(config)
+        model_cfg = reference_model(ref)
+    elif record_path.is_file():
+        model_cfg = json.loads(record_path.read_text())["pointcept_model"]
+    else:
+        from ppt.interop import pointcept_spunet
+
+        if cfg.model.backbone != "spunet":
+            raise ConversionError(f"{exp} was not converted from Pointcept: pass --config with the reference config "
+                                  f"of a {cfg.model.backbone} model")
+        model_cfg = pointcept_spunet.pointcept_model(cfg)
+        reference = {k: v for k, v in model_cfg.items() if k != DATASETS_KEY}
+        Path(str(out) + ".model.py").write_text(f"# reference model of {exp}, for a Pointcept config\n"
+                                                f"model = {pprint.pformat(reference, sort_dicts=False)}\n")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ref_state = family_of(model_cfg).to_pointcept(state, model_cfg)
+    if model_cfg.get("type") == "PPT-v1m1":  # the reference learns log(scale); ours is a config value
+        ref_state["logit_scale"] = torch.tensor(math.log(cfg.model.logit_scale))
+    atomic_save({"state_dict": ref_state, "epoch": 0, "ppt_experiment": str(exp)}, out)
+    return Path(out)
