@@ -159,3 +159,18 @@ def test_demo_takes_overrides():
     assert out.returncode == 2
     assert "unknown config key 'optim.lrr' (command-line override); did you mean 'optim.lr'?" in out.stderr
     assert "--config is required" not in out.stderr and "generating" not in out.stdout
+
+
+def test_demo_with_a_valid_override_plans(tmp_path):
+    """A valid override passes the demo's up-front check and reaches the run (here --plan, in a
+    copy of the checkout so the demo data is made under tmp_path)."""
+    for folder in ("tools", "configs"):
+        (tmp_path / folder).symlink_to(REPO / folder)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (tmp_path / "bin" / "python3").chmod(0o755)
+    env = {**ENV, "PATH": f"{tmp_path / 'bin'}:{ENV['PATH']}"}
+    out = subprocess.run(["bash", "tools/train.sh", "--plan", "train.threads=1"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert "plan for configs/demo.yaml" in out.stdout and "steps: 42 per epoch x 6 epochs" in out.stdout

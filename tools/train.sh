@@ -61,7 +61,7 @@ done
 if [[ $DEMO -eq 1 ]]; then
   CONFIG=configs/demo.yaml NAME=demo
   # overrides checked before anything is generated (a plan from stand-in sizes needs no data)
-  "$PY" tools/train.py --config "$CONFIG" --plan --sizes structured3d:1/1,scannet:1/1,s3dis:1/1 \
+  "$PY" tools/train.py --config "$CONFIG" --plan --sizes structured3d:999/9,scannet:999/9,s3dis:999/9 \
       "${OVERRIDES[@]+"${OVERRIDES[@]}"}" > /dev/null || exit 2
   if [[ ! -d data/synthetic ]]; then
     echo "demo: generating synthetic data in data/synthetic"
