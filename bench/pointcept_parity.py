@@ -35,7 +35,7 @@ from ppt.interop import pointcept as interop  # noqa: E402
 from ppt.interop.pointcept_presets import PPT_CLASS_NAME, PPT_VALID_INDEX, SCANNET_DATA  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pointcept" / "spunet"
-CHANNELS, LAYERS, BASE, CONTEXT = (8, 8, 16, 16, 16, 16, 8, 8), (1, 2, 1, 1, 2, 1, 1, 1), 8, 16
+CHANNELS, LAYERS, BASE, CONTEXT = (4, 8, 8, 8, 8, 8, 4, 4), (1, 2, 1, 1, 2, 1, 1, 1), 4, 8
 CE = [dict(type="CrossEntropyLoss", loss_weight=1.0, ignore_index=-1)]
 LOGIT_SCALE = math.log(80.0)
 
