@@ -47,8 +47,8 @@ DATASETS = {"Structured3D": "structured3d", "ScanNet": "scannet", "S3DIS": "s3di
 SCANNET_DATA = {"val": {"type": "ScanNetDataset"}}
 PATCH = 8
 TINY = dict(in_channels=6, order=("hilbert", "z-trans", "hilbert-trans", "z"), stride=(2, 2, 2),
-            enc_depths=(1, 1, 1, 3), enc_channels=(8, 16, 16, 16), enc_num_head=(1, 2, 2, 2),
-            enc_patch_size=(PATCH,) * 4, dec_depths=(1, 1, 1), dec_channels=(8, 16, 16),
+            enc_depths=(1, 1, 3, 1), enc_channels=(8, 8, 8, 16), enc_num_head=(1, 2, 2, 2),
+            enc_patch_size=(PATCH,) * 4, dec_depths=(1, 1, 1), dec_channels=(8, 8, 8),
             dec_num_head=(1, 2, 2), dec_patch_size=(PATCH,) * 3, mlp_ratio=2, qkv_bias=True, qk_scale=None,
             attn_drop=0.0, proj_drop=0.0, drop_path=0.0, shuffle_orders=False, pre_norm=True,
             enable_rpe=False, enable_flash=False, upcast_attention=False, upcast_softmax=False)
@@ -103,7 +103,7 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     (data depth 8 at level 0 and 1, where PT-v3m1's shifted codes have 7): (N, 3) grid, (N, 6)."""
     g = torch.Generator().manual_seed(seed)
     scenes = []
-    for n, extent in ((700, 63), (500, 40)):
+    for n, extent in ((350, 63), (250, 40)):
         grid = torch.unique(torch.randint(0, extent, (n, 3), generator=g), dim=0)
         scenes.append(grid[torch.randperm(len(grid), generator=g)])
     scenes[0][0] = torch.tensor([254, 5, 9])
@@ -204,7 +204,8 @@ def reference_state(model: nn.Module, case: dict) -> dict:
 
 def ptv3_cases(pointcept_dir: str | Path, fixtures: str | Path | None = None) -> list[tuple[str, float]]:
     """[(model type, max relative difference of the logits)], one per case; with ``fixtures``
-    also writes ``<fixtures>/<case>.pt`` (model config, reference state, batch, logits)."""
+    also writes ``<fixtures>/<case>.pth`` (case: reference model config, data section and condition;
+    reference state; reference logits) and ``<fixtures>/batch.pth`` (the batch of every case)."""
     results = []
     batch = make_batch()
     for name, case in cases().items():
@@ -217,9 +218,29 @@ def ptv3_cases(pointcept_dir: str | Path, fixtures: str | Path | None = None) ->
         if fixtures is not None:
             out = Path(fixtures)
             out.mkdir(parents=True, exist_ok=True)
-            torch.save({"case": copy.deepcopy(case), "state": state, "batch": batch, "logits": expected},
-                       out / f"{fixture_name(name)}.pt")
+            torch.save({"case": copy.deepcopy(case), "state": pack(state), "logits": expected},
+                       out / f"{fixture_name(name)}.pth")
+    if fixtures is not None:
+        torch.save(batch, Path(fixtures) / "batch.pth")
     return results
+
+
+def pack(state: dict[str, torch.Tensor]) -> dict:
+    """A state dict as one flat fp32 tensor + names, shapes and dtypes (a zip record per tensor
+    would double a tiny fixture's size); :func:`unpack` inverts it exactly (the integer buffers
+    are small counts)."""
+    return {"names": list(state), "shapes": [list(v.shape) for v in state.values()],
+            "dtypes": [str(v.dtype).removeprefix("torch.") for v in state.values()],
+            "flat": torch.cat([v.detach().float().reshape(-1) for v in state.values()])}
+
+
+def unpack(packed: dict) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for name, shape, dtype in zip(packed["names"], packed["shapes"], packed["dtypes"]):
+        n = int(torch.tensor(shape).prod()) if shape else 1
+        out[name] = packed["flat"][start:start + n].reshape(shape).to(getattr(torch, dtype)).clone()
+        start += n
+    return out
 
 
 def fixture_name(case: str) -> str:

@@ -398,7 +398,7 @@ def export_experiment(exp: str | os.PathLike, out: str | os.PathLike, config: st
                                                 f"model = {pprint.pformat(reference, sort_dicts=False)}\n")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ref_state = family_of(model_cfg).to_pointcept(state, model_cfg)
-    if model_cfg.get("type") == "PPT-v1m1":  # the reference learns log(scale); ours is a config value
+    if model_cfg.get("type") in ("PPT-v1m1", "PPT-v1m3"):  # the reference learns log(scale); ours is a config value
         ref_state["logit_scale"] = torch.tensor(math.log(cfg.model.logit_scale))
     atomic_save({"state_dict": ref_state, "epoch": 0, "ppt_experiment": str(exp)}, out)
     return Path(out)

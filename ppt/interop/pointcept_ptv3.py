@@ -327,7 +327,9 @@ def _head_to_pointcept(state: dict, model_cfg: dict, datasets: list[str]) -> dic
 
         if not model_cfg["backbone"].get("pdnorm_bn", False):  # the reference keeps an unread table
             state["prompts.table.weight"] = torch.zeros(len(datasets), int(model_cfg.get("context_channels", 256)))
-        return language_head_to_pointcept(state, model_cfg)
+        out = language_head_to_pointcept(state, model_cfg)
+        out["logit_scale"] = torch.tensor(math.log(100.0))  # CLIP's; the core overwrites it with the model's
+        return out
     if kind == "DefaultSegmentorV2":
         return _move(state, _linear("seg_head", f"head.classifiers.{datasets[0]}"), reverse=True)
     if kind == "PPT-v1m2":
