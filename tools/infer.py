@@ -6,7 +6,8 @@
 
 Inputs: PLY (binary or ASCII, point clouds or meshes), ``.npy`` (N x 3/6/9: x y z [r g b [nx ny
 nz]]), ``.txt`` / ``.xyz`` (the same columns as text, S3DIS style), folders (every such file
-directly inside), in any number (see ``ppt.data.clouds``). Missing normals -> estimated. Missing
+directly inside; every other entry is listed as ``skipped``, with why), in any number (see
+``ppt.data.clouds``). Missing normals -> estimated. Missing
 colour -> refused (one ``error:`` line) unless the model was trained with colour dropout
 (``data.color_drop`` > 0): then filled as training dropped it, said in one ``note:`` line. Rows
 with NaN/inf coordinates are dropped and counted.
