@@ -115,3 +115,22 @@ def test_colourless_cloud_is_labelled_with_colour_filled_as_training_dropped_it(
     grey = predictor.predict(coord, color=np.full_like(coord, 128.0))
     np.testing.assert_array_equal(labels, filled.labels)
     assert (grey.labels != filled.labels).mean() > 0.01
+
+
+def test_bench_colourless_copy_keeps_the_scenes_and_blanks_only_their_colour(synthetic_root, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_colourless",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "colourless.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    count = bench.colourless_copy(synthetic_root, tmp_path / "copy", ["scannet", "s3dis"])
+    for name in ("scannet", "s3dis"):
+        original, copy = build_dataset(name, synthetic_root, "val"), build_dataset(name, tmp_path / "copy", "val")
+        assert len(copy) == len(original) > 0
+        a, b = original.load(0), copy.load(0)
+        np.testing.assert_array_equal(a["coord"], b["coord"])
+        np.testing.assert_array_equal(a["segment"], b["segment"])
+        assert a["color"].std() > 0 and (b["color"] == DROPPED_COLOR).all()
+    assert count == sum(len(build_dataset(n, synthetic_root, "val")) for n in ("scannet", "s3dis"))
