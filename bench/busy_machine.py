@@ -69,14 +69,13 @@ def main() -> int:
     cores = usable_cores()
     rows = []
     with tempfile.TemporaryDirectory() as exp_root:
-        for label, overrides, env in settings(cores):
+        for i, (label, overrides, env) in enumerate(settings(cores)):
             row = {"setting": label}
             for load in ("idle", "busy"):
                 spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(args.busy if load == "busy" else 0)]
                 try:
                     time.sleep(1.0 if spinners else 0.0)  # let them take their cores
-                    row[load] = run_demo(overrides, env, args.epochs, args.data, exp_root,
-                                         f"{label.split()[0]}_{load}")
+                    row[load] = run_demo(overrides, env, args.epochs, args.data, exp_root, f"s{i}_{load}")
                 finally:
                     for s in spinners:
                         s.kill()

@@ -64,8 +64,9 @@ OVERRIDES = ["optim.lr=0.0123", "train.epochs=7", "model.prompt_dim=48", "data.v
 def test_an_override_changes_exactly_its_key(name):
     path = CONFIGS[0].parent / f"{name}.yaml"
     base = flat(shipped(path))
-    first = next(iter(shipped(path).data.mix))
-    mix = f"data.mix={{{first}: {shipped(path).data.mix[first] + 1}}}"  # a ratio, same dataset
+    ratios = dict(shipped(path).data.mix)
+    ratios[next(iter(ratios))] += 1  # one ratio changes, the same datasets (best_on stays valid)
+    mix = "data.mix={" + ", ".join(f"{k}: {v}" for k, v in ratios.items()) + "}"
     for override in [*OVERRIDES, mix]:
         key, text = override.split("=", 1)
         changed = flat(shipped(path, (override,)))
