@@ -61,6 +61,13 @@ class DataConfig:
         loop: repeat the first (main) dataset's scene list this many times per epoch (the
             others cycle anyway).
         check: quick header check of the data root before training.
+        label_budget: data-efficient training (ScanNet Data Efficient "-la20/50/100/200"): keep
+            this many labelled points per training scene, every other label set to ignore; 0 =
+            every label. Drawn once per scene among its labelled raw points (before voxelisation,
+            as the reference masks its points) from ``train.seed`` and the scene name; the
+            lists are written to ``exp/<name>/label_budget.json`` (``ppt.data.efficiency``).
+        scene_fraction: keep this share of each training dataset's scenes (seeded by
+            ``train.seed``; "-lr1/5/10/20" = 0.01 ... 0.2); list in ``exp/<name>/scenes.json``.
     """
 
     root: str = "data"
@@ -77,6 +84,8 @@ class DataConfig:
                                                                  "structured3d": 0})
     loop: int = 1
     check: bool = True
+    label_budget: int = 0
+    scene_fraction: float = 1.0
 
 
 @dataclass
@@ -212,7 +221,8 @@ class TrainConfig:
 
 
 LOSSES = ("ce", "ce+lovasz")  # = ppt.losses.LOSSES
-PEFT_STAGES = ("none", "full", "linear", "bitfit", "dapt", "pointpeft")
+PEFT_STAGES = ("none", "full", "linear", "decoder", "bitfit", "lora", "dapt", "pointpeft")
+LORA_TARGETS = {"spunet": ("qkv",), "ptv3": ("qkv", "proj", "mlp")}  # = ppt.models.peft.lora
 
 
 @dataclass
@@ -220,7 +230,8 @@ class PeftConfig:
     """Fine-tuning stage on top of trained base weights (``ppt.models.peft``; SPEC §8).
 
     Args:
-        stage: "none" (plain training) or full / linear / bitfit / dapt / pointpeft.
+        stage: "none" (plain training) or full / linear / decoder / bitfit / lora / dapt /
+            pointpeft (``ppt.models.peft.stages``).
         base: base weights the stage starts from (``tools/train.py --weights`` sets it).
         reduction: DAPT bottleneck r = max(min_rank, C // reduction).
         min_rank: smallest bottleneck width.
@@ -239,6 +250,12 @@ class PeftConfig:
             as a constant scale-and-shift that keeps no input for backward).
         recompute_blocks: adapted blocks keep only their input and are recomputed in backward
             (less memory, ~10 % more time).
+        lora_rank, lora_alpha, lora_dropout: LoRA's r, alpha (update scale alpha / r) and input
+            dropout (the reference's 8, 16, 0.1).
+        lora_targets: encoder layers LoRA adapts: ``qkv`` (PTv3: attention qkv; SpUNet: the
+            blocks' two 3x3x3 convs), PTv3 also ``proj`` and ``mlp`` (fc1, fc2).
+        train_stem: `lora` / `decoder` also train the stem (embedding); the reference freezes
+            it (``freeze_encoder=True`` freezes embedding and encoder).
     """
 
     stage: str = "none"
@@ -256,6 +273,11 @@ class PeftConfig:
     no_grad_prefix: bool = True
     train_norms: bool = False
     recompute_blocks: bool = True
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv"])
+    train_stem: bool = False
 
 
 @dataclass
@@ -327,7 +349,17 @@ def validate(cfg: Config, where: str = "") -> Config:
         raise bad("optim.pct_start", f"must be in (0, 1), got {cfg.optim.pct_start}")
     if cfg.peft.stage != "none" and not cfg.peft.base:
         raise bad("peft.base", f"is empty; stage {cfg.peft.stage!r} needs base weights (--weights FILE)")
-    for key in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k"):
+    if cfg.data.label_budget < 0:
+        raise bad("data.label_budget", f"must be >= 0 labelled points per scene (0 = all), got {cfg.data.label_budget}")
+    if not 0.0 < cfg.data.scene_fraction <= 1.0:
+        raise bad("data.scene_fraction", f"must be in (0, 1] (1 = every scene), got {cfg.data.scene_fraction}")
+    valid = LORA_TARGETS[cfg.model.backbone]
+    if not cfg.peft.lora_targets or any(t not in valid for t in cfg.peft.lora_targets):
+        raise bad("peft.lora_targets", f"is {cfg.peft.lora_targets}; valid on {cfg.model.backbone}: {', '.join(valid)}")
+    if cfg.peft.lora_alpha <= 0 or not 0.0 <= cfg.peft.lora_dropout < 1.0:
+        raise bad("peft.lora_alpha", f"must be > 0 and peft.lora_dropout in [0, 1), got "
+                                     f"{cfg.peft.lora_alpha}, {cfg.peft.lora_dropout}")
+    for key in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k", "lora_rank"):
         if getattr(cfg.peft, key) < 1:
             raise bad(f"peft.{key}", f"must be >= 1, got {getattr(cfg.peft, key)}")
     untrained = [d for d in cfg.data.val if d not in cfg.data.mix]

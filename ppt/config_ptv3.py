@@ -102,6 +102,6 @@ def validate_ptv3(cfg, bad) -> None:
     unknown = [o for o in p.orders if o not in PTV3_ORDERS]
     if not p.orders or unknown:
         raise bad("ptv3.orders", f"must be a non-empty list of {', '.join(PTV3_ORDERS)}; got {list(p.orders)}")
-    if cfg.model.backbone == "ptv3" and cfg.peft.stage not in ("none", "full"):
+    if cfg.model.backbone == "ptv3" and cfg.peft.stage in ("dapt", "pointpeft"):
         raise bad("peft.stage", f"is {cfg.peft.stage!r}, which adapts SpUNet blocks; with model.backbone "
-                                f"ptv3 only none and full are available")
+                                f"ptv3: none, full, linear, decoder, bitfit, lora")

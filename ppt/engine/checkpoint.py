@@ -113,22 +113,20 @@ def is_peft_model(model: nn.Module) -> bool:
 def peft_model_state(model: nn.Module) -> dict:
     """What a PEFT checkpoint stores of the model: the trainable part (plus memory bank and label
     spaces) once a stage is applied, the whole state dict for full fine-tuning (no stage)."""
-    from ppt.models.peft.stages import PeftSpUNet, trainable_state_dict
+    from ppt.models.peft.stages import is_staged, trainable_state_dict
 
-    if isinstance(model.backbone, PeftSpUNet):
+    if is_staged(model.backbone):
         return trainable_state_dict(model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def peft_checkpoint_keys(model: nn.Module) -> set[str]:
     """State-dict keys the checkpoint of a PEFT run holds (see :func:`peft_model_state`)."""
-    from ppt.models.peft.stages import PeftSpUNet
+    from ppt.models.peft.stages import is_staged, stage_state_keys
 
-    if not isinstance(model.backbone, PeftSpUNet):
+    if not is_staged(model.backbone):
         return set(model.state_dict())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k for k in model.state_dict()
-            if k in trainable or k.startswith(("backbone.memory_bank.", "head.text_"))}
+    return stage_state_keys(model)
 
 
 def peft_checkpoint_entries(model: nn.Module) -> dict:

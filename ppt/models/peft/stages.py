@@ -6,7 +6,9 @@ Stages (what trains; everything else is frozen):
 |-------------|-------------------------------------------------------------------|
 | `full`      | every parameter (BN statistics update as in normal training)       |
 | `linear`    | the head only (linear probing)                                     |
+| `decoder`   | decoder + head (decoder probing; stem and encoder frozen)          |
 | `bitfit`    | norm affine parameters + head                                      |
+| `lora`      | LoRA updates of the encoder blocks (lora.py) + head                |
 | `dapt`      | DAPT adapters and internal prompts (dapt.py) + head                |
 | `pointpeft` | Point-PEFT adapters and prompt tokens (point_peft.py) + head        |
 
@@ -31,10 +33,19 @@ For every stage but `full`, memory follows from what is frozen:
   that has nothing trainable runs under ``torch.no_grad`` (no activations kept for it at all).
 The domain prompts stay frozen, PDNorm modulations too.
 
+Both backbones take full / linear / decoder / bitfit / lora; dapt and pointpeft adapt SpUNet
+blocks only. `decoder` and `lora` follow Sonata / Concerto's ``-dec`` and ``-ft-lora`` configs,
+whose ``freeze_encoder=True`` freezes the embedding (stem) with the encoder (``train_stem``
+trains it). `decoder`: the decoder's norms update their statistics, as any trained layer (the
+frozen encoder's stay frozen). `lora` on our full U-Net: LoRA on the encoder only, as the
+reference (whose encoder-only model has no decoder), and the decoder frozen with the rest of the
+backbone, so the stage trains what the reference's does (LoRA + head) and stays the small one;
+decoder probing is its own stage.
+
 The stage is applied in place without changing the base model's module names (state-dict keys
-of the base weights stay valid): the backbone's class becomes :class:`PeftSpUNet` and each basic
-block's :class:`PeftBlock`; the new modules live under ``<block>.peft`` and
-``backbone.memory_bank``.
+of the base weights stay valid): the backbone's class becomes :class:`PeftSpUNet` (:class:`PeftPTv3`) and each adapted basic
+block's :class:`PeftBlock`; the new modules live under ``<block>.peft``, ``backbone.memory_bank``
+and, for LoRA, ``<layer>.lora_A`` / ``<layer>.lora_B``.
 """
 
 from __future__ import annotations
@@ -52,8 +63,11 @@ from ppt.models.peft.adapters import PeftContext
 from ppt.models.peft.dapt import DaptAdapter, head_prompt
 from ppt.models.peft.frozen_conv import freeze_sparse_convs
 from ppt.models.peft.frozen_norm import freeze_norms
+from ppt.models.peft.lora import apply_lora
 from ppt.models.peft.memory_bank import MemoryBank, pooled_bottom
 from ppt.models.peft.point_peft import PointPeftAdapter
+from ppt.models.prompts import PDLayerNorm, PDNorm
+from ppt.models.ptv3 import PointTransformerV3
 from ppt.models.spunet import BasicBlock, DomainContext, SpUNet
 
 STAGES = tuple(s for s in PEFT_STAGES if s != "none")
@@ -129,10 +143,30 @@ class PeftSpUNet(SpUNet):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in self.modules():  # frozen running statistics
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        _freeze_statistics(self)
         return self
+
+
+class PeftPTv3(PointTransformerV3):
+    """PTv3 with a stage applied (full / linear / decoder / bitfit / lora): the forward is
+    PTv3's own; frozen BatchNorm statistics stay frozen in training mode."""
+
+    peft_stage: str
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        _freeze_statistics(self)
+        return self
+
+
+def _freeze_statistics(backbone: nn.Module) -> None:
+    """BatchNorms run on their running statistics, except (stage `decoder`) the trained ones."""
+    for m in backbone.modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        trained = m.affine and m.weight.requires_grad
+        if not (backbone.peft_stage == "decoder" and trained):
+            m.eval()
 
 
 class _NoGrad:
@@ -158,14 +192,13 @@ def _run_without_grad(module: nn.Module) -> None:
     _swap_class(module, _NoGrad, "NoGrad")
 
 
-def backbone_units(backbone: SpUNet) -> Iterator[nn.Module]:
+def backbone_units(backbone: SpUNet | PointTransformerV3) -> Iterator[nn.Module]:
     """Stem, down/up-sampling layers and blocks of the backbone in execution order."""
     yield backbone.stem
-    for stage in backbone.encoder:
-        yield stage.down
-        yield from stage.blocks
-    for stage in backbone.decoder:
-        yield stage.up
+    for stage in [*backbone.encoder, *backbone.decoder]:
+        for name in ("down", "up", "resample"):  # SpUNet's down / up, PTv3's resample
+            if getattr(stage, name, None) is not None:
+                yield getattr(stage, name)
         yield from stage.blocks
 
 
@@ -177,10 +210,12 @@ def stage_blocks(backbone: SpUNet) -> Iterator[tuple[int, bool, BasicBlock]]:
 
 
 def norm_affine_parameters(module: nn.Module, domain: str | None = None) -> Iterator[nn.Parameter]:
-    """Affine parameters of every BatchNorm; with `domain`, PDNorm's per-dataset norms of other
-    datasets are skipped (they never see the target's batches)."""
+    """Affine parameters of every BatchNorm and LayerNorm (PTv3's); with `domain`, PDNorm's /
+    PDLayerNorm's per-dataset norms of other datasets are skipped (they never see the target's
+    batches)."""
     for name, m in module.named_modules():
-        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine):
+        is_norm = isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+        if not (is_norm or (isinstance(m, nn.LayerNorm) and m.elementwise_affine)):
             continue
         parts = name.split(".")
         if domain is not None and len(parts) >= 2 and parts[-2] == "norms" and parts[-1] != domain:
@@ -191,6 +226,20 @@ def norm_affine_parameters(module: nn.Module, domain: str | None = None) -> Iter
 
 def _block_channels(block: BasicBlock) -> tuple[int, int]:
     return block.conv1.in_channels, block.conv1.out_channels
+
+
+def own_parameters(module: nn.Module, domain: str | None = None) -> Iterator[nn.Parameter]:
+    """Parameters of `module` a target-dataset stage trains: not the prompt machinery (PDNorm /
+    PDLayerNorm modulations, prompt adapters) and, with `domain`, not other datasets' norms."""
+    skip = {id(p) for m in module.modules() if isinstance(m, (PDNorm, PDLayerNorm)) and m.modulation is not None
+            for p in m.modulation.parameters()}
+    skip |= {id(p) for m in module.modules() if getattr(m, "prompt_adapter", None) is not None
+             for p in m.prompt_adapter.parameters()}
+    for name, p in module.named_parameters():
+        parts = name.split(".")
+        other = domain is not None and len(parts) >= 3 and parts[-3] == "norms" and parts[-2] != domain
+        if id(p) not in skip and not other:
+            yield p
 
 
 def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | None = None,
@@ -212,10 +261,14 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
             filter gradient).
     """
     backbone = model.backbone
+    is_ptv3 = isinstance(backbone, PointTransformerV3)
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown PEFT stage {cfg.stage!r}; valid: {', '.join(STAGES)}")
-    if isinstance(backbone, PeftSpUNet):
+    if is_staged(backbone):
         raise ValueError(f"a PEFT stage ({backbone.peft_stage}) is already applied to this model")
+    if is_ptv3 and cfg.stage in ("dapt", "pointpeft"):
+        raise ValueError(f"the {cfg.stage} stage adapts SpUNet blocks; on PTv3: "
+                         f"{', '.join(s for s in STAGES if s not in ('dapt', 'pointpeft'))}")
     if cfg.stage == "full":
         model.requires_grad_(True)
         return model
@@ -234,10 +287,18 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
     if cfg.stage == "bitfit" or (cfg.stage == "dapt" and train_norms):
         for p in norm_affine_parameters(backbone, domain):
             p.requires_grad_(True)
+    trained = [backbone.decoder] if cfg.stage == "decoder" else []
+    if cfg.stage in ("decoder", "lora") and getattr(cfg, "train_stem", False):
+        trained.append(backbone.stem)
+    for module in trained:
+        for p in own_parameters(module, domain):
+            p.requires_grad_(True)
+    if cfg.stage == "lora":
+        apply_lora(backbone, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.input_grad_only:
         freeze_norms(backbone)  # norms that train keep their own forward
 
-    for s, is_encoder, block in stage_blocks(backbone):
+    for s, is_encoder, block in stage_blocks(backbone) if cfg.stage in ("dapt", "pointpeft") else ():
         c_in, c_out = _block_channels(block)
         if cfg.stage == "dapt":
             module = DaptAdapter(c_in, c_out, s, cfg.reduction, cfg.min_rank, cfg.dropout)
@@ -253,10 +314,11 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
         block.peft = module.to(block.conv1.weight.device)
         block.recompute = recompute_blocks
 
-    backbone.__class__ = PeftSpUNet
+    backbone.__class__ = PeftPTv3 if is_ptv3 else PeftSpUNet
     backbone.peft_stage = cfg.stage
-    backbone.memory_bank = memory_bank.to(next(backbone.parameters()).device) if memory_bank is not None else None
-    backbone.top_k, backbone.temperature = cfg.top_k, cfg.temperature
+    if not is_ptv3:
+        backbone.memory_bank = memory_bank.to(next(backbone.parameters()).device) if memory_bank is not None else None
+        backbone.top_k, backbone.temperature = cfg.top_k, cfg.temperature
 
     prompts_train = model.prompts is not None and any(p.requires_grad for p in model.prompts.parameters())
     if cfg.no_grad_prefix and not prompts_train:
@@ -274,12 +336,23 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters plus the stage's own state (memory bank, head label spaces)."""
+def is_staged(backbone: nn.Module) -> bool:
+    """Whether a stage other than `full` is applied to this backbone."""
+    return isinstance(backbone, (PeftSpUNet, PeftPTv3))
+
+
+def stage_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys a stage's checkpoint keeps: trainable parameters, the memory bank, the
+    head's label spaces and the running statistics of norms that train (stage `decoder`)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = model.state_dict()
-    keep = {}
-    for key, value in state.items():
-        if key in trainable or key.startswith("backbone.memory_bank.") or key.startswith("head.text_"):
-            keep[key] = value.detach().clone() if torch.is_tensor(value) else value
-    return keep
+    stats = {f"{name}.{b}" for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in trainable
+             for b, _ in m.named_buffers()}
+    return {k for k in model.state_dict() if k in trainable or k in stats
+            or k.startswith(("backbone.memory_bank.", "head.text_"))}
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`stage_state_keys` names, detached copies."""
+    keys = stage_state_keys(model)
+    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items() if k in keys}
