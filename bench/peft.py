@@ -51,6 +51,9 @@ import sys
 import time
 from pathlib import Path
 
+# The script's own folder (bench/) is sys.path[0]; there this file is "peft" and shadows the
+# `peft` package that sentence-transformers (the offline text encoder) probes for: drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, format_table, machine_info, save_json  # noqa: E402

@@ -61,6 +61,10 @@ class DataConfig:
         loop: repeat the first (main) dataset's scene list this many times per epoch (the
             others cycle anyway).
         check: quick header check of the data root before training.
+        features: the point attributes ``feat`` concatenates, in order, 3 channels each
+            (``model.in_channels`` = 3 x their number): ``[color, normal]`` as the reference's
+            SpUNet / PTv3 / PPT configs, ``[coord, color, normal]`` as its Sonata / Concerto
+            configs (``coord`` = the sample's centred coordinates after augmentation, as there).
         label_budget: data-efficient training (ScanNet Data Efficient "-la20/50/100/200"): keep
             this many labelled points per training scene, every other label set to ignore; 0 =
             every label. Drawn once per scene among its labelled raw points (before voxelisation,
@@ -84,6 +88,7 @@ class DataConfig:
                                                                  "structured3d": 0})
     loop: int = 1
     check: bool = True
+    features: tuple[str, ...] = ("color", "normal")
     label_budget: int = 0
     scene_fraction: float = 1.0
 
@@ -362,6 +367,14 @@ def validate(cfg: Config, where: str = "") -> Config:
     for key in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k", "lora_rank"):
         if getattr(cfg.peft, key) < 1:
             raise bad(f"peft.{key}", f"must be >= 1, got {getattr(cfg.peft, key)}")
+    from ppt.data.sample_ops import FEATURE_KEYS
+
+    bad_features = [f for f in cfg.data.features if f not in FEATURE_KEYS]
+    if not cfg.data.features or bad_features or len(set(cfg.data.features)) != len(cfg.data.features):
+        raise bad("data.features", f"is {list(cfg.data.features)}; name each of {', '.join(FEATURE_KEYS)} at most once")
+    if cfg.model.in_channels != 3 * len(cfg.data.features):
+        raise bad("model.in_channels", f"is {cfg.model.in_channels} but data.features {list(cfg.data.features)} "
+                                       f"give {3 * len(cfg.data.features)} channels")
     untrained = [d for d in cfg.data.val if d not in cfg.data.mix]
     if untrained and cfg.model.head != "language":
         raise bad("data.val", f"names {', '.join(untrained)}, not in data.mix: the {cfg.model.head} head's "

@@ -202,6 +202,56 @@ def test_cli_import_export_roundtrip(tmp_path):
     assert all(torch.equal(back[k], ref[k]) for k in ref if k not in ("class_embedding", "logit_scale"))
 
 
+def test_text_cache_by_name_for_offline_fine_tuning(tmp_path):
+    """The import writes each dataset's CLIP text, picked from the reference's table by class
+    NAME, as text-embedding cache files: ``ppt.text.class_embeddings`` then returns them with no
+    encoder (bug caught: rows picked by valid_index, which would give S3DIS's "ceiling" the text
+    of "wall" when fine-tuning)."""
+    from ppt.data.classes import S3DIS13
+    from ppt.text import class_embeddings
+
+    case = "ppt_v1m1_spunet_v1m3"
+    assert cli()([str(FIXTURES / f"{case}.pth"), "--config", str(FIXTURES / f"{case}.py"), "--name", "ref",
+                  "--exp-root", str(tmp_path)]) == 0
+    fx = fixture(case)
+    table, emb = list(fx["model"]["class_name"]), fx["state_dict"]["class_embedding"]
+    got = class_embeddings(S3DIS13, "clip:ViT-B-16:openai", "{}", cache_dir=tmp_path / "ref" / "text_embeddings")
+    assert torch.allclose(got, emb[[table.index(n) for n in S3DIS13]])
+
+
+@pytest.mark.parametrize("case", ["spunet_v1m1", "ppt_v1m1_spunet_v1m3"])
+def test_export_of_a_model_trained_here(tmp_path, case):
+    """An experiment without convert.json (trained here) exports with a reference model dict
+    derived from its config, written as <out>.model.py; importing the export with that file
+    gives the same weights back (bug caught: a derived table or order that does not invert)."""
+    from ppt.engine.predict import load_experiment
+
+    main = cli()
+    args = ["--exp-root", str(tmp_path)]
+    assert main([str(FIXTURES / f"{case}.pth"), "--config", str(FIXTURES / f"{case}.py"), "--name", "a", *args]) == 0
+    (tmp_path / "a" / "convert.json").unlink()
+    # a model trained here embeds each class NAME once (the text encoder's output): one random
+    # vector per name, shared across datasets, in place of the imported (quirky) rows
+    from ppt.data.classes import get_dataset_info
+
+    ckpt_path = tmp_path / "a" / "model" / "model_best.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    gen, by_name = torch.Generator().manual_seed(0), {}
+    for key, emb in ckpt["model"].items():
+        if key.startswith("head.text_"):
+            names = get_dataset_info(key.removeprefix("head.text_")).class_names
+            rows = [by_name.setdefault(n, torch.randn(emb.shape[1], generator=gen)) for n in names]
+            ckpt["model"][key] = torch.nn.functional.normalize(torch.stack(rows), dim=1).to(emb.dtype)
+    torch.save(ckpt, ckpt_path)
+    out = tmp_path / "a.pth"
+    assert main([str(tmp_path / "a"), "--to", "pointcept", "--out", str(out)]) == 0
+    assert main([str(out), "--config", str(out) + ".model.py", "--name", "b", *args]) == 0
+    _, a, _ = load_experiment(tmp_path / "a")
+    _, b, _ = load_experiment(tmp_path / "b")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.parametrize("what, expected", [
     ("missing_checkpoint", "checkpoint {tmp}/nope.pth does not exist"),
     ("corrupt_checkpoint", "is corrupt or not a torch checkpoint"),

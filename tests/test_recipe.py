@@ -76,7 +76,7 @@ def test_best_on_must_name_an_evaluated_dataset():
 
 def test_validated_but_untrained_dataset_uses_the_mean_prompt(synthetic_root):
     cfg = load_config(None, [f"data.root={synthetic_root}", "data.mix={scannet: 1}", "data.val=[scannet, s3dis]",
-                             *TINY, "model.prompt=pdnorm", "model.head=union"])
+                             *TINY, "model.prompt=pdnorm", "model.head=language"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     assert model.domains == ("scannet", "s3dis")

@@ -23,6 +23,7 @@ nothing written.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.to == "ppt":
             folder = import_checkpoint(args.source, args.config, args.name, args.exp_root)
             print(f"wrote {folder} (config.yaml, model/model_best.pth, convert.json)")
+            for note in json.loads((folder / "convert.json").read_text())["notes"]:
+                print(f"note: {note}")
         else:
             out = export_experiment(args.source, args.out, args.config)
             print(f"wrote {out}")

@@ -248,7 +248,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                 max_points=args.max_points or MAX_POINTS,
                 label_space=OPEN_VOCAB if label_set else None, class_names=label_set,
                 label_map=label_map_by_name(info.class_names, label_set) if label_set else None,
-                on_scene=on_scene, num_workers=args.workers, amp_dtype=amp_dtype, on_forward=progress.forward)
+                on_scene=on_scene, num_workers=args.workers, amp_dtype=amp_dtype, on_forward=progress.forward,
+                features=tuple(cfg.data.features))
         finally:
             progress.close()
         seconds = time.perf_counter() - tic

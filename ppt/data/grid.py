@@ -188,7 +188,8 @@ def tta_views(angles=TTA_ANGLES, scales=TTA_SCALES, flip: bool = True) -> list[t
 
 
 def iter_test_views(sample: dict, voxel_size: float = 0.02, protocol: str = "fragments",
-                    angles=TTA_ANGLES, scales=TTA_SCALES, flip: bool = True, seed: int = 0) -> Iterator[dict]:
+                    angles=TTA_ANGLES, scales=TTA_SCALES, flip: bool = True, seed: int = 0,
+                    features: tuple[str, ...] = ops.FEATURES) -> Iterator[dict]:
     """Test-time views of one raw scene, made lazily, one model sample at a time.
 
     Views: each z-rotation in ``angles`` x each scale in ``scales`` (12 by default), plus one
@@ -217,7 +218,7 @@ def iter_test_views(sample: dict, voxel_size: float = 0.02, protocol: str = "fra
     if protocol not in TTA_PROTOCOLS:
         raise ValueError(f"unknown TTA protocol {protocol!r}; valid: {', '.join(TTA_PROTOCOLS)}")
     base = ops.NormalizeColor()(ops.CenterShift(apply_z=True)(dict(sample)))
-    recentre, collect = ops.CenterShift(apply_z=False), ops.Collect()
+    recentre, collect = ops.CenterShift(apply_z=False), ops.Collect(features)
     fragmenter, grid = TestFragments(voxel_size), TestGrid(voxel_size)
     for v, (angle, scale, flipped) in enumerate(tta_views(angles, scales, flip)):
         view = dict(base)

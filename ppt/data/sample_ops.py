@@ -114,6 +114,10 @@ class NormalizeColor:
         return sample
 
 
+FEATURES = ("color", "normal")  # what ``feat`` holds by default (6 channels); data.features
+FEATURE_KEYS = ("coord", "color", "normal")  # what it may hold (3 channels each)
+
+
 class Collect:
     """Build ``feat`` f32 (N, C) = concatenation of ``feat_keys`` and keep only batch keys.
 
@@ -125,8 +129,8 @@ class Collect:
     KEEP = ("coord", "grid_coord", "feat", "segment", "dataset", "name", "inverse",
             "origin_segment", "index", "owned")
 
-    def __init__(self, feat_keys: tuple[str, ...] = ("color", "normal")):
-        self.feat_keys = feat_keys
+    def __init__(self, feat_keys: tuple[str, ...] = FEATURES):
+        self.feat_keys = tuple(feat_keys)
 
     def __call__(self, sample: dict) -> dict:
         missing = [k for k in self.feat_keys if k not in sample]

@@ -20,7 +20,7 @@ from ppt.data.elastic import ElasticDistortion
 from ppt.data.grid import GridSample
 # The shared pieces live in sample_ops (below this module, grid and elastic: no import circle);
 # they are re-exported here, where users of the pipeline look for them.
-from ppt.data.sample_ops import (POINT_KEYS, CenterShift, Collect, Compose, NormalizeColor,  # noqa: F401
+from ppt.data.sample_ops import (FEATURES, POINT_KEYS, CenterShift, Collect, Compose, NormalizeColor,  # noqa: F401
                                  RandomTransform, column_bounds, index_points, rotation_matrix,
                                  standard_normal)
 
@@ -255,7 +255,8 @@ CROP_RATIO = {"s3dis": 0.6, "structured3d": 0.8}
 
 def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, augment: bool = True,
                      rng: np.random.Generator | None = None, elastic: bool = True,
-                     color_drop: float = 0.0, crop_points: int | None = None) -> Compose:
+                     color_drop: float = 0.0, crop_points: int | None = None,
+                     features: tuple[str, ...] = FEATURES) -> Compose:
     """The reference per-sample pipeline (SPEC §2) for one dataset.
 
     Args:
@@ -273,11 +274,14 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
         crop_points: for "train", most points the sphere crop keeps after grid sampling (0 =
             no cap; ``data.crop_points``); None = the reference's ``CROP_POINTS`` (unknown
             names: ScanNet's). S3DIS and Structured3D also keep only their ``CROP_RATIO``.
+        features: the keys ``feat`` concatenates, in order (``data.features``): colour and
+            normal by default, ``("coord", "color", "normal")`` for Sonata / Concerto encoders.
         rng: generator for all random steps (``Compose.set_rng`` replaces it per sample).
     """
+    features = tuple(features)
     if split != "train":
         steps = [CenterShift(apply_z=True), GridSample(voxel_size, return_inverse=True),
-                 CenterShift(apply_z=False), NormalizeColor(), Collect()]
+                 CenterShift(apply_z=False), NormalizeColor(), Collect(features)]
     else:
         steps = [CenterShift(apply_z=True)]
         if augment:
@@ -306,7 +310,7 @@ def build_transforms(dataset_name: str, split: str, voxel_size: float = 0.02, au
         steps += [CenterShift(apply_z=False), NormalizeColor()]
         if augment:
             steps.append(ShufflePoints())
-        steps.append(Collect())
+        steps.append(Collect(features))
     pipeline = Compose(steps)
     pipeline.set_rng(rng if rng is not None else np.random.default_rng(0))
     return pipeline

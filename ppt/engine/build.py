@@ -5,7 +5,9 @@ the tests build exactly the same objects.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -13,6 +15,7 @@ import torch.nn as nn
 from ppt.config import Config, DataConfig, ModelConfig, OptimConfig
 from ppt.data.classes import get_dataset_info
 from ppt.engine.threads import loader_workers, local_processes
+from ppt.io import atomic_write
 from ppt.models.heads import TEXT_PREFIX
 
 
@@ -89,7 +92,11 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1):
     """MultiDatasetLoader over the train splits of ``cfg.data.mix`` (this rank's shard).
 
     ``data.loop`` repeats the first (main) dataset only: it sets the epoch length, and the
-    other datasets are re-iterated by the loader whenever they run out (as the reference)."""
+    other datasets are re-iterated by the loader whenever they run out (as the reference).
+
+    With ``data.label_budget`` / ``data.scene_fraction`` the datasets keep only the selected
+    scenes and labels (``ppt.data.efficiency``); the selection is ``loader.selection`` (None
+    without them), which the trainer writes into the experiment folder (:func:`save_selection`)."""
     from ppt.data.datasets import build_dataset
     from ppt.data.mixing import MultiDatasetLoader
     from ppt.data.transforms import build_transforms
@@ -99,12 +106,57 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1):
     datasets = {name: build_dataset(name, d.root, "train",
                                     build_transforms(name, "train", d.voxel_size, augment=d.augment,
                                                      elastic=d.elastic, color_drop=d.color_drop,
-                                                     crop_points=d.crop_points.get(name)),
+                                                     crop_points=d.crop_points.get(name),
+                                                     features=tuple(d.features)),
                                     loop=d.loop if name == main else 1)
                 for name in d.mix}
-    return MultiDatasetLoader(datasets, dict(d.mix), per_rank_batch_size(d, world_size),
-                              num_workers=loader_workers(d.num_workers, local_processes()), seed=cfg.train.seed, rank=rank,
-                              world_size=world_size, mix3d_prob=d.mix3d_prob)
+    selection = data_selection(cfg, datasets)
+    loader = MultiDatasetLoader(datasets, dict(d.mix), per_rank_batch_size(d, world_size),
+                                num_workers=loader_workers(d.num_workers, local_processes()), seed=cfg.train.seed,
+                                rank=rank, world_size=world_size, mix3d_prob=d.mix3d_prob)
+    loader.selection = selection
+    return loader
+
+
+SCENES_FILE, LABELS_FILE = "scenes.json", "label_budget.json"
+
+
+def data_selection(cfg: Config, datasets: dict):
+    """Draw and apply the data-efficient selection to the training ``datasets`` (in place);
+    returns the ``ppt.data.efficiency.Selection``, or None when neither setting is on."""
+    if cfg.data.label_budget == 0 and cfg.data.scene_fraction >= 1.0:
+        return None
+    from ppt.data.efficiency import apply_selection, select
+
+    selection = select(datasets, cfg.data.label_budget, cfg.data.scene_fraction, cfg.train.seed)
+    apply_selection(datasets, selection)
+    return selection
+
+
+def save_selection(selection, exp_dir: str | Path) -> None:
+    """Write ``scenes.json`` (with a scene fraction) and ``label_budget.json`` (with a label
+    budget) into ``exp_dir``, each atomically."""
+    files = {SCENES_FILE: selection.scenes_json() if selection.scene_fraction < 1.0 else None,
+             LABELS_FILE: selection.labels_json() if selection.label_budget > 0 else None}
+    for name, data in files.items():
+        if data is not None:
+            text = json.dumps(data, separators=(",", ":")).encode()
+            atomic_write(Path(exp_dir) / name, lambda f, t=text: f.write(t))
+
+
+def check_saved_selection(selection, exp_dir: str | Path) -> None:
+    """A resumed run trains on the lists it started with: ValueError naming the file when the
+    saved lists differ from what the data and config give now."""
+    from ppt.data.efficiency import selection_mismatch
+
+    def read(name: str):
+        path = Path(exp_dir) / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    why = selection_mismatch(selection, read(SCENES_FILE), read(LABELS_FILE))
+    if why is not None:
+        raise ValueError(f"--resume: {Path(exp_dir)}/{why} (was the data changed?); the run cannot "
+                         f"continue on other scenes or labels")
 
 
 def build_val_datasets(cfg: Config) -> dict:

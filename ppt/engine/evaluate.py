@@ -44,6 +44,7 @@ from torch import nn
 
 from ppt.data.collate import collate
 from ppt.data.grid import TTA_PROTOCOLS, iter_test_views, tta_views
+from ppt.data.sample_ops import FEATURES
 from ppt.data.transforms import build_transforms
 from ppt.metrics import ConfusionMeter
 
@@ -101,20 +102,22 @@ def eval_prompt(dataset_name: str, trained: set[str] | Iterable[str], prompt: st
     return "mean", f"{dataset_name} was not trained: evaluated with the mean prompt"
 
 
-def scene_samples(raw: dict, tta: str, voxel_size: float, seed: int = 0) -> Iterator[dict]:
+def scene_samples(raw: dict, tta: str, voxel_size: float, seed: int = 0,
+                  features: tuple[str, ...] = FEATURES) -> Iterator[dict]:
     """Model samples of one raw scene under protocol ``tta`` ("off" | "fast" | "fragments").
 
     Each sample has ``coord`` (M, 3), ``grid_coord``, ``feat``, ``view`` (0..12) and either
     ``inverse`` i64 (N,) (point -> row) or ``index`` i64 (M,) (row -> point).
-    ``seed`` picks the kept point per voxel of the "off" and "fast" views (deterministic per scene).
+    ``seed`` picks the kept point per voxel of the "off" and "fast" views (deterministic per scene);
+    ``features`` are the keys ``feat`` concatenates (``data.features``).
     """
     raw = dict(raw)
     raw.setdefault("name", "scene")
     raw.setdefault("dataset", "scene")
     if tta != "off":
-        yield from iter_test_views(raw, voxel_size, tta, seed=seed)
+        yield from iter_test_views(raw, voxel_size, tta, seed=seed, features=features)
         return
-    transform = build_transforms(raw["dataset"], "val", voxel_size)
+    transform = build_transforms(raw["dataset"], "val", voxel_size, features=features)
     transform.set_rng(np.random.default_rng(seed))
     sample = transform(raw)
     sample["view"] = 0
@@ -149,17 +152,21 @@ class SceneStream(torch.utils.data.IterableDataset):
         indices: scene indices to serve.
         tta: protocol, "off" | "fast" | "fragments".
         voxel_size: grid size in metres.
+        features: the keys ``feat`` concatenates.
     """
 
-    def __init__(self, dataset, indices: Sequence[int], tta: str, voxel_size: float):
+    def __init__(self, dataset, indices: Sequence[int], tta: str, voxel_size: float,
+                 features: tuple[str, ...] = FEATURES):
         self.dataset, self.indices, self.tta, self.voxel_size = dataset, list(indices), tta, voxel_size
+        self.features = tuple(features)
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
         mine = self.indices if worker is None else self.indices[worker.id::worker.num_workers]
         for index in mine:
             raw = self.dataset.load(index)
-            yield from _tagged(index, raw, scene_samples(raw, self.tta, self.voxel_size, seed=index))
+            yield from _tagged(index, raw, scene_samples(raw, self.tta, self.voxel_size, seed=index,
+                                                         features=self.features))
 
 
 def _same(item: dict) -> dict:
@@ -255,7 +262,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def predict_scene(model: nn.Module, scene: dict, *, voxel_size: float, label_space: str, prompt: str | None,
                   tta: str = "off", device: torch.device | str, amp_dtype: torch.dtype | None = None,
                   max_points: int = MAX_POINTS, on_forward: Callable[[int, int], None] | None = None,
-                  seed: int = 0) -> torch.Tensor:
+                  seed: int = 0, features: tuple[str, ...] = FEATURES) -> torch.Tensor:
     """Class scores of every original point of one raw scene (the path ``evaluate`` runs).
 
     Args:
@@ -271,6 +278,7 @@ def predict_scene(model: nn.Module, scene: dict, *, voxel_size: float, label_spa
         max_points: most rows per forward.
         on_forward: called ``(rows, views finished)`` after each forward.
         seed: picks the kept point per voxel ("off", "fast"); ``evaluate`` uses the scene index.
+        features: the keys ``feat`` concatenates (the model's ``data.features``).
 
     Returns:
         f32 (N, K) on CPU: softmax probabilities (one view) or their sum over the views
@@ -281,7 +289,7 @@ def predict_scene(model: nn.Module, scene: dict, *, voxel_size: float, label_spa
     voter = _Voter(model, label_space, prompt, device, amp_dtype, max_points, on_forward)
     done: list[dict] = []
     with _eval_mode(model):
-        for sample in _tagged(0, scene, scene_samples(scene, tta, voxel_size, seed)):
+        for sample in _tagged(0, scene, scene_samples(scene, tta, voxel_size, seed, features)):
             done += voter.add(sample)
         done += voter.flush()
     return done[0]["scores"].cpu()
@@ -300,7 +308,8 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
              label_map: np.ndarray | None = None, keep_predictions: bool = False,
              on_scene: Callable[[dict], None] | None = None, num_workers: int = 0,
              amp_dtype: torch.dtype | None = torch.float16, log: Callable[[str], None] | None = None,
-             on_forward: Callable[[int, int], None] | None = None) -> dict:
+             on_forward: Callable[[int, int], None] | None = None,
+             features: tuple[str, ...] = FEATURES) -> dict:
     """Segment every original point of ``dataset`` and score it.
 
     Args:
@@ -326,6 +335,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
         log: progress sink (e.g. ``logger.info``), called about ten times.
         on_forward: called ``(rows, views finished)`` after each forward; a split has
             ``scenes x views_per_scene(tta)`` views (progress bars).
+        features: the keys ``feat`` concatenates (the model's ``data.features``).
 
     Returns:
         ``ConfusionMeter.summary`` (mIoU, mAcc, allAcc, per_class, per_class_acc, confusion,
@@ -343,7 +353,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
     num_scenes = len(getattr(dataset, "scenes", dataset))
-    stream = SceneStream(dataset, range(rank, num_scenes, world), tta, voxel_size)
+    stream = SceneStream(dataset, range(rank, num_scenes, world), tta, voxel_size, features)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_same)
     voter = _Voter(model, label_space, prompt, device, amp_dtype, max_points, on_forward)
     meter = ConfusionMeter(len(class_names))

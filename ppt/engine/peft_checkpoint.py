@@ -71,9 +71,13 @@ def training_scene_batches(cfg) -> tuple[Iterable[dict], int]:
     from ppt.data.datasets import build_dataset
     from ppt.data.transforms import build_transforms
 
-    datasets = [build_dataset(name, cfg.data.root, "train",
-                              build_transforms(name, "val", cfg.data.voxel_size))
-                for name in cfg.data.mix]
+    from ppt.engine.build import data_selection
+
+    named = {name: build_dataset(name, cfg.data.root, "train", build_transforms(name, "val", cfg.data.voxel_size,
+                                                                           features=tuple(cfg.data.features)))
+             for name in cfg.data.mix}
+    data_selection(cfg, named)  # with data.scene_fraction, only the kept scenes (no labels are read)
+    datasets = list(named.values())
 
     def batches():
         for ds in datasets:

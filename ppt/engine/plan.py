@@ -44,7 +44,8 @@ def make_plan(cfg: Config, world_size: int = 1,
 
     Returns:
         dict with "datasets" (per dataset: samples, ratio, batches per pass / per epoch,
-        passes per epoch), "steps_per_epoch", "total_steps", "batch_per_rank", "evaluation"
+        passes per epoch), "efficiency" (lines: scenes kept, labelled points; empty without
+        ``data.label_budget`` / ``data.scene_fraction``), "steps_per_epoch", "total_steps", "batch_per_rank", "evaluation"
         (val scenes per dataset, evaluations, scene forwards) and "samples_per_epoch".
     """
     from ppt.engine.build import build_val_datasets, per_rank_batch_size
@@ -55,12 +56,22 @@ def make_plan(cfg: Config, world_size: int = 1,
         missing = [n for n in {*d.mix, *(d.val or d.mix)} if n not in sizes]
         if missing:
             raise ValueError(f"--sizes has no count for {', '.join(sorted(missing))}")
-        train = {n: _Sized(sizes[n][0] * (d.loop if n == main else 1)) for n in d.mix}
+        from ppt.data.efficiency import scene_count
+
+        kept = {n: scene_count(sizes[n][0], d.scene_fraction) for n in d.mix}
+        train = {n: _Sized(kept[n] * (d.loop if n == main else 1)) for n in d.mix}
         val = {n: sizes[n][1] for n in (d.val or d.mix)}
+        efficiency = [f"{n}: {kept[n]} of {sizes[n][0]} training scenes (scene_fraction {d.scene_fraction:g})"
+                      + (f"; label budget {d.label_budget} points per scene: at most {kept[n] * d.label_budget:,} "
+                         f"labelled points in all, every other label ignored" if d.label_budget else "")
+                      for n in d.mix]
     else:
         from ppt.data.datasets import build_dataset
+        from ppt.engine.build import data_selection
 
         train = {n: build_dataset(n, d.root, "train", loop=d.loop if n == main else 1) for n in d.mix}
+        selection = data_selection(cfg, train)  # the scenes and labels the run will draw
+        efficiency = selection.summary() if selection is not None else []
         val = {n: len(ds) for n, ds in build_val_datasets(cfg).items()}
     batch = per_rank_batch_size(d, world_size)
     loader = MultiDatasetLoader(train, dict(d.mix), batch, world_size=world_size, mix3d_prob=0.0)
@@ -76,6 +87,7 @@ def make_plan(cfg: Config, world_size: int = 1,
         "evaluation": {"every": t.eval_every, "evaluations": evaluations, "val_scenes": val,
                        "scene_forwards": evaluations * sum(v or 0 for v in val.values())},
         "precise_bn_batches": t.precise_bn * len(d.mix) * (evaluations or 1),
+        "efficiency": efficiency if d.label_budget or d.scene_fraction < 1.0 else [],
     }
 
 
@@ -99,6 +111,8 @@ def format_plan(plan: dict) -> str:
                      f"({share:.1%} of the training samples drawn; forward only)")
     else:
         lines.append("evaluation: off (train.eval_every 0)")
+    for line in plan.get("efficiency", []):
+        lines.append(f"data efficiency: {line}")
     if plan["precise_bn_batches"]:
         lines.append(f"precise BN: {plan['precise_bn_batches']:,} extra forward batches in all")
     return "\n".join(lines)

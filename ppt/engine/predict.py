@@ -296,7 +296,8 @@ class Predictor:
     def _score(self, scene: dict) -> torch.Tensor:
         return predict_scene(self.model, scene, voxel_size=self.voxel_size, label_space=self.label_space,
                              prompt=self.prompt, tta=self.tta, device=self.device,
-                             amp_dtype=self.amp_dtype, max_points=self.max_points)
+                             amp_dtype=self.amp_dtype, max_points=self.max_points,
+                             features=tuple(self.cfg.data.features))
 
     def predict(self, points, color: np.ndarray | None = None, normal: np.ndarray | None = None) -> Prediction:
         """Labels for one cloud.

@@ -33,7 +33,7 @@ from ppt.engine.resume import replan_schedule, resume_changes
 from ppt.engine.threads import choose_threads, loader_workers, local_processes
 from ppt.engine.build import (
     build_model, build_optimizer, build_scheduler, build_train_loader, build_val_datasets,
-    text_embeddings_from_state,
+    check_saved_selection, save_selection, text_embeddings_from_state,
 )
 from ppt.engine.weights import load_weights
 from ppt.io import atomic_write
@@ -210,6 +210,7 @@ def evaluate_all(model: nn.Module, val_sets: dict, cfg: Config, device: torch.de
     for name, ds in val_sets.items():
         prompt, note = eval_prompt(name, cfg.data.mix, None)
         results[name] = evaluate(model, ds, device, prompt=prompt, voxel_size=cfg.data.voxel_size,
+                                 features=tuple(cfg.data.features),
                                  amp_dtype=amp_dtype, num_workers=loader_workers(min(cfg.data.num_workers, 2), local_processes()))
         results[name].update(prompt=prompt or name, prompt_note=note)
     return results
@@ -257,6 +258,8 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
             raise SetupError(f"{err} (checkpoint {last_path})") from None
     try:
         loader = build_train_loader(cfg, rank, world)
+        if resume and loader.selection is not None:  # same scenes and labels as the run began with
+            check_saved_selection(loader.selection, exp_dir)
         val_sets = build_val_datasets(cfg) if cfg.train.eval_every > 0 else {}
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise SetupError(err.args[0] if err.args else str(err)) from None
@@ -299,6 +302,8 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
     if main:
         (exp_dir / "model").mkdir(parents=True, exist_ok=True)
         save_config(cfg, exp_dir / "config.yaml")
+        if loader.selection is not None:
+            save_selection(loader.selection, exp_dir)
     dist_utils.barrier()
     logger = ExperimentLogger(exp_dir, enabled=main)
     n_params = sum(p.numel() for p in model.parameters())
@@ -308,6 +313,8 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
                 f"datasets {dict(cfg.data.mix)}; {threads_note}")
     if weights_report:
         logger.info(weights_report)
+    for line in loader.selection.summary() if loader.selection is not None else ():
+        logger.info(f"data efficiency: {line}")
     if resume_ckpt is not None:
         where = (f"at epoch {state.epoch + 1} step {state.step} (loader position {loader.position})"
                  if state.epoch < cfg.train.epochs else f"a finished run ({state.epoch} epochs, step {state.step})")

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from ppt.interop import ConversionError
+from ppt.io import atomic_write
 
 DATASETS_KEY = "_ppt_datasets"
 CONDITION_DATASETS = {"ScanNet": "scannet", "S3DIS": "s3dis", "Structured3D": "structured3d"}
@@ -67,7 +68,6 @@ FAMILIES = {
 CLIP_ENCODERS = {"ViT-B/16": "clip:ViT-B-16:openai", "ViT-B/32": "clip:ViT-B-32:openai",
                  "ViT-L/14": "clip:ViT-L-14:openai"}
 PRETRAIN_PREFIX = "student.backbone."
-FEATURES = ("color", "normal")  # what this project's pipeline feeds (6 channels)
 
 
 def dataset_of_condition(condition: str) -> str:
@@ -253,15 +253,32 @@ def _voxel_size(ref: dict) -> float:
     return 0.02
 
 
-def _check_features(ref: dict, model_cfg: dict) -> None:
-    backbone = model_cfg.get("backbone", {})
-    if backbone.get("in_channels", len(FEATURES) * 3) != 6:
-        raise ConversionError(f"reference config key 'model.backbone.in_channels' is {backbone['in_channels']}; this "
-                              f"project feeds {'+'.join(FEATURES)} (6 channels)")
+def reference_features(ref: dict, model_cfg: dict) -> tuple[str, ...]:
+    """The point attributes the reference model reads, in order (this project's
+    ``data.features``): its val ``Collect(feat_keys=...)``, else what ``in_channels`` implies
+    (6: color + normal as the SpUNet / PTv3 configs; 9: coord + color + normal as Sonata /
+    Concerto). ConversionError when the keys are unknown here or disagree with ``in_channels``."""
+    from ppt.data.sample_ops import FEATURE_KEYS
+
+    keys = None
     for t in ((ref.get("data") or {}).get("val") or {}).get("transform", []) or []:
         if isinstance(t, dict) and t.get("type") == "Collect" and "feat_keys" in t:
-            if tuple(t["feat_keys"]) != FEATURES:
-                raise ConversionError(f"reference feeds features {tuple(t['feat_keys'])}; this project feeds {FEATURES}")
+            keys = tuple(t["feat_keys"])
+    channels = (model_cfg.get("backbone") or {}).get("in_channels")
+    if keys is None:
+        keys = {6: ("color", "normal"), 9: ("coord", "color", "normal")}.get(channels if channels is not None else 6)
+        if keys is None:
+            raise ConversionError(f"reference config key 'model.backbone.in_channels' is {channels} and its val "
+                                  f"Collect names no feat_keys; this project reads 3 channels from each of "
+                                  f"{', '.join(FEATURE_KEYS)}")
+    unknown = [k for k in keys if k not in FEATURE_KEYS]
+    if unknown or len(set(keys)) != len(keys):
+        raise ConversionError(f"reference config key 'data.val.transform.Collect.feat_keys' is {keys}; this project "
+                              f"reads each of {', '.join(FEATURE_KEYS)} at most once")
+    if channels is not None and channels != 3 * len(keys):
+        raise ConversionError(f"reference config key 'model.backbone.in_channels' is {channels} but its feat_keys "
+                              f"{keys} give {3 * len(keys)} channels")
+    return keys
 
 
 def reference_model(ref: dict) -> dict:
@@ -286,7 +303,8 @@ def config_from_reference(ref: dict, model_cfg: dict, state: dict):
     datasets = datasets_of(model_cfg)
     val_types = [(ref.get("data") or {}).get("val", {}).get("type")] if isinstance((ref.get("data") or {}).get("val"), dict) else []
     val = [DATASET_TYPES[t] for t in val_types if t in DATASET_TYPES and DATASET_TYPES[t] in datasets]
-    cfg = {"data": {"mix": {d: 1 for d in datasets}, "val": val, "voxel_size": _voxel_size(ref)},
+    cfg = {"data": {"mix": {d: 1 for d in datasets}, "val": val, "voxel_size": _voxel_size(ref),
+                    "features": list(reference_features(ref, model_cfg))},
            **{k: dict(v) for k, v in sections.items()}}
     model = cfg.setdefault("model", {})
     if "logit_scale" in state:  # PPT: exp of the reference's (CLIP's) learned log scale
@@ -301,6 +319,35 @@ def config_from_reference(ref: dict, model_cfg: dict, state: dict):
 
 
 # --- import -----------------------------------------------------------------------------------
+
+def write_text_cache(folder: Path, model_cfg: dict, state: dict, cfg) -> list[str]:
+    """Fine-tuning embeds each dataset's class names with the model's text encoder
+    (``ppt.engine.weights``). The reference's ``class_embedding`` holds that encoder's text of
+    every name of its table (CLIP, template ``[x]``): the rows picked by NAME (not by
+    ``valid_index``) are exactly what ``ppt.text.class_embeddings`` would compute for a dataset
+    whose names all appear there. They are written as text-embedding cache files under
+    ``folder/text_embeddings/`` (use with ``PPT_CACHE=<exp folder>``), so a converted PPT model
+    fine-tunes without the CLIP weights on the machine. Returns the datasets written."""
+    from ppt.data.classes import get_dataset_info
+    from ppt.text import cache_path, save_embeddings
+
+    emb, table = state.get("class_embedding"), model_cfg.get("class_name")
+    if emb is None or table is None or cfg.model.head != "language":
+        return []
+    rows = {NAME_ALIASES.get(n, n): i for i, n in enumerate(table)}
+    done = []
+    for d in datasets_of(model_cfg):
+        names = get_dataset_info(d).class_names
+        if all(n in rows for n in names):
+            try:
+                path = cache_path(names, cfg.model.text_encoder, cfg.model.template, folder / "text_embeddings")
+            except ValueError:  # an encoder name open_clip does not know: no cache key
+                return done
+            save_embeddings(path, emb[[rows[n] for n in names]].float(), names, cfg.model.text_encoder,
+                            cfg.model.template)
+            done.append(d)
+    return done
+
 
 def convert_state(state: dict, model_cfg: dict, cfg) -> dict:
     """Reference state -> this project's state, checked by a strict load into the built model."""
@@ -339,7 +386,6 @@ def import_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike, 
     ref, source = load_reference_config(config)
     state, notes = read_checkpoint(checkpoint)
     model_cfg = reference_model(ref)
-    _check_features(ref, model_cfg)
     cfg = config_from_reference(ref, model_cfg, state)
     ours = convert_state(state, model_cfg, cfg)
     record = {"pointcept_checkpoint": str(checkpoint), "pointcept_config": source, "notes": notes,
@@ -351,6 +397,10 @@ def import_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike, 
         save_config(cfg, tmp / "config.yaml")
         torch.save({"version": 1, "model": ours, "config": cfg.to_dict(), "epoch": 0, "pointcept": record},
                    tmp / "model" / "model_best.pth")
+        cached = write_text_cache(tmp, model_cfg, state, cfg)
+        if cached:
+            record["notes"].append(f"text embeddings of {', '.join(cached)} by class name from the reference's "
+                                   f"class_embedding in text_embeddings/: fine-tune offline with PPT_CACHE={target}")
         (tmp / "convert.json").write_text(json.dumps(record, indent=1) + "\n")
         os.rename(tmp, target)
     except BaseException:
@@ -393,9 +443,16 @@ def export_experiment(exp: str | os.PathLike, out: str | os.PathLike, config: st
             raise ConversionError(f"{exp} was not converted from Pointcept: pass --config with the reference config "
                                   f"of a {cfg.model.backbone} model")
         model_cfg = pointcept_spunet.pointcept_model(cfg)
+        from ppt.data.classes import get_dataset_info
+
         reference = {k: v for k, v in model_cfg.items() if k != DATASETS_KEY}
-        Path(str(out) + ".model.py").write_text(f"# reference model of {exp}, for a Pointcept config\n"
-                                                f"model = {pprint.pformat(reference, sort_dicts=False)}\n")
+        main = get_dataset_info(model_cfg[DATASETS_KEY][0])
+        data = dict(num_classes=main.num_classes, names=list(main.class_names),
+                    val=dict(type={v: k for k, v in DATASET_TYPES.items()}[main.name]))
+        atomic_write(str(out) + ".model.py", lambda f: f.write(
+            f"# reference model of {exp} and its label space, for a Pointcept config\n"
+            f"model = {pprint.pformat(reference, sort_dicts=False)}\n"
+            f"data = {pprint.pformat(data, sort_dicts=False)}\n".encode()))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ref_state = family_of(model_cfg).to_pointcept(state, model_cfg)
     if model_cfg.get("type") in ("PPT-v1m1", "PPT-v1m3"):  # the reference learns log(scale); ours is a config value
