@@ -212,11 +212,14 @@ def prepare_peft_model(model: nn.Module, cfg, exp_dir: str | Path, device: torch
 def peft_run_overrides(stage: str, weights: str | Path) -> list[str]:
     """Config overrides of a PEFT run (``tools/train.py --peft STAGE --weights FILE``): the
     stage, the base weights and the base model's ``model`` section (widths, prompt, head and
-    text encoder must match the weights), read from the config stored in the base checkpoint."""
+    text encoder must match the weights), voxel size and input features, read from the config
+    stored in the base checkpoint."""
     data = load_checkpoint(weights)  # CheckpointError naming the file when unreadable
     base_cfg = data.get("config") or {} if isinstance(data, dict) else {}
     overrides = [f"{section}.{k}={json.dumps(v)}" for section in ("model", "ptv3")
                  for k, v in base_cfg.get(section, {}).items()]
     if "voxel_size" in base_cfg.get("data", {}):  # the base's features are for its voxel size
         overrides.append(f"data.voxel_size={base_cfg['data']['voxel_size']}")
+    if "features" in base_cfg.get("data", {}):  # and its input channels (Sonata: coord + color + normal)
+        overrides.append(f"data.features={json.dumps(list(base_cfg['data']['features']))}")
     return overrides + [f"peft.stage={stage}", f"peft.base={json.dumps(str(weights))}"]
