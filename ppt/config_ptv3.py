@@ -72,8 +72,8 @@ class PTv3Config:
 
 
 def validate_ptv3(cfg, bad) -> None:
-    """Shapes and ranges of ``cfg.ptv3`` (a ``ppt.config.Config``); PEFT stages that need SpUNet
-    blocks. ``bad(key, message)`` makes the ConfigError ``ppt.config.validate`` raises."""
+    """Shapes and ranges of ``cfg.ptv3`` (a ``ppt.config.Config``; every PEFT stage runs on
+    PTv3). ``bad(key, message)`` makes the ConfigError ``ppt.config.validate`` raises."""
     p = cfg.ptv3
     if not (len(p.enc_depths) == len(p.enc_channels) == len(p.enc_heads) >= 2):
         raise bad("ptv3.enc_depths", "ptv3.enc_channels and ptv3.enc_heads need the same length (>= 2 stages), "
@@ -102,6 +102,3 @@ def validate_ptv3(cfg, bad) -> None:
     unknown = [o for o in p.orders if o not in PTV3_ORDERS]
     if not p.orders or unknown:
         raise bad("ptv3.orders", f"must be a non-empty list of {', '.join(PTV3_ORDERS)}; got {list(p.orders)}")
-    if cfg.model.backbone == "ptv3" and cfg.peft.stage in ("dapt", "pointpeft"):
-        raise bad("peft.stage", f"is {cfg.peft.stage!r}, which adapts SpUNet blocks; with model.backbone "
-                                f"ptv3: none, full, linear, decoder, bitfit, lora")

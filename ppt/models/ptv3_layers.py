@@ -232,9 +232,14 @@ class SerializedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, level: Level, order_index: int) -> torch.Tensor:
         """(N, C) features of ``level`` -> (N, C) attended features, same rows."""
+        return self.proj(self.attend(self.qkv(x), level, order_index))
+
+    def attend(self, qkv: torch.Tensor, level: Level, order_index: int) -> torch.Tensor:
+        """(N, 3C) rows of q, k, v -> (N, C) patch attention before ``proj``, same rows (the
+        PEFT stages add their prompt attention here, ``ppt.models.peft.ptv3_block``)."""
         patches = level.patches(self.patch_size)
         h, c = self.num_heads, self.channels
-        qkv = self.qkv(x)[level.order[order_index][patches.gather]]  # (M, 3C) padded serialized
+        qkv = qkv[level.order[order_index][patches.gather]]  # (M, 3C) padded serialized
         outs = []
         for start, num, length in patches.groups:
             chunk = qkv[start:start + num * length]
@@ -242,7 +247,7 @@ class SerializedAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)  # (num, H, length, C / H)
             outs.append(out.transpose(1, 2).reshape(num * length, c))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return self.proj(out[patches.scatter[level.inverse[order_index]]])
+        return out[patches.scatter[level.inverse[order_index]]]
 
 
 class MLP(nn.Module):
@@ -336,8 +341,17 @@ class Block(nn.Module):
             x = x + self.prompt_adapter(x, ctx)
         cpe = self.cpe_conv(level.sparse.replace_feature(x if cpe_input is None else cpe_input))
         x = x + self.cpe_norm(self.cpe_linear(cpe), ctx)
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x, ctx), level, order_index)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x, ctx))))
+        x = x + self.drop_path(self.ls1(self.attention(self.norm1(x, ctx), level, ctx, order_index)))
+        return x + self.drop_path(self.feed_forward(self.norm2(x, ctx), level, ctx))
+
+    # the two branches, hooks of the PEFT stages (``ppt.models.peft.ptv3_block``)
+    def attention(self, h: torch.Tensor, level: Level, ctx: DomainContext, order_index: int) -> torch.Tensor:
+        """(N, C) normalised features -> (N, C) attention branch (before LayerScale)."""
+        return self.attn(h, level, order_index)
+
+    def feed_forward(self, h: torch.Tensor, level: Level, ctx: DomainContext) -> torch.Tensor:
+        """(N, C) normalised features -> (N, C) MLP branch (LayerScale included)."""
+        return self.ls2(self.mlp(h))
 
 
 class GridPooling(nn.Module):

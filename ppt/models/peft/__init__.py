@@ -1,10 +1,12 @@
-"""Parameter-efficient fine-tuning stages on the SpUNet (SPEC §8).
+"""Parameter-efficient fine-tuning stages on the SpUNet and PTv3 (SPEC §8).
 
 - ``frozen_conv``: frozen sparse convolutions that compute only the input gradient (every
   spconv algorithm).
 - ``frozen_norm``: frozen BatchNorm / PDNorm as a constant per-channel scale-and-shift.
 - ``adapters``: bottleneck adapter, weight-free gated prompt attention, per-scene scatter ops.
-- ``dapt`` / ``point_peft``: the per-block modules of the two PEFT stages.
+- ``dapt`` / ``point_peft``: the per-block modules of the two PEFT stages (SpUNet blocks).
+- ``ptv3_block`` / ``ptv3_dapt`` / ``ptv3_point_peft``: the same stages on PTv3 transformer
+  blocks (adapter beside the MLP, prompts as per-scene attention keys/values).
 - ``memory_bank``: Point-PEFT's point-prior bank (build, retrieval).
 - ``stages``: apply a stage (full / linear / bitfit / dapt / pointpeft) to a Segmentor.
 

@@ -1,7 +1,7 @@
 """Point-prior memory bank for the Point-PEFT stage (SPEC §8).
 
-One entry per training scene: the encoder-bottom features (N_4, 256 with the default widths) of
-the frozen base model, max-pooled over the scene's voxels and L2-normalised. No labels are used.
+One entry per training scene: the encoder-bottom features (N_4, 256 with the default SpUNet
+widths; PTv3: the last encoder stage, 512) of the frozen base model, max-pooled over the scene's voxels and L2-normalised. No labels are used.
 Built once with a progress bar (the engine feeds the training scenes and caches the bank next to
 the experiment: ``ppt.engine.peft_checkpoint``), and stored in PEFT checkpoints (the bank is a
 module: its features are a buffer, its scene names extra state).
@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppt.models.peft.adapters import PeftContext, scatter_max
+from ppt.models.ptv3 import PointTransformerV3
+from ppt.models.ptv3_layers import pool_level
+from ppt.models.spunet import offset_to_batch
 
 MIX_SEPARATOR = "+"  # Mix3D joins the names of merged scenes with this (ppt.data.collate)
 
@@ -121,8 +124,35 @@ def pooled_bottom(backbone: nn.Module, x, ctx) -> torch.Tensor:
     return F.normalize(pooled, dim=-1)
 
 
+@torch.no_grad()
+def pooled_bottom_ptv3(backbone: PointTransformerV3, batch: dict, ctx) -> torch.Tensor:
+    """(B, D) max-pooled, L2-normalised encoder-bottom features (D = the last encoder width) of
+    a batch dict through the base PTv3 (PEFT modules off, orders not shuffled: a scene's entry
+    never depends on the training RNG). `ctx` is the batch's DomainContext."""
+    ctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt, enabled=False)
+    feat = batch["feat"].float()
+    backbone.set_algo_for(feat.device)
+    training = backbone.training
+    backbone.train(False)  # level0 shuffles the orders in training mode
+    try:
+        with torch.autocast("cpu", enabled=torch.is_autocast_enabled("cpu") and feat.device.type != "cpu"):
+            level = backbone.level0(batch)
+            x = backbone.stem(feat, level, ctx)
+            for stage in backbone.encoder:
+                if stage.resample is not None:
+                    level = pool_level(level, False, backbone.reserialize)
+                    x = stage.resample(x, level, ctx)
+                x = backbone._run_blocks(stage, x, level, ctx)
+    finally:
+        backbone.train(training)
+    pooled = scatter_max(x.float(), offset_to_batch(level.offset), len(level.offset))
+    return F.normalize(pooled, dim=-1)
+
+
 def encoder_bottom(model: nn.Module, batch: dict) -> torch.Tensor:
     """(B, D) memory-bank features of the scenes of `batch`; `model` is a Segmentor."""
+    if isinstance(model.backbone, PointTransformerV3):
+        return pooled_bottom_ptv3(model.backbone, batch, model.domain_context(batch))
     return pooled_bottom(model.backbone, model.backbone.sparse_input(batch), model.domain_context(batch))
 
 

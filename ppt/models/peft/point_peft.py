@@ -74,6 +74,14 @@ def neighbour_attention(h: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -
     return out / total[:, None]
 
 
+def prior_prompt_tokens(tokens: torch.Tensor, prior: nn.Module, retrieved: torch.Tensor) -> torch.Tensor:
+    """Learnable tokens (T, C) + weight-free attention of the tokens over the adapted retrieved
+    set ``prior(retrieved)`` ((B, R, D) -> (B, R, C)) -> per-scene prompt tokens (B, T, C)."""
+    items = prior(retrieved)  # (B, R, C)
+    scores = torch.einsum("tc,brc->btr", tokens, items) / math.sqrt(items.shape[-1])
+    return tokens[None] + torch.einsum("btr,brc->btc", scores.softmax(-1), items)
+
+
 class GeometryAdapter(nn.Module):
     """Bottleneck adapter whose middle mixes each voxel with its spatial neighbours.
 
@@ -146,9 +154,7 @@ class PointPeftAdapter(nn.Module):
 
     def prompt_tokens(self, retrieved: torch.Tensor) -> torch.Tensor:
         """Retrieved set (B, R, D) -> per-scene prompt tokens (B, T, C_out)."""
-        items = self.prior(retrieved)  # (B, R, C)
-        scores = torch.einsum("tc,brc->btr", self.tokens, items) / math.sqrt(items.shape[-1])
-        return self.tokens[None] + torch.einsum("btr,brc->btc", scores.softmax(-1), items)
+        return prior_prompt_tokens(self.tokens, self.prior, retrieved)
 
     def forward(self, x: spconv.SparseConvTensor, out: spconv.SparseConvTensor,
                 ctx: PeftContext) -> torch.Tensor:

@@ -33,8 +33,12 @@ For every stage but `full`, memory follows from what is frozen:
   that has nothing trainable runs under ``torch.no_grad`` (no activations kept for it at all).
 The domain prompts stay frozen, PDNorm modulations too.
 
-Both backbones take full / linear / decoder / bitfit / lora; dapt and pointpeft adapt SpUNet
-blocks only. `decoder` and `lora` follow Sonata / Concerto's ``-dec`` and ``-ft-lora`` configs,
+Both backbones take every stage. dapt and pointpeft adapt each block of the backbone through
+one loop (``stage_blocks`` + :data:`BLOCK_ADAPTERS`, keyed by the block class): a SpUNet basic
+block becomes a :class:`PeftBlock` (dapt.py / point_peft.py), a PTv3 transformer block a
+``ptv3_block.PeftPTv3Block`` (ptv3_dapt.py / ptv3_point_peft.py: adapter beside the MLP,
+prompts as per-scene keys/values of the attention, geometry adapter on the xCPE neighbourhood);
+both are recomputed in backward as a whole. `decoder` and `lora` follow Sonata / Concerto's ``-dec`` and ``-ft-lora`` configs,
 whose ``freeze_encoder=True`` freezes the embedding (stem) with the encoder (``train_stem``
 trains it). `decoder`: the decoder's norms update their statistics, as any trained layer (the
 frozen encoder's stay frozen). `lora` on our full U-Net: LoRA on the encoder only, as the
@@ -43,8 +47,8 @@ backbone, so the stage trains what the reference's does (LoRA + head) and stays 
 decoder probing is its own stage.
 
 The stage is applied in place without changing the base model's module names (state-dict keys
-of the base weights stay valid): the backbone's class becomes :class:`PeftSpUNet` (:class:`PeftPTv3`) and each adapted basic
-block's :class:`PeftBlock`; the new modules live under ``<block>.peft``, ``backbone.memory_bank``
+of the base weights stay valid): the backbone's class becomes :class:`PeftSpUNet` (:class:`PeftPTv3`) and each adapted
+block's :class:`PeftBlock` (``PeftPTv3Block``); the new modules live under ``<block>.peft``, ``backbone.memory_bank``
 and, for LoRA, ``<layer>.lora_A`` / ``<layer>.lora_B``.
 """
 
@@ -64,11 +68,15 @@ from ppt.models.peft.dapt import DaptAdapter, head_prompt
 from ppt.models.peft.frozen_conv import freeze_sparse_convs
 from ppt.models.peft.frozen_norm import freeze_norms
 from ppt.models.peft.lora import apply_lora
-from ppt.models.peft.memory_bank import MemoryBank, pooled_bottom
+from ppt.models.peft.memory_bank import MemoryBank, pooled_bottom, pooled_bottom_ptv3
 from ppt.models.peft.point_peft import PointPeftAdapter
+from ppt.models.peft.ptv3_block import PeftPTv3Block
+from ppt.models.peft.ptv3_dapt import PTv3DaptAdapter
+from ppt.models.peft.ptv3_point_peft import PTv3PointPeftAdapter
 from ppt.models.prompts import PDLayerNorm, PDNorm
 from ppt.models.ptv3 import PointTransformerV3
-from ppt.models.spunet import BasicBlock, DomainContext, SpUNet
+from ppt.models.ptv3_layers import Block
+from ppt.models.spunet import BasicBlock, DomainContext, SpUNet, offset_to_batch
 
 STAGES = tuple(s for s in PEFT_STAGES if s != "none")
 
@@ -148,10 +156,38 @@ class PeftSpUNet(SpUNet):
 
 
 class PeftPTv3(PointTransformerV3):
-    """PTv3 with a stage applied (full / linear / decoder / bitfit / lora): the forward is
-    PTv3's own; frozen BatchNorm statistics stay frozen in training mode."""
+    """PTv3 with a stage applied: PTv3's forward with a fresh PeftContext (Point-PEFT's
+    retrieval; DAPT's prompts, whose per-scene mean is added to the output features); frozen
+    BatchNorm statistics stay frozen in training mode."""
 
     peft_stage: str
+    memory_bank: MemoryBank | None
+    top_k: int
+    temperature: float
+
+    def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
+        ctx = ctx if ctx is not None else DomainContext()
+        pctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt)
+        if self.memory_bank is not None:
+            names = batch["name"]
+            query = self.memory_bank.lookup(names)
+            if query is None:  # scenes not in the bank (validation, Mix3D pairs): frozen pass
+                query = pooled_bottom_ptv3(self, batch, ctx)
+            pctx.retrieved, _, _ = self.memory_bank.retrieve(
+                query.to(batch["feat"].device), names, self.top_k, self.temperature)
+        feats = super().forward(batch, pctx)
+        if not pctx.prompts:
+            return feats
+        scene = offset_to_batch(batch["offset"].to(feats.device).long())
+        if not self.enc_mode:
+            prompt = head_prompt(pctx, len(self.encoder) + len(self.decoder) - 1, scene)
+            return feats if prompt is None else feats + prompt
+        # encoder only: the output concatenates the stages (finest first); each stage's slice
+        # gets that stage's mean prompt
+        parts = [head_prompt(pctx, s, scene) for s in range(len(self.encoder))]
+        widths = [stage.blocks[0].attn.channels for stage in self.encoder]
+        prompt = torch.cat([p if p is not None else feats.new_zeros(len(feats), c) for p, c in zip(parts, widths)], 1)
+        return feats + prompt
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -202,8 +238,9 @@ def backbone_units(backbone: SpUNet | PointTransformerV3) -> Iterator[nn.Module]
         yield from stage.blocks
 
 
-def stage_blocks(backbone: SpUNet) -> Iterator[tuple[int, bool, BasicBlock]]:
-    """(stage index, is encoder, block) for every basic block, in execution order."""
+def stage_blocks(backbone: SpUNet | PointTransformerV3) -> Iterator[tuple[int, bool, nn.Module]]:
+    """(stage index, is encoder, block) for every block, in execution order (both backbones:
+    ``encoder`` / ``decoder`` lists of stages with ``blocks``)."""
     for s, stage in enumerate([*backbone.encoder, *backbone.decoder]):
         for block in stage.blocks:
             yield s, s < len(backbone.encoder), block
@@ -224,8 +261,34 @@ def norm_affine_parameters(module: nn.Module, domain: str | None = None) -> Iter
         yield m.bias
 
 
-def _block_channels(block: BasicBlock) -> tuple[int, int]:
-    return block.conv1.in_channels, block.conv1.out_channels
+def _spunet_block_module(block: BasicBlock, stage: str, s: int, index: int, is_encoder: bool,
+                         cfg: PeftConfig, memory_bank: MemoryBank | None) -> nn.Module:
+    """The stage's module of SpUNet basic block `block`, block `index` of U-Net stage `s`."""
+    c_in, c_out = block.conv1.in_channels, block.conv1.out_channels
+    if stage == "dapt":
+        return DaptAdapter(c_in, c_out, s, cfg.reduction, cfg.min_rank, cfg.dropout)
+    return PointPeftAdapter(c_in, c_out, block.conv1.indice_key, prior_dim=memory_bank.dim,
+                            num_tokens=cfg.num_tokens if is_encoder else 0, prior_rank=cfg.prior_rank,
+                            geo_reduction=cfg.geo_reduction, min_rank=cfg.min_rank,
+                            neighbour_attention=cfg.neighbour_attention)
+
+
+def _ptv3_block_module(block: Block, stage: str, s: int, index: int, is_encoder: bool,
+                       cfg: PeftConfig, memory_bank: MemoryBank | None) -> nn.Module:
+    """The stage's module of PTv3 block `block`, block `index` of stage `s` (encoder then
+    decoder); DAPT's first block of a stage has no earlier prompt to read (no gate)."""
+    c, heads = block.attn.channels, block.attn.num_heads
+    if stage == "dapt":
+        return PTv3DaptAdapter(c, heads, s, cfg.reduction, cfg.min_rank, cfg.dropout, reads_prompts=index > 0)
+    return PTv3PointPeftAdapter(c, heads, block.cpe_conv.conv.indice_key, prior_dim=memory_bank.dim,
+                                num_tokens=cfg.num_tokens if is_encoder else 0, prior_rank=cfg.prior_rank,
+                                geo_reduction=cfg.geo_reduction, min_rank=cfg.min_rank,
+                                neighbour_attention=cfg.neighbour_attention)
+
+
+# block class -> (its adapted class, builder of a stage's module for it): the one place where
+# the dapt / pointpeft stages know the backbone
+BLOCK_ADAPTERS = {BasicBlock: (PeftBlock, _spunet_block_module), Block: (PeftPTv3Block, _ptv3_block_module)}
 
 
 def own_parameters(module: nn.Module, domain: str | None = None) -> Iterator[nn.Parameter]:
@@ -266,9 +329,6 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
         raise ValueError(f"unknown PEFT stage {cfg.stage!r}; valid: {', '.join(STAGES)}")
     if is_staged(backbone):
         raise ValueError(f"a PEFT stage ({backbone.peft_stage}) is already applied to this model")
-    if is_ptv3 and cfg.stage in ("dapt", "pointpeft"):
-        raise ValueError(f"the {cfg.stage} stage adapts SpUNet blocks; on PTv3: "
-                         f"{', '.join(s for s in STAGES if s not in ('dapt', 'pointpeft'))}")
     if cfg.stage == "full":
         model.requires_grad_(True)
         return model
@@ -298,27 +358,19 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
     if cfg.input_grad_only:
         freeze_norms(backbone)  # norms that train keep their own forward
 
+    seen: dict[int, int] = {}  # stage -> blocks adapted so far
     for s, is_encoder, block in stage_blocks(backbone) if cfg.stage in ("dapt", "pointpeft") else ():
-        c_in, c_out = _block_channels(block)
-        if cfg.stage == "dapt":
-            module = DaptAdapter(c_in, c_out, s, cfg.reduction, cfg.min_rank, cfg.dropout)
-        elif cfg.stage == "pointpeft":
-            module = PointPeftAdapter(
-                c_in, c_out, block.conv1.indice_key, prior_dim=memory_bank.dim,
-                num_tokens=cfg.num_tokens if is_encoder else 0, prior_rank=cfg.prior_rank,
-                geo_reduction=cfg.geo_reduction, min_rank=cfg.min_rank,
-                neighbour_attention=cfg.neighbour_attention)
-        else:
-            continue
-        block.__class__ = PeftBlock
-        block.peft = module.to(block.conv1.weight.device)
+        adapted_class, build = next(v for k, v in BLOCK_ADAPTERS.items() if isinstance(block, k))
+        module = build(block, cfg.stage, s, seen.get(s, 0), is_encoder, cfg, memory_bank)
+        seen[s] = seen.get(s, 0) + 1
+        block.__class__ = adapted_class
+        block.peft = module.to(next(block.parameters()).device)
         block.recompute = recompute_blocks
 
     backbone.__class__ = PeftPTv3 if is_ptv3 else PeftSpUNet
     backbone.peft_stage = cfg.stage
-    if not is_ptv3:
-        backbone.memory_bank = memory_bank.to(next(backbone.parameters()).device) if memory_bank is not None else None
-        backbone.top_k, backbone.temperature = cfg.top_k, cfg.temperature
+    backbone.memory_bank = memory_bank.to(next(backbone.parameters()).device) if memory_bank is not None else None
+    backbone.top_k, backbone.temperature = cfg.top_k, cfg.temperature
 
     prompts_train = model.prompts is not None and any(p.requires_grad for p in model.prompts.parameters())
     if cfg.no_grad_prefix and not prompts_train:
