@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from ppt.io import atomic_write
 
 DEFAULT_TEMPLATE = "a point of {}"
-DEFAULT_CACHE_DIR = Path(os.environ.get("PPT_CACHE", Path.home() / ".cache" / "ppt")) / "text_embeddings"
+def default_cache_dir() -> Path:
+    """``$PPT_CACHE/text_embeddings`` (default ``~/.cache/ppt/text_embeddings``), read at call time."""
+    return Path(os.environ.get("PPT_CACHE", Path.home() / ".cache" / "ppt")) / "text_embeddings"
 PROBE_TIMEOUT_S = 3.0  # connection probe before any weight download
 HF_HOST = "huggingface.co"
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -138,7 +140,7 @@ def cache_path(class_names: Sequence[str], encoder: str, template: str, cache_di
     """Cache file of one (encoder, weights, template, class list)."""
     key = json.dumps([encoder, weights_identity(encoder), template, list(class_names)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR) / f"{digest}.pt"
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{digest}.pt"
 
 
 def save_embeddings(path: str | Path, embeddings: torch.Tensor, class_names: Sequence[str],

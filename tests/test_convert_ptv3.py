@@ -115,6 +115,27 @@ def test_pretraining_mask_token_is_dropped_and_a_headless_encoder_gets_a_fresh_h
     assert head.shape == state["seg_head.weight"].shape and 0 < head.std() < 0.05
 
 
+def test_a_pretraining_encoder_under_a_decoder_config_gets_a_fresh_decoder():
+    """Sonata / Concerto decoder probing and fine-tuning start from an encoder-only checkpoint:
+    the encoder's tensors load exactly, the decoder and head start fresh and the same on every
+    conversion (bugs caught: a refusal for the missing decoder, encoder tensors left at their
+    initialisation, an unseeded decoder)."""
+    case, state, _ = load("pt-v3m2_decoder")
+    encoder_only = {k: v for k, v in state.items() if k.startswith(("backbone.embedding.", "backbone.enc."))}
+    _, a, _ = convert(case, dict(encoder_only))
+    _, b, _ = convert(case, dict(encoder_only))
+    _, full, _ = convert(case, state)
+    enc = [k for k in full if k.startswith(("backbone.encoder.", "backbone.stem."))]
+    dec = [k for k in full if k.startswith("backbone.decoder.")]
+    assert enc and dec
+    assert all(torch.equal(a[k], full[k]) for k in enc)
+    assert all(torch.equal(a[k], b[k]) for k in dec)
+    assert any(not torch.equal(a[k], full[k]) for k in dec if k.endswith("weight"))
+    partial = {k: v for k, v in state.items() if k != "backbone.dec.dec0.block0.norm2.0.weight"}
+    with pytest.raises(ConversionError, match="dec0.block0.norm2"):
+        convert(case, partial)  # a decoder with a hole is still an error
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("enable_rpe", True, "model.backbone.enable_rpe"), ("pre_norm", False, "model.backbone.pre_norm"),
     ("enc_patch_size", (8, 8, 16, 8), "model.backbone.enc_patch_size"),

@@ -321,13 +321,14 @@ def config_from_reference(ref: dict, model_cfg: dict, state: dict):
 # --- import -----------------------------------------------------------------------------------
 
 def write_text_cache(folder: Path, model_cfg: dict, state: dict, cfg) -> list[str]:
-    """Fine-tuning embeds each dataset's class names with the model's text encoder
-    (``ppt.engine.weights``). The reference's ``class_embedding`` holds that encoder's text of
-    every name of its table (CLIP, template ``[x]``): the rows picked by NAME (not by
-    ``valid_index``) are exactly what ``ppt.text.class_embeddings`` would compute for a dataset
-    whose names all appear there. They are written as text-embedding cache files under
-    ``folder/text_embeddings/`` (use with ``PPT_CACHE=<exp folder>``), so a converted PPT model
-    fine-tunes without the CLIP weights on the machine. Returns the datasets written."""
+    """Training embeds each dataset's class names with the model's text encoder (``ppt.text``).
+    The reference's ``class_embedding`` holds that encoder's text of every name of its table
+    (CLIP, template ``[x]``): the rows picked by NAME (not by ``valid_index``) are exactly what
+    ``ppt.text.class_embeddings`` would compute for a dataset whose names all appear there. They
+    are written as text-embedding cache files into the shared cache (``$PPT_CACHE``, where every
+    tool looks: a converted PPT model fine-tunes without the CLIP weights on the machine) and
+    into ``folder/text_embeddings/`` (a copy that travels with the experiment). Returns the
+    datasets written."""
     from ppt.data.classes import get_dataset_info
     from ppt.text import cache_path, save_embeddings
 
@@ -339,12 +340,13 @@ def write_text_cache(folder: Path, model_cfg: dict, state: dict, cfg) -> list[st
     for d in datasets_of(model_cfg):
         names = get_dataset_info(d).class_names
         if all(n in rows for n in names):
-            try:
-                path = cache_path(names, cfg.model.text_encoder, cfg.model.template, folder / "text_embeddings")
-            except ValueError:  # an encoder name open_clip does not know: no cache key
-                return done
-            save_embeddings(path, emb[[rows[n] for n in names]].float(), names, cfg.model.text_encoder,
-                            cfg.model.template)
+            for where in (None, folder / "text_embeddings"):
+                try:
+                    path = cache_path(names, cfg.model.text_encoder, cfg.model.template, where)
+                except ValueError:  # an encoder name open_clip does not know: no cache key
+                    return done
+                save_embeddings(path, emb[[rows[n] for n in names]].float(), names, cfg.model.text_encoder,
+                                cfg.model.template)
             done.append(d)
     return done
 
@@ -353,9 +355,14 @@ def convert_state(state: dict, model_cfg: dict, cfg) -> dict:
     """Reference state -> this project's state, checked by a strict load into the built model."""
     from ppt.engine.build import build_model, text_embeddings_from_state
 
-    ours = family_of(model_cfg).to_ours(dict(state), model_cfg)
+    family = family_of(model_cfg)
+    ours = family.to_ours(dict(state), model_cfg)
+    torch.manual_seed(0)  # a fresh decoder / head is the same on every conversion
     model = build_model(cfg, text_embeddings_from_state(ours))
     own = model.state_dict()
+    fresh = getattr(family, "FRESH_DECODER", None)
+    if fresh and not any(k.startswith(fresh) for k in ours):  # a pretraining encoder under a decoder config
+        ours.update({k: v for k, v in own.items() if k.startswith(fresh)})
     missing = [k for k in own if k not in ours]
     unexpected = [k for k in ours if k not in own]
     shapes = [f"{k} {tuple(ours[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -388,6 +395,11 @@ def import_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike, 
     model_cfg = reference_model(ref)
     cfg = config_from_reference(ref, model_cfg, state)
     ours = convert_state(state, model_cfg, cfg)
+    if cfg.model.backbone == "ptv3" and not cfg.ptv3.enc_mode and not any(k.startswith("backbone.dec.") for k in state):
+        notes.append("the checkpoint has no decoder (a pretraining encoder): the decoder starts from a fresh "
+                     "initialisation, as the reference's decoder-probing / fine-tuning configs start it")
+    if cfg.model.backbone == "ptv3" and not any(k.startswith(("seg_head.", "seg_heads.", "proj_head.")) for k in state):
+        notes.append("the checkpoint has no segmentation head: the head starts fresh (train it before use)")
     record = {"pointcept_checkpoint": str(checkpoint), "pointcept_config": source, "notes": notes,
               "reference_keys": len(state), "keys": len(ours), "pointcept_model": _plain(model_cfg)}
     Path(exp_root).mkdir(parents=True, exist_ok=True)
@@ -399,8 +411,11 @@ def import_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike, 
                    tmp / "model" / "model_best.pth")
         cached = write_text_cache(tmp, model_cfg, state, cfg)
         if cached:
+            from ppt.text import default_cache_dir
+
             record["notes"].append(f"text embeddings of {', '.join(cached)} by class name from the reference's "
-                                   f"class_embedding in text_embeddings/: fine-tune offline with PPT_CACHE={target}")
+                                   f"class_embedding written to the text-embedding cache ({default_cache_dir()}; "
+                                   f"a copy in {target}/text_embeddings): fine-tuning needs no CLIP weights")
         (tmp / "convert.json").write_text(json.dumps(record, indent=1) + "\n")
         os.rename(tmp, target)
     except BaseException:

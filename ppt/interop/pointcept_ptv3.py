@@ -354,6 +354,9 @@ def _head_to_pointcept(state: dict, model_cfg: dict, datasets: list[str]) -> dic
 
 # --- the interface ----------------------------------------------------------------------------
 
+FRESH_DECODER = "backbone.decoder."  # our keys a pretraining encoder leaves to a fresh decoder
+
+
 def to_ours(state: dict[str, torch.Tensor], model_cfg: dict) -> dict[str, torch.Tensor]:
     """Reference state (``backbone.*`` + head keys) -> this project's Segmentor state.
 
@@ -363,7 +366,13 @@ def to_ours(state: dict[str, torch.Tensor], model_cfg: dict) -> dict[str, torch.
     state = dict(state)
     config_sections(model_cfg)  # checks the settings first
     b = _backbone(model_cfg)
-    out = _move(state, backbone_pairs(model_cfg))
+    pairs = backbone_pairs(model_cfg)
+    if not b["enc_mode"] and not any(k.startswith("backbone.dec.") for k in state):
+        # a pretraining encoder (Sonata / Concerto) under a decoder-probing or fine-tuning config:
+        # the reference builds the decoder at its initialisation and loads the encoder only
+        # (the core fills the decoder from a freshly built model: FRESH_DECODER)
+        pairs = [(ref, ours) for ref, ours in pairs if not ref.startswith("backbone.dec.")]
+    out = _move(state, pairs)
     state.pop("backbone.embedding.mask_token", None)  # pretraining only: fine-tuning never masks
     width = sum(b["enc_channels"]) if b["enc_mode"] else b["dec_channels"][0]
     out.update(_head_to_ours(state, model_cfg, _datasets(model_cfg), width))
