@@ -1,6 +1,6 @@
 """A converted model of every reference type is an experiment like any other: ``tools/test.py``
 evaluates it, ``tools/infer.py`` labels a cloud with it, ``tools/train.py --weights`` fine-tunes
-from it, and the SpUNet types take ``--peft dapt`` / ``pointpeft``.
+from it, and ``--peft dapt`` / ``pointpeft`` adapt it (SpUNet and PTv3 types).
 
 The models are the conversion fixtures (tiny reference models with random weights, made by
 bench/pointcept_parity*.py); the point is that every path accepts them (bugs caught: a converted
@@ -90,8 +90,7 @@ def test_test_infer_and_fine_tune_take_a_converted_model(case, converted, synthe
     assert train.main(["--config", str(exp / "config.yaml"), "--weights", weights, "--name", "ft",
                        "--exp-root", str(tmp_path), f"data.root={synthetic_root}", *FAST]) == 0
     assert (tmp_path / "ft" / "model" / "model_last.pth").is_file()
-    if case in SPUNET:
-        for stage in ("dapt", "pointpeft"):
-            assert train.main(["--peft", stage, "--weights", weights, "--datasets", dataset, "--name", stage,
-                               "--exp-root", str(tmp_path), "--data-root", str(synthetic_root), *FAST]) == 0
-            assert (tmp_path / stage / "model" / "model_last.pth").is_file()
+    for stage in ("dapt", "pointpeft"):
+        assert train.main(["--peft", stage, "--weights", weights, "--datasets", dataset, "--name", stage,
+                           "--exp-root", str(tmp_path), "--data-root", str(synthetic_root), *FAST]) == 0
+        assert (tmp_path / stage / "model" / "model_last.pth").is_file()
