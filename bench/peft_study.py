@@ -75,6 +75,7 @@ def train_base(backbone: str, root: Path, steps: int, out: Path) -> Path:
             shutil.rmtree(out / "base")
         cfg = load_config(BASE_CONFIG[backbone], common(root, steps, 0) + [
             f"data.mix={BASE_MIX}", "data.val=[]", "train.eval_every=0", "train.precise_bn=10",
+            "data.loop=200",  # the epoch (one pass over Structured3D) must hold the steps: the cap only shortens
             "train.best_on=first"])
         tic = time.perf_counter()
         train(cfg, out / "base")
