@@ -3,6 +3,14 @@
     python bench/peft.py --skip-transfer # part 1 only: the memory table of bench/RESULTS.md
     python bench/peft.py                 # both parts (the transfer study is long on a CPU)
     python bench/peft.py --quick         # smoke test: tiny widths, 2-3 steps, one seed
+    python bench/peft.py --skip-transfer --backbone ptv3   # the PTv3 cost table
+
+PTv3 (``--backbone ptv3``; cost part only): every stage (full, linear, decoder, bitfit, lora,
+dapt, pointpeft) on a PTv3 with PDNorm / PDLayerNorm and the language head, the same batch and
+the same measurements, no glibc-mmap RSS rerun. ``--ptv3-size``: ``paper`` (PTv3's default
+widths, about 46 M parameters, the paper size), ``half`` (every width halved: what a CPU
+measures in reasonable time) or ``tiny``; the trainable share at the paper size is
+always reported too (``trainable_pct_paper``: parameters only, no forward).
 
 Part 1, memory (same batch for every row, one fresh subprocess per row so peak RSS is the row's
 own; ``--threads`` torch threads, default 1): the default SpUNet widths (about 39 M parameters),
@@ -78,17 +86,50 @@ FULL = dict(widths=DEFAULT_WIDTHS, cost_voxel=0.05, repeats=2, base_steps=50, st
             batch_size=4, voxel=0.08, seeds=list(SEEDS))
 QUICK = dict(widths=[8, 16, 16, 32, 32, 16, 16, 16], cost_voxel=0.2, repeats=1, base_steps=3,
              stage_steps=2, batch_size=2, voxel=0.12, seeds=[0])
+PTV3_STAGES = ("full", "linear", "decoder", "bitfit", "lora", "dapt", "pointpeft")
+PTV3_ABLATIONS = (("dapt, no block recompute", "dapt", {"recompute_blocks": False}),
+                  ("pointpeft, no block recompute", "pointpeft", {"recompute_blocks": False}))
+_PTV3_PAPER = dict(enc_channels=[32, 64, 128, 256, 512], dec_channels=[64, 64, 128, 256])
+PTV3_SIZES = {  # ptv3 kwargs on top of PointTransformerV3's defaults (paper: the defaults)
+    "paper": {},
+    "half": {k: [c // 2 for c in v] for k, v in _PTV3_PAPER.items()},
+    "tiny": dict(enc_depths=[1, 1, 1, 1, 1], enc_channels=[8, 16, 16, 32, 32], enc_heads=[1, 2, 2, 4, 4],
+                 dec_depths=[1, 1, 1, 1], dec_channels=[16, 16, 16, 32], dec_heads=[2, 2, 2, 4]),
+}
+
+
+def ptv3_model(size: str, names: dict, text: dict, device: str):
+    from ppt.models.segmentor import Segmentor
+
+    return Segmentor(names, backbone=dict(PTV3_SIZES[size]), backbone_type="ptv3", prompt="pdnorm",
+                     prompt_dim=256, head="language", text_embeddings=text).to(device)
+
+
+def paper_trainable_pct(stage: str, names: dict, text: dict) -> float:
+    """Trainable share of PTv3 at the paper size (parameter count only, no forward; the
+    memory bank's width is all Point-PEFT's modules need)."""
+    import torch
+
+    from ppt.config import PeftConfig
+    from ppt.models.peft.memory_bank import MemoryBank
+    from ppt.models.peft.stages import apply_stage, parameter_counts
+
+    model = ptv3_model("paper", names, text, "cpu")
+    bank = MemoryBank(torch.randn(4, 512), [f"s{i}" for i in range(4)]) if stage == "pointpeft" else None
+    apply_stage(model, PeftConfig(stage=stage, base="-"), bank, domain=TARGET)
+    trainable, total = parameter_counts(model)
+    return 100.0 * trainable / total
 
 
 # --------------------------------------------------------------------------------------------
 # Part 1: memory worker (runs in its own process)
 
 def modulation_parameters(model) -> tuple[int, int]:
-    """(trainable, all) parameters of PDNorm's prompt modulations (Linear(prompt_dim -> 2C)
-    per norm)."""
-    from ppt.models.prompts import PDNorm
+    """(trainable, all) parameters of PDNorm's / PDLayerNorm's prompt modulations
+    (Linear(prompt_dim -> 2C) per norm)."""
+    from ppt.models.prompts import PDLayerNorm, PDNorm
 
-    params = [p for m in model.modules() if isinstance(m, PDNorm) and m.modulation is not None
+    params = [p for m in model.modules() if isinstance(m, (PDNorm, PDLayerNorm)) and m.modulation is not None
               for p in m.modulation.parameters()]
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -134,7 +175,7 @@ def tensor_mb(tensors) -> float:
 
 
 def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, repeats: int,
-                root: str, device: str, threads: int) -> dict:
+                root: str, device: str, threads: int, backbone: str = "spunet", ptv3_size: str = "paper") -> dict:
     import resource
 
     import torch
@@ -156,8 +197,11 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
     names = get_dataset_info(TARGET).class_names
     g = torch.Generator().manual_seed(0)
     text = {TARGET: F.normalize(torch.randn(len(names), 384, generator=g), dim=-1)}
-    model = Segmentor({TARGET: names}, backbone=dict(channels=tuple(widths)), prompt="pdnorm",
-                      prompt_dim=256, head="language", text_embeddings=text).to(device)
+    if backbone == "ptv3":
+        model = ptv3_model(ptv3_size, {TARGET: names}, text, device)
+    else:
+        model = Segmentor({TARGET: names}, backbone=dict(channels=tuple(widths)), prompt="pdnorm",
+                          prompt_dim=256, head="language", text_embeddings=text).to(device)
     ds = build_dataset(TARGET, root, "train", build_transforms(TARGET, "val", voxel))
     samples = [ds[i] for i in range(min(2, len(ds)))]
     for s in samples:
@@ -204,7 +248,9 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
     static = tensor_mb([*model.parameters(), *model.buffers(), *state,
                         *(v for v in batch.values() if torch.is_tensor(v))])
     held, step_peak = profiled_step(forward, backward, device)
-    return {"stage": stage, "settings": settings, "voxels": int(len(batch["segment"])),
+    paper_pct = paper_trainable_pct(stage, {TARGET: names}, text) if backbone == "ptv3" else None
+    return {"stage": stage, "settings": settings, "backbone": backbone, "voxels": int(len(batch["segment"])),
+            "ptv3_size": ptv3_size if backbone == "ptv3" else None, "trainable_pct_paper": paper_pct,
             "trainable": trainable, "total": total, "modulation": modulation,
             "trainable_pct": 100.0 * trainable / total,
             "trainable_pct_no_mod": 100.0 * (trainable - modulation_trainable) / (total - modulation),
@@ -217,6 +263,7 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
 def run_worker(name: str, stage: str, variant: dict, settings: dict, root: str, device: str,
                threads: int, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-W", "ignore", __file__, "--worker", stage,
+           "--backbone", settings.get("backbone", "spunet"), "--ptv3-size", settings.get("ptv3_size", "paper"),
            "--variant", json.dumps(variant), "--widths", json.dumps(settings["widths"]),
            "--voxel", str(settings["cost_voxel"]), "--repeats", str(settings["repeats"]),
            "--data-root", root, "--device", device, "--threads", str(threads)]
@@ -227,12 +274,14 @@ def run_worker(name: str, stage: str, variant: dict, settings: dict, root: str, 
 
 
 def run_cost(settings: dict, root: str, device: str, threads: int) -> list[dict]:
-    jobs = [(s, s, {}) for s in STAGES] + ([] if settings.get("quick") else list(ABLATIONS))
+    ptv3 = settings.get("backbone") == "ptv3"
+    stages, ablations = (PTV3_STAGES, PTV3_ABLATIONS) if ptv3 else (STAGES, ABLATIONS)
+    jobs = [(s, s, {}) for s in stages] + ([] if settings.get("quick") else list(ablations))
     rows = []
     for name, stage, variant in jobs:
         row = run_worker(name, stage, variant, settings, root, device, threads)
         row["name"] = name
-        if device == "cpu" and not variant and not settings.get("quick"):  # again, glibc's mmap threshold fixed
+        if device == "cpu" and not variant and not settings.get("quick") and not ptv3:  # again, glibc's mmap threshold fixed
             again = run_worker(name, stage, variant, settings, root, device, threads, MMAP_ENV)
             row["peak_rss_mmap_mb"] = again["peak_rss_mb"]
         print(f"  cost {name}: {row['voxels']} voxels, {row['step_s']:.2f} s/step, held after forward "
@@ -257,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(RESULTS_DIR))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each memory worker")
+    p.add_argument("--backbone", default="spunet", choices=("spunet", "ptv3"),
+                   help="cost table of this backbone (ptv3: cost part only)")
+    p.add_argument("--ptv3-size", default="paper", choices=tuple(PTV3_SIZES),
+                   help="PTv3 widths of the cost rows (paper = defaults, 46 M parameters)")
     p.add_argument("--base-steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--stage-steps", type=int, default=None, help="override the steps of every stage")
     p.add_argument("--name", default=None, help="results file name (default peft.json / peft_quick.json)")
@@ -268,14 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         row = cost_worker(args.worker, json.loads(args.variant), json.loads(args.widths), args.voxel,
-                          args.repeats, args.data_root, args.device, args.threads)
+                          args.repeats, args.data_root, args.device, args.threads, args.backbone, args.ptv3_size)
         print(json.dumps(row))
         return 0
     if not Path(args.data_root, TARGET).is_dir():
         print(f"error: {args.data_root}/{TARGET} missing; make it with "
               f"python tools/make_synthetic.py --out {args.data_root}", file=sys.stderr)
         return 2
-    settings = dict(QUICK if args.quick else FULL, quick=args.quick)
+    settings = dict(QUICK if args.quick else FULL, quick=args.quick, backbone=args.backbone,
+                    ptv3_size=args.ptv3_size)
+    if args.backbone == "ptv3" and not args.skip_transfer:
+        print("error: --backbone ptv3 measures the cost part only; add --skip-transfer", file=sys.stderr)
+        return 2
     settings["widths_transfer"] = QUICK["widths"] if args.quick else SMALL_WIDTHS
     for key in ("base_steps", "stage_steps"):
         if getattr(args, key) is not None:
@@ -286,11 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_cost:
         print(f"training memory per stage (fresh process each, {args.threads} thread(s)):", flush=True)
         result["cost"] = run_cost(settings, args.data_root, args.device, args.threads)
+        ptv3 = args.backbone == "ptv3"
         print(format_table(result["cost"], ["name", "trainable", "trainable_pct", "trainable_pct_no_mod",
+                                            *(["trainable_pct_paper"] if ptv3 else []),
                                             "held_mb", "peak_alloc_mb", "peak_alloc_vs_full", "peak_rss_mb",
                                             "peak_rss_vs_full", "peak_rss_mmap_mb", "peak_rss_mmap_vs_full",
                                             "step_s", "step_cpu_s"],
                            ["stage", "trainable", "% of total", "% of total w/o modulation",
+                            *(["% at paper size (46 M)"] if ptv3 else []),
                             "held after forward MB", "peak allocated MB", "/ full", "peak RSS MB", "/ full",
                             "peak RSS, mmap 1 MiB", "/ full", "step s", "step CPU s"]))
     if not args.skip_transfer:
@@ -303,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                             "train+eval s", "checkpoint MB"]))
     result["seconds" if not (args.skip_cost or args.skip_transfer) else "seconds_partial_rerun"] = \
         time.perf_counter() - tic
-    name = args.name or ("peft_quick.json" if args.quick else "peft.json")
+    name = args.name or ((f"peft_ptv3_{args.ptv3_size}" if args.backbone == "ptv3" else "peft")
+                         + ("_quick.json" if args.quick else ".json"))
     previous = Path(args.results) / name
     if previous.is_file():  # a partial rerun (--skip-cost / --skip-transfer) keeps the other part
         kept = ("base", "transfer", "transfer_runs") if args.skip_transfer else ("cost",)
