@@ -1,6 +1,6 @@
 """The demo on a busy machine: wall time idle and beside busy processes, per thread policy.
 
-    python bench/busy_machine.py [--epochs 2] [--busy 1] [--out bench/results/busy_machine.json]
+    python bench/busy_machine.py [--epochs 2] [--busy 1] [--repeats 2] [--out bench/results/busy_machine.json]
 
 Trains ``configs/demo.yaml`` for ``--epochs`` epochs (with its final evaluation) from the
 demo's data (``data/synthetic``, made by ``tools/train.sh``), once on the machine as it is and
@@ -12,7 +12,9 @@ server doing something else"), for each setting:
   sleep instead of spinning);
 - ``auto``: ``train.threads: 0`` as now (``ppt.engine.threads``: one thread per free core).
 
-Prints a markdown table (seconds, and busy / idle) and writes the JSON. Run it on an otherwise
+Each cell is the fastest of ``--repeats`` runs (idle and busy runs interleaved), so a burst of
+other work during one run does not set the figure. Prints a markdown table (seconds, and busy /
+idle) and writes the JSON with every run and the load average before it. Run it on an otherwise
 idle machine: the "idle" rows are the baseline of the ratio.
 """
 from __future__ import annotations
@@ -35,10 +37,14 @@ from ppt.engine.threads import usable_cores  # noqa: E402
 SPIN = "while True: pass"
 
 
-def settings(cores: int) -> list[tuple[str, list[str], dict]]:
-    return [("all cores", [f"train.threads={cores}"], {}),
-            ("all cores, passive wait", [f"train.threads={cores}"], {"OMP_WAIT_POLICY": "PASSIVE"}),
-            ("auto (train.threads 0)", ["train.threads=0"], {})]
+SETTINGS = ("all", "passive", "auto")
+
+
+def settings(cores: int, keep=SETTINGS) -> list[tuple[str, list[str], dict]]:
+    every = {"all": ("all cores", [f"train.threads={cores}"], {}),
+             "passive": ("all cores, passive wait", [f"train.threads={cores}"], {"OMP_WAIT_POLICY": "PASSIVE"}),
+             "auto": ("auto (train.threads 0)", ["train.threads=0"], {})}
+    return [every[k] for k in keep]
 
 
 def run_demo(overrides: list[str], env: dict, epochs: int, data: str, exp_root: str, name: str) -> float:
@@ -58,6 +64,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--busy", type=int, default=1, help="spinning processes beside the busy runs")
+    p.add_argument("--repeats", type=int, default=2, help="runs per cell; the fastest counts")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--data", default=str(REPO / "data" / "synthetic"))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "busy_machine.json"))
     args = p.parse_args()
@@ -69,18 +77,24 @@ def main() -> int:
     cores = usable_cores()
     rows = []
     with tempfile.TemporaryDirectory() as exp_root:
-        for i, (label, overrides, env) in enumerate(settings(cores)):
-            row = {"setting": label}
-            for load in ("idle", "busy"):
-                spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(args.busy if load == "busy" else 0)]
-                try:
-                    time.sleep(1.0 if spinners else 0.0)  # let them take their cores
-                    row[load] = run_demo(overrides, env, args.epochs, args.data, exp_root, f"s{i}_{load}")
-                finally:
-                    for s in spinners:
-                        s.kill()
-                        s.wait()
-                print(f"{label}, {load}: {row[load]:.1f} s", flush=True)
+        for i, (label, overrides, env) in enumerate(settings(cores, args.settings.split(","))):
+            row = {"setting": label, "runs": []}
+            for r in range(args.repeats):
+                for load in ("idle", "busy"):
+                    spinners = [subprocess.Popen([sys.executable, "-c", SPIN])
+                                for _ in range(args.busy if load == "busy" else 0)]
+                    try:
+                        time.sleep(1.0 if spinners else 0.0)  # let them take their cores
+                        before = os.getloadavg()[0]
+                        seconds = run_demo(overrides, env, args.epochs, args.data, exp_root, f"s{i}_{load}_{r}")
+                    finally:
+                        for s in spinners:
+                            s.kill()
+                            s.wait()
+                    row["runs"].append({"load": load, "seconds": seconds, "load_avg_before": before})
+                    row[load] = min(seconds, row.get(load, seconds))
+                    print(f"{label}, {load} #{r + 1}: {seconds:.1f} s (1-min load average before: {before:.2f})",
+                          flush=True)
             row["ratio"] = row["busy"] / row["idle"]
             rows.append(row)
     print(f"\n{args.epochs}-epoch demo, {cores} cores, busy = {args.busy} spinning process(es); "

@@ -36,6 +36,21 @@ def test_auto_threads_take_the_free_cores(cores, busy, procs, expected):
     assert f"{cores} cores" in why and f"{busy:.1f} busy" in why
 
 
+@pytest.mark.parametrize("cores, busy, procs, workers, expected", [
+    (2, 0.0, 1, 1, 1),    # the demo: its loader worker takes the second core (measured faster)
+    (2, 1.0, 1, 1, 1),
+    (16, 0.0, 1, 4, 12),  # 4 workers beside one process
+    (16, 0.0, 2, 3, 5),   # 2 processes x (1 + 3 workers) of 16 cores
+])
+def test_auto_threads_leave_the_loader_workers_their_cores(cores, busy, procs, workers, expected):
+    """Bug caught: torch threads and our own loader processes on the same cores (OpenMP threads
+    spinning on a core a worker needs; the demo's 2 threads + 1 worker ran 38-47 s where one
+    thread ran 36-37 s)."""
+    threads, why = choose_threads(0, procs, busy=busy, cores=cores, workers=workers)
+    assert threads == expected
+    assert f"{workers * procs} loader worker(s)" in why
+
+
 def test_explicit_threads_are_kept():
     assert choose_threads(3, 1, busy=2.0, cores=2)[0] == 3
 

@@ -180,9 +180,10 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     exp = Path(args.exp)
     cfg, model, ckpt_path = load_experiment(exp, args.weights, device)
     # as in training: one thread per free core (more spin instead of working on a busy machine)
-    threads, _ = choose_threads(cfg.train.threads if args.threads is None else args.threads)
-    torch.set_num_threads(threads)
     args.workers = loader_workers(args.workers)
+    threads, _ = choose_threads(cfg.train.threads if args.threads is None else args.threads,
+                                workers=args.workers)
+    torch.set_num_threads(threads)
     datasets = resolve_datasets(args.dataset, cfg)
     domains, trained = set(getattr(model, "domains", ())), set(trained_domains(cfg))
     if args.prompt is not None and args.prompt not in (*domains, "mean"):

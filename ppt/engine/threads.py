@@ -8,9 +8,11 @@ slower (issue 18); one thread per FREE core keeps the slow-down in proportion to
 
 ``train.threads: 0`` (auto) therefore takes the cores this process may run on, subtracts what
 other processes keep busy (sampled from ``/proc/stat`` over a short window, else the 1-minute
-load average) and divides the rest between the training processes of this machine. Our own
-loader workers are not subtracted: they run between steps and a second thread still helps on
-an idle machine (bench/RESULTS.md §9). The choice is made once, at start-up, and logged.
+load average) and the training processes' own loader workers (they run beside the step, and an
+OpenMP thread sharing a core with one stalls as with any other process), and divides the rest
+between the training processes of this machine. Measured on 2 cores with the demo's one loader
+worker (bench/RESULTS.md §9): 1 thread 36-37 s for 2 epochs, 2 threads 38-47 s, idle or not.
+The choice is made once, at start-up, and logged.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def local_processes() -> int:
 
 
 def choose_threads(requested: int, local_processes: int = 1, busy: float | None = None,
-                   cores: int | None = None) -> tuple[int, str]:
+                   cores: int | None = None, workers: int = 0) -> tuple[int, str]:
     """Threads for one training process, and a line saying why.
 
     Args:
@@ -73,6 +75,7 @@ def choose_threads(requested: int, local_processes: int = 1, busy: float | None 
         local_processes: training processes on this machine (torchrun's LOCAL_WORLD_SIZE).
         busy: cores busy with other work (default: measured by :func:`busy_cores`).
         cores: usable cores (default: :func:`usable_cores`).
+        workers: loader worker processes per training process (:func:`loader_workers`).
 
     Returns:
         (threads >= 1, reason), e.g. ``(1, "1 torch thread: 2 cores, 1.0 busy with other work")``.
@@ -81,11 +84,13 @@ def choose_threads(requested: int, local_processes: int = 1, busy: float | None 
         return requested, f"{requested} torch thread(s) (train.threads)"
     cores = usable_cores() if cores is None else cores
     busy = busy_cores() if busy is None else busy
-    free = max(1, cores - int(round(min(busy, cores))))
-    threads = max(1, free // max(1, local_processes))
+    procs = max(1, local_processes)
+    free = max(1, cores - int(round(min(busy, cores))) - workers * procs)
+    threads = max(1, free // procs)
     share = f", {local_processes} training processes" if local_processes > 1 else ""
+    loaders = f", {workers * procs} loader worker(s)" if workers else ""
     return threads, (f"{threads} torch thread(s) (train.threads 0 = auto: {cores} cores, {busy:.1f} busy "
-                     f"with other work{share})")
+                     f"with other work{loaders}{share})")
 
 
 def loader_workers(requested: int, local_processes: int = 1, cores: int | None = None) -> int:

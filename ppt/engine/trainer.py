@@ -241,7 +241,8 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
     """
     exp_dir = Path(exp_dir)
     rank, world, device = dist_utils.init_distributed(cfg.train.device)
-    threads, threads_note = choose_threads(cfg.train.threads, local_processes())
+    threads, threads_note = choose_threads(cfg.train.threads, local_processes(),
+                                           workers=loader_workers(cfg.data.num_workers, local_processes()))
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)

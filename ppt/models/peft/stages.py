@@ -124,6 +124,22 @@ class PeftBlock(BasicBlock):
         return out.replace_feature(self.peft(x, out, ctx))
 
 
+def retrieved_set(backbone: nn.Module, batch: dict, pooled) -> torch.Tensor | None:
+    """Point-PEFT's retrieved set (B, R, D) of the batch's scenes, or None without a memory bank.
+
+    ``pooled()`` gives the scenes' bank queries by a frozen pass, for scenes the bank does not
+    hold (validation, Mix3D pairs)."""
+    if backbone.memory_bank is None:
+        return None
+    names = batch["name"]
+    query = backbone.memory_bank.lookup(names)
+    if query is None:
+        query = pooled()
+    retrieved, _, _ = backbone.memory_bank.retrieve(query.to(batch["feat"].device), names,
+                                                    backbone.top_k, backbone.temperature)
+    return retrieved
+
+
 class PeftSpUNet(SpUNet):
     """SpUNet with a stage applied: builds the per-forward PeftContext (retrieval for
     Point-PEFT), adds DAPT's mean prompt to the output features, keeps BN statistics frozen."""
@@ -136,14 +152,8 @@ class PeftSpUNet(SpUNet):
     def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
         ctx = ctx if ctx is not None else DomainContext()
         x = self.sparse_input(batch)
-        pctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt)
-        if self.memory_bank is not None:
-            names = batch["name"]
-            query = self.memory_bank.lookup(names)
-            if query is None:  # scenes not in the bank (validation, Mix3D pairs): frozen pass
-                query = pooled_bottom(self, x, ctx)
-            pctx.retrieved, _, _ = self.memory_bank.retrieve(
-                query.to(x.features.device), names, self.top_k, self.temperature)
+        pctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt,
+                           retrieved=retrieved_set(self, batch, lambda: pooled_bottom(self, x, ctx)))
         out = self.forward_sparse(x, pctx)
         feats = out.features
         prompt = head_prompt(pctx, len(self.encoder) + len(self.decoder) - 1, out.indices[:, 0].long())
@@ -167,14 +177,8 @@ class PeftPTv3(PointTransformerV3):
 
     def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
         ctx = ctx if ctx is not None else DomainContext()
-        pctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt)
-        if self.memory_bank is not None:
-            names = batch["name"]
-            query = self.memory_bank.lookup(names)
-            if query is None:  # scenes not in the bank (validation, Mix3D pairs): frozen pass
-                query = pooled_bottom_ptv3(self, batch, ctx)
-            pctx.retrieved, _, _ = self.memory_bank.retrieve(
-                query.to(batch["feat"].device), names, self.top_k, self.temperature)
+        pctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt,
+                           retrieved=retrieved_set(self, batch, lambda: pooled_bottom_ptv3(self, batch, ctx)))
         feats = super().forward(batch, pctx)
         if not pctx.prompts:
             return feats
