@@ -375,6 +375,10 @@ def validate(cfg: Config, where: str = "") -> Config:
     if cfg.model.in_channels != 3 * len(cfg.data.features):
         raise bad("model.in_channels", f"is {cfg.model.in_channels} but data.features {list(cfg.data.features)} "
                                        f"give {3 * len(cfg.data.features)} channels")
+    if cfg.peft.stage == "decoder" and cfg.model.backbone == "ptv3" and cfg.ptv3.enc_mode:
+        raise bad("peft.stage", "is 'decoder' but the model is encoder-only (ptv3.enc_mode): it has no decoder "
+                                "to probe; use 'linear', or convert the encoder with a decoder config (Pointcept's "
+                                "'-dec' configs: the decoder starts fresh)")
     untrained = [d for d in cfg.data.val if d not in cfg.data.mix]
     if untrained and cfg.model.head != "language":
         raise bad("data.val", f"names {', '.join(untrained)}, not in data.mix: the {cfg.model.head} head's "

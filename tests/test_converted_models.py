@@ -1,6 +1,6 @@
 """A converted model of every reference type is an experiment like any other: ``tools/test.py``
 evaluates it, ``tools/infer.py`` labels a cloud with it, ``tools/train.py --weights`` fine-tunes
-from it, and ``--peft dapt`` / ``pointpeft`` adapt it (SpUNet and PTv3 types).
+from it, and ``--peft dapt`` / ``pointpeft`` / ``lora`` / ``decoder`` adapt it (SpUNet and PTv3 types).
 
 The models are the conversion fixtures (tiny reference models with random weights, made by
 bench/pointcept_parity*.py); the point is that every path accepts them (bugs caught: a converted
@@ -90,7 +90,20 @@ def test_test_infer_and_fine_tune_take_a_converted_model(case, converted, synthe
     assert train.main(["--config", str(exp / "config.yaml"), "--weights", weights, "--name", "ft",
                        "--exp-root", str(tmp_path), f"data.root={synthetic_root}", *FAST]) == 0
     assert (tmp_path / "ft" / "model" / "model_last.pth").is_file()
-    for stage in ("dapt", "pointpeft"):
+    for stage in ("dapt", "pointpeft", "lora", "decoder"):
+        if stage == "decoder" and "encoder_mode" in case:
+            continue  # no decoder to probe (tested below)
         assert train.main(["--peft", stage, "--weights", weights, "--datasets", dataset, "--name", stage,
                            "--exp-root", str(tmp_path), "--data-root", str(synthetic_root), *FAST]) == 0
         assert (tmp_path / stage / "model" / "model_last.pth").is_file()
+
+
+def test_decoder_probing_an_encoder_only_model_is_refused(converted, synthetic_root, tmp_path, capsys):
+    """Bug caught: ``--peft decoder`` on an encoder-only model silently training the head alone
+    (linear probing under another name)."""
+    weights = str(converted["pt-v3m2_encoder_mode"] / "model" / "model_best.pth")
+    rc = tool("train").main(["--peft", "decoder", "--weights", weights, "--datasets", "scannet", "--name", "d",
+                             "--exp-root", str(tmp_path), "--data-root", str(synthetic_root), *FAST])
+    err = capsys.readouterr().err
+    assert rc != 0 and "error:" in err and "decoder" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
