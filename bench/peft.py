@@ -87,6 +87,7 @@ FULL = dict(widths=DEFAULT_WIDTHS, cost_voxel=0.05, repeats=2, base_steps=50, st
 QUICK = dict(widths=[8, 16, 16, 32, 32, 16, 16, 16], cost_voxel=0.2, repeats=1, base_steps=3,
              stage_steps=2, batch_size=2, voxel=0.12, seeds=[0])
 PTV3_STAGES = ("full", "linear", "decoder", "bitfit", "lora", "dapt", "pointpeft")
+COST_STAGES = PTV3_STAGES  # every stage runs on both backbones
 PTV3_ABLATIONS = (("dapt, no block recompute", "dapt", {"recompute_blocks": False}),
                   ("pointpeft, no block recompute", "pointpeft", {"recompute_blocks": False}))
 _PTV3_PAPER = dict(enc_channels=[32, 64, 128, 256, 512], dec_channels=[64, 64, 128, 256])
@@ -275,7 +276,9 @@ def run_worker(name: str, stage: str, variant: dict, settings: dict, root: str, 
 
 def run_cost(settings: dict, root: str, device: str, threads: int) -> list[dict]:
     ptv3 = settings.get("backbone") == "ptv3"
-    stages, ablations = (PTV3_STAGES, PTV3_ABLATIONS) if ptv3 else (STAGES, ABLATIONS)
+    stages, ablations = (PTV3_STAGES, PTV3_ABLATIONS) if ptv3 else (COST_STAGES, ABLATIONS)
+    if settings.get("stages"):  # a chosen subset (full always: the ratios are to it), no ablations
+        stages, ablations = ("full", *(s for s in settings["stages"] if s != "full")), ()
     jobs = [(s, s, {}) for s in stages] + ([] if settings.get("quick") else list(ablations))
     rows = []
     for name, stage, variant in jobs:
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--stage-steps", type=int, default=None, help="override the steps of every stage")
     p.add_argument("--name", default=None, help="results file name (default peft.json / peft_quick.json)")
+    p.add_argument("--stages", default="", help="cost rows of these stages only (and full), e.g. decoder,lora")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--widths", default=None, help=argparse.SUPPRESS)
@@ -329,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
               f"python tools/make_synthetic.py --out {args.data_root}", file=sys.stderr)
         return 2
     settings = dict(QUICK if args.quick else FULL, quick=args.quick, backbone=args.backbone,
-                    ptv3_size=args.ptv3_size)
+                    ptv3_size=args.ptv3_size, stages=[s for s in args.stages.split(",") if s])
+    unknown = [s for s in settings["stages"] if s not in PTV3_STAGES]
+    if unknown:
+        print(f"error: --stages: unknown {', '.join(unknown)}; valid: {', '.join(PTV3_STAGES)}", file=sys.stderr)
+        return 2
     if args.backbone == "ptv3" and not args.skip_transfer:
         print("error: --backbone ptv3 measures the cost part only; add --skip-transfer", file=sys.stderr)
         return 2

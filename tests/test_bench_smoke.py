@@ -78,7 +78,7 @@ def test_peft_quick(synthetic_root, tmp_path):
                     "--data-root", str(synthetic_root))
     result = json.loads((tmp_path / "peft_quick.json").read_text())
     stages = [row["stage"] for row in result["cost"]]
-    assert stages == ["full", "linear", "bitfit", "dapt", "pointpeft"]
+    assert stages == ["full", "linear", "decoder", "bitfit", "lora", "dapt", "pointpeft"]
     full = result["cost"][0]
     assert full["peak_alloc_mb"] > 0 and full["trainable"] == full["total"]
     for row in result["cost"][1:]:
