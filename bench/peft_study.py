@@ -2,7 +2,7 @@
 learning rate from a sweep on a held-out split, several seeds, full labels and a label budget.
 
     python bench/peft_study.py [--backbone spunet|ptv3] [--base-steps 2000] [--steps 300]
-        [--sweep-steps 150] [--seeds 0,1,2] [--budgets 0,20] [--stages full,linear,...]
+        [--sweep-steps 150 (0: no sweep, each config's lr)] [--seeds 0,1,2] [--budgets 0,20] [--stages full,...]
         [--out bench/results/peft_study_<backbone>]
 
 1. Base: the demo model (``configs/demo.yaml`` / ``demo_ptv3.yaml``: PPT, PDNorm, language head)
@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     lrs, sweep = {}, []
     for stage in stages:
         lr0 = load_config(f"configs/peft_{stage}.yaml", [f"peft.base={base}"]).optim.lr
+        if args.sweep_steps == 0:  # no sweep: each stage's config lr (a reduced study says so)
+            lrs[stage] = lr0
+            continue
         tries = [run(f"sweep_{stage}_lr{lr0 * f:g}", stage, base, held_out, args.sweep_steps, 0, lr0 * f, 0, out)
                  for f in LR_FACTORS]
         tries = [t for t in tries if t is not None]
