@@ -259,15 +259,20 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run(f"{stage}_b{budget}_seed{seed}", stage, base, root, args.steps, seed, lrs[stage],
                                 budget, out))
     rows = [r for r in rows if r is not None]
+    from bench.peft_transfer import zero_shot
+
+    start = zero_shot(base, common(root, 1, 0), out, "cpu")  # the base on Area 5 before any step
     table = summarise(rows, costs, lrs, budgets)
     cols = ["stage", "lr", "trainable_pct", "peak_alloc_mb", "peak_vs_full", "s_per_step"]
     for b in budgets:
         cols += [f"miou_{b}", f"std_{b}"]
-    print(f"\n{args.backbone}: base {args.base_steps} steps; {args.steps} steps per run, seeds {seeds}")
+    print(f"\n{args.backbone}: base {args.base_steps} steps; {args.steps} steps per run, seeds {seeds}; "
+          f"the base before any step: val mIoU {start['val_mIoU']:.4f}")
     print(format_table(table, cols))
     notes = reading(table, budgets)
     print("\n".join(notes))
     save_json({"machine": machine_info(), "args": vars(args), "lrs": lrs, "sweep": sweep, "runs": rows,
+               "zero_shot": start,
                "table": table, "reading": notes}, out / "study.json")
     print(f"wrote {out / 'study.json'}")
     return 0
