@@ -169,6 +169,26 @@ def profiled_step(forward, backward, device: str) -> tuple[float, float]:
     return held / 2**20, peak / 2**20
 
 
+def training_step(model, batch: dict):
+    """(AdamW over the trainable parameters, forward() -> loss, backward(loss): backward + step):
+    one training step split where :func:`profiled_step` measures."""
+    import torch
+
+    from ppt.losses import segmentation_loss
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def forward():
+        return segmentation_loss(model(batch), batch["segment"])
+
+    def backward(loss):
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return opt, forward, backward
+
+
 def tensor_mb(tensors) -> float:
     """MiB of the distinct storages among `tensors`."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -188,7 +208,6 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
     from ppt.data.collate import collate
     from ppt.data.datasets import build_dataset
     from ppt.data.transforms import build_transforms
-    from ppt.losses import segmentation_loss
     from ppt.models.peft.memory_bank import build_memory_bank
     from ppt.models.peft.stages import apply_stage, parameter_counts
     from ppt.models.segmentor import Segmentor
@@ -219,17 +238,7 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
     model.train()
     trainable, total = parameter_counts(model)
     modulation_trainable, modulation = modulation_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-
-    def forward():
-        return segmentation_loss(model(batch), batch["segment"])
-
-    def backward(loss):
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    opt, forward, backward = training_step(model, batch)
     rss_before = current_rss_mb()
     reset_cuda_peak(device)
     backward(forward())  # warm-up step (spconv builds its tables, AdamW its state)

@@ -126,10 +126,9 @@ def stage_cost(stage: str, base: Path, root: Path, out: Path) -> dict:
     """Trainable share and peak allocated MiB of one training step of the stage on the base."""
     import torch
 
-    from bench.peft import profiled_step, tensor_mb
+    from bench.peft import profiled_step, tensor_mb, training_step
     from ppt.engine.build import build_model, build_train_loader
     from ppt.engine.peft_checkpoint import prepare_peft_model
-    from ppt.losses import segmentation_loss
     from ppt.models.peft.stages import parameter_counts
 
     cfg = stage_config(stage, base, root, 2, 0, 1e-3, 0)
@@ -138,16 +137,7 @@ def stage_cost(stage: str, base: Path, root: Path, out: Path) -> dict:
     prepare_peft_model(model, cfg, out / f"cost_{stage}", "cpu")
     model.train()
     batch = next(iter(build_train_loader(cfg)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-
-    def forward():
-        return segmentation_loss(model(batch), batch["segment"])
-
-    def backward(loss):
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    opt, forward, backward = training_step(model, batch)
 
     backward(forward())  # warm-up: optimiser state exists before the measured step
     state = [t for group in opt.state.values() for t in group.values() if torch.is_tensor(t)]
