@@ -12,9 +12,10 @@ Flags:
                           re-iterated whenever they run out (as the reference).
     --data-root DIR       replaces data.root
     --weights FILE        initialise the model from a checkpoint (fine-tuning)
-    --peft STAGE          parameter-efficient fine-tuning of --weights: full, linear, bitfit,
-                          dapt or pointpeft (config default configs/peft_STAGE.yaml; the model
-                          section comes from the base checkpoint; ppt.models.peft)
+    --peft STAGE          parameter-efficient fine-tuning of --weights: full, linear, decoder,
+                          bitfit, lora, dapt or pointpeft, on a SpUNet or PTv3 base (config
+                          default configs/peft_STAGE.yaml; the model section, voxel size and input
+                          features come from the base checkpoint; ppt.models.peft)
     --resume              continue exp/NAME from model/model_last.pth, exactly (without --config:
                           exp/NAME/config.yaml). Only how the rest is run may change
                           (train.epochs re-plans the lr schedule, eval/checkpoint/log intervals,

@@ -15,7 +15,7 @@
 # (the first dataset defines the epoch: one pass over it; the others cycle, reshuffled),
 # --data-root DIR, --gpus N (processes per machine), --machines M, --rank R (this machine),
 # --master ADDR:PORT, --weights FILE (initialise, fine-tune), --peft STAGE (parameter-efficient
-# fine-tuning of --weights: full|linear|bitfit|dapt|pointpeft, config configs/peft_STAGE.yaml
+# fine-tuning of --weights: full|linear|decoder|bitfit|lora|dapt|pointpeft, config configs/peft_STAGE.yaml
 # unless --config is given), --resume (without --config: exp/NAME/config.yaml), --plan (print
 # datasets, sizes, steps per epoch, total steps and evaluation volume, then exit), --no-test; anything
 # of the form key=value is a config override. More than one process -> torchrun.
