@@ -178,8 +178,12 @@ def reading(table: list[dict], budgets: list[int]) -> list[str]:
             if t is full or t[f"miou_{b}"] is None:
                 continue
             diff = t[f"miou_{b}"] - full[f"miou_{b}"]
-            spread = 2 * max(t[f"std_{b}"] or 0.0, full[f"std_{b}"] or 0.0)
-            verdict = "outside" if abs(diff) > spread and t[f"n_{b}"] > 1 else "within"
+            if min(t[f"n_{b}"], full[f"n_{b}"]) < 2:
+                lines.append(f"budget {b or 'all'}: {t['stage']} - full = {100 * diff:+.1f} mIoU (one seed: no spread "
+                             f"to judge it by)")
+                continue
+            spread = 2 * max(t[f"std_{b}"], full[f"std_{b}"])
+            verdict = "outside" if abs(diff) > spread else "within"
             lines.append(f"budget {b or 'all'}: {t['stage']} - full = {100 * diff:+.1f} mIoU, {verdict} the seed "
                          f"spread (2 x std = {100 * spread:.1f})")
     return lines
