@@ -126,3 +126,21 @@ def test_time_to_accuracy_quick_and_resume(synthetic_root, tmp_path):
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
     again = run_bench("time_to_accuracy.py", *args)  # every run has its result: nothing trains
     assert "recipe scannet" not in again and "plain scannet:" not in again
+
+
+def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path):
+    """The study's pipeline end to end at toy length: the lr comes from the sweep grid, every
+    stage x budget x seed is a row, and a second call trains nothing (bugs caught: a run not
+    cached, a sweep that does not choose, a budget or seed left out of the table)."""
+    args = ["--data", str(synthetic_root), "--base-steps", "2", "--steps", "2", "--sweep-steps", "1",
+            "--seeds", "0,1", "--budgets", "0,20", "--stages", "full,linear", "--out", str(tmp_path)]
+    run_bench("peft_study.py", *args)
+    result = json.loads((tmp_path / "study.json").read_text())
+    assert {r["stage"] for r in result["sweep"]} == {"full", "linear"} and len(result["sweep"]) == 6
+    for stage, lr in result["lrs"].items():
+        assert lr in {r["lr"] for r in result["sweep"] if r["stage"] == stage}
+    assert sorted((r["stage"], r["budget"], r["seed"]) for r in result["runs"]) == sorted(
+        (s, b, seed) for s in ("full", "linear") for b in (0, 20) for seed in (0, 1))
+    assert all(t["n_0"] == 2 and t["n_20"] == 2 and t["peak_alloc_mb"] > 0 for t in result["table"])
+    out = run_bench("peft_study.py", *args)
+    assert "started" not in out and "val mIoU" not in out.split("chosen lr")[0]  # all from the cache
