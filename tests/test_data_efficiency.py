@@ -98,3 +98,27 @@ def test_plan_states_the_selection(synthetic_root):
                              "data.batch_size=1"])
     text = format_plan(make_plan(cfg))
     assert "2 of 4 training scenes" in text and "label budget 20" in text
+
+
+def test_the_trainer_saves_the_lists_and_a_resume_checks_them(synthetic_root, tmp_path):
+    """Call site: ``train()`` writes label_budget.json / scenes.json into the experiment and a
+    resume on lists that no longer match stops with the file named (bugs caught: the trainer not
+    saving the selection, or not checking it on --resume)."""
+    from ppt.engine.trainer import SetupError, train
+
+    cfg = load_config(None, [f"data.root={synthetic_root}", *BASE, "data.scene_fraction=0.5", "data.label_budget=10",
+                             "data.batch_size=1", "model.channels=[8,8,16,16,16,16,8,8]",
+                             "model.layers=[1,1,1,1,1,1,1,1]", "model.head=decoupled", "model.prompt=none",
+                             "data.mix3d_prob=0.0", "train.device=cpu", "train.threads=1", "train.eval_every=0",
+                             "train.epochs=1", "train.steps_per_epoch=1", "train.precise_bn=0"])
+    exp = tmp_path / "exp"
+    train(cfg, exp)
+    labels = json.loads((exp / "label_budget.json").read_text())
+    assert set(labels["datasets"]["scannet"]) == set(json.loads((exp / "scenes.json").read_text())
+                                                     ["datasets"]["scannet"]["kept"])
+    scene = next(iter(labels["datasets"]["scannet"]))
+    labels["datasets"]["scannet"][scene] = labels["datasets"]["scannet"][scene][:-1]
+    (exp / "label_budget.json").write_text(json.dumps(labels))
+    cfg.train.epochs = 2
+    with pytest.raises(SetupError, match="label_budget.json"):
+        train(cfg, exp, resume=True)

@@ -81,12 +81,15 @@ def test_loader_workers_never_exceed_the_spare_cores(requested, cores, procs, ex
     assert loader_workers(requested, procs, cores=cores) == expected
 
 
-def test_trainer_uses_the_chosen_threads_and_logs_them(synthetic_root, tmp_path, monkeypatch):
-    """The trainer calls the policy: with every core but one busy it trains on one thread."""
+@pytest.mark.parametrize("busy, why", [(1.0, "2 cores, 1.0 busy"),
+                                       (0.0, "2 cores, 0.0 busy with other work, 1 loader worker(s)")])
+def test_trainer_uses_the_chosen_threads_and_logs_them(synthetic_root, tmp_path, monkeypatch, busy, why):
+    """The trainer calls the policy: with one core busy, or with its one loader worker on the
+    second core (bug caught: the trainer not passing its loader workers), it trains on one thread."""
     from ppt.config import load_config
     from ppt.engine.trainer import train
 
-    monkeypatch.setattr(threads_mod, "busy_cores", lambda: threads_mod.usable_cores() - 1.0)
+    monkeypatch.setattr(threads_mod, "busy_cores", lambda: busy)
     monkeypatch.setattr(threads_mod, "usable_cores", lambda: 2)
     torch.set_num_threads(2)
     cfg = load_config(None, [f"data.root={synthetic_root}", "data.mix={scannet: 1}", "data.batch_size=2",
@@ -98,7 +101,7 @@ def test_trainer_uses_the_chosen_threads_and_logs_them(synthetic_root, tmp_path,
     train(cfg, tmp_path / "exp")
     assert torch.get_num_threads() == 1
     log = (tmp_path / "exp" / "train.log").read_text()
-    assert "1 torch thread(s) (train.threads 0 = auto: 2 cores, 1.0 busy" in log
+    assert f"1 torch thread(s) (train.threads 0 = auto: {why}" in log
 
 
 def test_build_caps_loader_workers(synthetic_root, monkeypatch):
