@@ -20,7 +20,6 @@ idle machine: the "idle" rows are the baseline of the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -65,7 +65,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, format_table, machine_info, save_json  # noqa: E402
-from bench.peft_transfer import BASE_MIX, SEEDS, STAGES, TARGET, run_transfer  # noqa: E402
+from bench.peft_transfer import BASE_MIX, SEEDS, TARGET, run_transfer  # noqa: E402
 
 # cost rows: (row name, stage, memory settings that differ from the stage's defaults)
 ABLATIONS = (
@@ -86,8 +86,7 @@ FULL = dict(widths=DEFAULT_WIDTHS, cost_voxel=0.05, repeats=2, base_steps=50, st
             batch_size=4, voxel=0.08, seeds=list(SEEDS))
 QUICK = dict(widths=[8, 16, 16, 32, 32, 16, 16, 16], cost_voxel=0.2, repeats=1, base_steps=3,
              stage_steps=2, batch_size=2, voxel=0.12, seeds=[0])
-PTV3_STAGES = ("full", "linear", "decoder", "bitfit", "lora", "dapt", "pointpeft")
-COST_STAGES = PTV3_STAGES  # every stage runs on both backbones
+COST_STAGES = ("full", "linear", "decoder", "bitfit", "lora", "dapt", "pointpeft")  # both backbones
 PTV3_ABLATIONS = (("dapt, no block recompute", "dapt", {"recompute_blocks": False}),
                   ("pointpeft, no block recompute", "pointpeft", {"recompute_blocks": False}))
 _PTV3_PAPER = dict(enc_channels=[32, 64, 128, 256, 512], dec_channels=[64, 64, 128, 256])
@@ -285,7 +284,7 @@ def run_worker(name: str, stage: str, variant: dict, settings: dict, root: str, 
 
 def run_cost(settings: dict, root: str, device: str, threads: int) -> list[dict]:
     ptv3 = settings.get("backbone") == "ptv3"
-    stages, ablations = (PTV3_STAGES, PTV3_ABLATIONS) if ptv3 else (COST_STAGES, ABLATIONS)
+    stages, ablations = COST_STAGES, (PTV3_ABLATIONS if ptv3 else ABLATIONS)
     if settings.get("stages"):  # a chosen subset (full always: the ratios are to it), no ablations
         stages, ablations = ("full", *(s for s in settings["stages"] if s != "full")), ()
     jobs = [(s, s, {}) for s in stages] + ([] if settings.get("quick") else list(ablations))
@@ -343,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = dict(QUICK if args.quick else FULL, quick=args.quick, backbone=args.backbone,
                     ptv3_size=args.ptv3_size, stages=[s for s in args.stages.split(",") if s])
-    unknown = [s for s in settings["stages"] if s not in PTV3_STAGES]
+    unknown = [s for s in settings["stages"] if s not in COST_STAGES]
     if unknown:
-        print(f"error: --stages: unknown {', '.join(unknown)}; valid: {', '.join(PTV3_STAGES)}", file=sys.stderr)
+        print(f"error: --stages: unknown {', '.join(unknown)}; valid: {', '.join(COST_STAGES)}", file=sys.stderr)
         return 2
     if args.backbone == "ptv3" and not args.skip_transfer:
         print("error: --backbone ptv3 measures the cost part only; add --skip-transfer", file=sys.stderr)
