@@ -23,7 +23,7 @@ from ppt.models.peft.frozen_norm import is_frozen_norm
 from ppt.models.peft.memory_bank import MemoryBank, build_memory_bank
 from ppt.models.peft.point_peft import neighbour_edges
 from ppt.models.peft.stages import (
-    STAGES, PeftBlock, PeftConfig, apply_stage, backbone_units, norm_affine_parameters,
+    PeftBlock, PeftConfig, apply_stage, backbone_units, norm_affine_parameters,
     parameter_counts,
 )
 from ppt.models.prompts import PDNorm
@@ -329,26 +329,34 @@ def test_base_weights_map_by_dataset_name(base_state, tmp_path):
     assert report.datasets == {"beta": "beta", TARGET: "mean"} and report.dropped == ["alpha"]
 
 
-@pytest.mark.parametrize("stage", ["dapt", "pointpeft", "full"])
-def test_peft_checkpoint_reloads_and_reproduces_predictions(base_state, tmp_path, stage):
-    base_path = tmp_path / "base.pth"
-    torch.save({"model": base_state}, base_path)
-    model = segmentor(TARGET_NAMES, seed=1)
+def adapt_and_predict(model, base_path, stage: str, make_bank, make_batch_at):
+    """Map the base file into ``model``, apply ``stage`` (``make_bank(model)`` for Point-PEFT),
+    train two SGD steps on ``make_batch_at(0)``, ``(1)``, then predict ``make_batch_at(5)`` in
+    eval mode; returns (stage config, that batch, the logits). Shared by the SpUNet and PTv3
+    checkpoint round-trip tests."""
     map_weights(model, base_path)
-    bank = memory_bank(model) if stage == "pointpeft" else None
+    bank = make_bank(model) if stage == "pointpeft" else None
     cfg = PeftConfig(stage=stage)
     apply_stage(model, cfg, bank, domain=TARGET)
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for step in range(2):
         opt.zero_grad()
-        batch = target_batch(step)
+        batch = make_batch_at(step)
         segmentation_loss(model(batch), batch["segment"]).backward()
         opt.step()
     model.eval()
-    batch = target_batch(5)
+    batch = make_batch_at(5)
     with torch.no_grad():
-        want = model(batch)
+        return cfg, batch, model(batch)
+
+
+@pytest.mark.parametrize("stage", ["dapt", "pointpeft", "full"])
+def test_peft_checkpoint_reloads_and_reproduces_predictions(base_state, tmp_path, stage):
+    base_path = tmp_path / "base.pth"
+    torch.save({"model": base_state}, base_path)
+    model = segmentor(TARGET_NAMES, seed=1)
+    cfg, batch, want = adapt_and_predict(model, base_path, stage, memory_bank, target_batch)
     ckpt = tmp_path / "model_best.pth"
     save_peft_checkpoint(ckpt, model, cfg, base_path, extra={"epoch": 1}, domain=TARGET)
     data = torch.load(ckpt, weights_only=False)

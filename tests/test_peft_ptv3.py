@@ -13,13 +13,12 @@ import torch
 
 from ppt.config import load_config
 from ppt.engine.peft_checkpoint import load_peft_checkpoint, save_peft_checkpoint
-from ppt.engine.weights import map_weights
 from ppt.losses import segmentation_loss
 from ppt.models.peft.memory_bank import build_memory_bank
 from ppt.models.peft.ptv3_block import PeftPTv3Block, PromptKV
 from ppt.models.peft.stages import STAGES, PeftConfig, apply_stage, norm_affine_parameters, parameter_counts
 from ppt.models.segmentor import Segmentor
-from tests.test_peft import TARGET, TARGET_NAMES, embeddings, make_batch
+from tests.test_peft import TARGET, TARGET_NAMES, adapt_and_predict, embeddings, make_batch
 
 # two blocks in the first stages, so DAPT's internal prompts reach a later block's attention
 TINY = dict(enc_depths=(2, 1, 1), enc_channels=(8, 16, 16), enc_heads=(2, 2, 2), dec_depths=(2, 1),
@@ -204,21 +203,8 @@ def test_stage_checkpoint_reloads_and_reproduces_predictions(tmp_path, stage):
     base_path = tmp_path / "base.pth"
     torch.save({"model": ptv3_segmentor(seed=3).state_dict()}, base_path)
     model = ptv3_segmentor(seed=1)
-    map_weights(model, base_path)
-    bank = build_memory_bank(model, [batch(s) for s in range(3)], progress=False) if stage == "pointpeft" else None
-    cfg = PeftConfig(stage=stage)
-    apply_stage(model, cfg, bank, domain=TARGET)
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    for step in range(2):
-        opt.zero_grad()
-        b = batch(step)
-        segmentation_loss(model(b), b["segment"]).backward()
-        opt.step()
-    model.eval()
-    b = batch(5)
-    with torch.no_grad():
-        want = model(b)
+    cfg, b, want = adapt_and_predict(
+        model, base_path, stage, lambda m: build_memory_bank(m, [batch(s) for s in range(3)], progress=False), batch)
     ckpt = tmp_path / "model_best.pth"
     save_peft_checkpoint(ckpt, model, cfg, base_path, domain=TARGET)
     fresh = ptv3_segmentor(seed=9)
