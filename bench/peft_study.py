@@ -17,6 +17,13 @@ learning rate from a sweep on a held-out split, several seeds, full labels and a
 4. Cost per stage on the same base: trainable share, step time (from the runs) and peak
    allocated memory of one training step (``bench/peft.py``'s profiler accounting).
 
+The probe (``--target-shift colour --base <a study's base>``): the same protocol on a target the
+base's features do NOT already separate: synthetic S3DIS seen through another sensor (each colour
+inverted and its channels rotated, RGB -> 255 - BRG; geometry and labels as they were). It tests
+the reading of the main study (every frozen stage at one ceiling because the frozen features
+already separate a near-domain target): there, stages that change the encoder's features
+(adapters, LoRA, full) should pull ahead of linear / decoder probing.
+
 Every run is cached in ``<out>/<run>/result.json``: an interrupted study resumes; runs go seed by
 seed, so a stopped study has whole seeds. Writes ``<out>/study.json`` and prints the tables with
 the reading: a difference to full fine-tuning counts only when it exceeds the larger of the two
@@ -56,6 +63,26 @@ def sweep_root(root: Path, out: Path) -> Path:
         for area in SWEEP_TRAIN:
             os.symlink((root / TARGET / area).resolve(), where / TARGET / area)
         os.symlink((root / TARGET / SWEEP_VAL).resolve(), where / TARGET / "Area_5")
+    return where
+
+
+def shifted_root(root: Path, out: Path) -> Path:
+    """A data root whose S3DIS scenes are the originals with colour 255 - (B, R, G): a sensor
+    shift no base domain has (every other file a symlink; written once, atomically per scene)."""
+    where = out / "shifted_root"
+    for scene in sorted((root / TARGET).glob("Area_*/*")):
+        dst = where / TARGET / scene.parent.name / scene.name
+        if (dst / "color.npy").is_file():
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in scene.iterdir():
+            if f.name != "color.npy" and not (dst / f.name).exists():
+                os.symlink(f.resolve(), dst / f.name)
+        import numpy as np
+
+        color = np.load(scene / "color.npy")
+        np.save(dst / "color.tmp.npy", (255 - color[:, [2, 0, 1]]).astype(np.uint8))
+        os.replace(dst / "color.tmp.npy", dst / "color.npy")
     return where
 
 
@@ -104,7 +131,12 @@ def run(name: str, stage: str, base: Path, root: Path, steps: int, seed: int, lr
 
     exp = out / name
     if (exp / "result.json").is_file():
-        return json.loads((exp / "result.json").read_text())
+        cached = json.loads((exp / "result.json").read_text())
+        if abs(cached["lr"] - lr) <= 1e-12 * max(lr, 1.0):
+            return cached
+        if REPORT_ONLY:  # made at another lr (e.g. a --sweep-steps 0 run before the sweep): not this study's
+            return None
+        print(f"  {name}: cached at lr {cached['lr']:g}, this study's lr is {lr:g}: trained again", flush=True)
     if REPORT_ONLY:
         return None
     if exp.exists():  # an interrupted run: start it again
@@ -167,24 +199,25 @@ def summarise(rows: list[dict], costs: dict, lrs: dict, budgets: list[int]) -> l
     return table
 
 
-def reading(table: list[dict], budgets: list[int]) -> list[str]:
-    """Which differences to full fine-tuning exceed twice the larger seed std."""
-    full = next((t for t in table if t["stage"] == "full"), None)
+def reading(table: list[dict], budgets: list[int], ref: str = "full") -> list[str]:
+    """Which differences to the ``ref`` stage (full fine-tuning; linear probing for what the
+    frozen features alone give) exceed twice the larger seed std."""
+    full = next((t for t in table if t["stage"] == ref), None)
     lines = []
     for b in budgets:
         if full is None or full[f"miou_{b}"] is None:
             continue
         for t in table:
-            if t is full or t[f"miou_{b}"] is None:
+            if t is full or t[f"miou_{b}"] is None or (ref != "full" and t["stage"] == "full"):
                 continue
             diff = t[f"miou_{b}"] - full[f"miou_{b}"]
             if min(t[f"n_{b}"], full[f"n_{b}"]) < 2:
-                lines.append(f"budget {b or 'all'}: {t['stage']} - full = {100 * diff:+.1f} mIoU (one seed: no spread "
+                lines.append(f"budget {b or 'all'}: {t['stage']} - {ref} = {100 * diff:+.1f} mIoU (one seed: no spread "
                              f"to judge it by)")
                 continue
             spread = 2 * max(t[f"std_{b}"], full[f"std_{b}"])
             verdict = "outside" if abs(diff) > spread else "within"
-            lines.append(f"budget {b or 'all'}: {t['stage']} - full = {100 * diff:+.1f} mIoU, {verdict} the seed "
+            lines.append(f"budget {b or 'all'}: {t['stage']} - {ref} = {100 * diff:+.1f} mIoU, {verdict} the seed "
                          f"spread (2 x std = {100 * spread:.1f})")
     return lines
 
@@ -201,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--out", default="")
     p.add_argument("--report", action="store_true", help="tables from the runs made so far; train nothing")
+    p.add_argument("--base", default="", help="adapt this base checkpoint (e.g. another study's base/model/"
+                   "model_last.pth) instead of training one")
+    p.add_argument("--target-shift", default="none", choices=("none", "colour"),
+                   help="colour: the probe target (S3DIS colours inverted, channels rotated)")
     args = p.parse_args(argv)
     global REPORT_ONLY
     REPORT_ONLY = args.report
@@ -222,8 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
     os.chdir(REPO)
-    base = train_base(args.backbone, root, args.base_steps, out) if not args.report else \
-        out / "base" / "model" / "model_last.pth"
+    if args.base:
+        base = Path(args.base)
+        if not base.is_file():
+            print(f"error: --base {base}: no such checkpoint", file=sys.stderr)
+            return 2
+    elif args.report:
+        base = out / "base" / "model" / "model_last.pth"
+    else:
+        base = train_base(args.backbone, root, args.base_steps, out)
+    if args.target_shift == "colour":
+        root = shifted_root(root, out)
     held_out = sweep_root(root, out)
     from ppt.config import load_config
 
@@ -260,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["stage", "lr", "trainable_pct", "peak_alloc_mb", "peak_vs_full", "s_per_step"]
     for b in budgets:
         cols += [f"miou_{b}", f"std_{b}"]
-    print(f"\n{args.backbone}: base {args.base_steps} steps; {args.steps} steps per run, seeds {seeds}; "
+    print(f"\n{args.backbone}: base {args.base or f'{args.base_steps} steps'}; target {TARGET} "
+          f"(shift: {args.target_shift}); {args.steps} steps per run, seeds {seeds}; "
           f"the base before any step: val mIoU {start['val_mIoU']:.4f}")
     print(format_table(table, cols))
-    notes = reading(table, budgets)
+    notes = reading(table, budgets) + reading(table, budgets, ref="linear")
     print("\n".join(notes))
     save_json({"machine": machine_info(), "args": vars(args), "lrs": lrs, "sweep": sweep, "runs": rows,
                "zero_shot": start,

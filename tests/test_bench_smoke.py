@@ -144,3 +144,35 @@ def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path):
     assert all(t["n_0"] == 2 and t["n_20"] == 2 and t["peak_alloc_mb"] > 0 for t in result["table"])
     out = run_bench("peft_study.py", *args)
     assert "started" not in out and "val mIoU" not in out.split("chosen lr")[0]  # all from the cache
+
+    # A cached run made at another lr (a --sweep-steps 0 study before the sweep) is not reused.
+    cached = tmp_path / "full_b0_seed0" / "result.json"
+    row = json.loads(cached.read_text())
+    cached.write_text(json.dumps({**row, "lr": row["lr"] * 3}))
+    out = run_bench("peft_study.py", *args)
+    retrained = [line.split(":")[0].strip() for line in out.splitlines()
+                 if line.startswith("  ") and ": val mIoU" in line]
+    assert "full_b0_seed0: cached at lr" in out and retrained == ["full_b0_seed0"]
+    assert json.loads(cached.read_text())["lr"] == row["lr"]
+
+
+def test_peft_study_probe_shifts_the_target_colour_and_reuses_a_base(synthetic_root, tmp_path):
+    """The probe target is the S3DIS scenes with colour 255 - (B, R, G), geometry and labels
+    untouched, and --base adapts a given checkpoint (bugs caught: the shift not applied or
+    applied to the wrong channels, labels or coordinates copied wrong, a base trained anyway)."""
+    base_dir = tmp_path / "study"
+    run_bench("peft_study.py", "--data", str(synthetic_root), "--base-steps", "2", "--steps", "1", "--sweep-steps",
+              "0", "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(base_dir))
+    probe = tmp_path / "probe"
+    out = run_bench("peft_study.py", "--data", str(synthetic_root), "--base",
+                    str(base_dir / "base" / "model" / "model_last.pth"), "--target-shift", "colour", "--steps", "1",
+                    "--sweep-steps", "0", "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(probe))
+    assert not (probe / "base").exists() and "shift: colour" in out
+    scenes = sorted((synthetic_root / "s3dis").glob("Area_*/*"))
+    assert scenes
+    for scene in scenes:
+        shifted = probe / "shifted_root" / "s3dis" / scene.parent.name / scene.name
+        rgb = np.load(scene / "color.npy").astype(int)
+        np.testing.assert_array_equal(np.load(shifted / "color.npy"), 255 - rgb[:, [2, 0, 1]])
+        for name in ("coord.npy", "segment.npy"):
+            np.testing.assert_array_equal(np.load(shifted / name), np.load(scene / name))
