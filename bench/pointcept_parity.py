@@ -33,6 +33,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from bench import pointcept_ref  # noqa: E402
 from ppt.interop import pointcept as interop  # noqa: E402
 from ppt.interop.pointcept_presets import PPT_CLASS_NAME, PPT_VALID_INDEX, SCANNET_DATA  # noqa: E402
+from ppt.interop.pointcept_shared import dataset_of_condition  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pointcept" / "spunet"
 CHANNELS, LAYERS, BASE, CONTEXT = (4, 8, 8, 8, 8, 8, 4, 4), (1, 2, 1, 1, 2, 1, 1, 1), 4, 8
@@ -72,7 +73,7 @@ def make_batch(seed: int = 0, points: int = 250) -> dict:
 def conditions_of(model_cfg: dict) -> list[tuple[str, str | None]]:
     """(our dataset, reference condition or None) pairs a case is evaluated on."""
     if model_cfg["type"] == "PPT-v1m1":
-        return [(interop.dataset_of_condition(c), c) for c in model_cfg["conditions"]]
+        return [(dataset_of_condition(c), c) for c in model_cfg["conditions"]]
     return [("scannet", None)]
 
 

@@ -19,6 +19,7 @@ from ppt.engine.build import build_model, text_embeddings_from_state
 from ppt.interop import ConversionError
 from ppt.interop import pointcept as interop
 from ppt.interop.pointcept_config import load_pointcept_config
+from ppt.interop.pointcept_shared import DATASETS_KEY
 from ppt.interop.pointcept_spunet import final_to_linear, linear_to_final
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def convert(case: str, mutate=None, domains=None):
     fx = fixture(case)
     ref = load_pointcept_config(FIXTURES / f"{case}.py")
     if domains is not None:
-        ref["model"][interop.DATASETS_KEY] = list(domains)
+        ref["model"][DATASETS_KEY] = list(domains)
     model_cfg = interop.reference_model(ref)
     state = dict(fx["state_dict"])
     if mutate is not None:

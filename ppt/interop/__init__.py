@@ -1,4 +1,4 @@
-"""Other projects' checkpoints in and out (Pointcept today: ``ppt.interop.pointcept``).
+"""Other projects' checkpoints in and out (Pointcept today: ``ppt.interop.pointcept``, its families and ``pointcept_shared``).
 
 Nothing here imports the other project's code: key maps and configs are read from the
 reference's source once and written down (see each family module's docstring).

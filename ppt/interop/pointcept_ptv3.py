@@ -26,7 +26,7 @@ Facts read from the reference (``pointcept/models/point_transformer_v3/point_tra
 - Heads: DefaultSegmentorV2 ``seg_head`` -> ``head.classifiers.<dataset>`` (a checkpoint with
   neither ``seg_head`` key, i.e. a pretraining encoder under a probing config, gets this
   project's head initialisation, trunc-normal 0.02 / zero bias); PPT-v1m2 ``seg_heads.<i>`` ->
-  ``head.classifiers.<dataset>``; PPT-v1m1 via ``ppt.interop.pointcept.language_head_to_ours``;
+  ``head.classifiers.<dataset>``; PPT-v1m1 via ``ppt.interop.pointcept_shared.language_head_to_ours``;
   PPT-v1m3 ``proj_head`` -> ``head.proj`` and its class embeddings (a non-persistent buffer the
   reference recomputes with CLIP from ``class_names``: taken from a ``class_embeddings`` entry of
   the state when the caller adds one, as the parity bench does, else encoded here with the CLIP
@@ -47,6 +47,9 @@ import math
 import torch
 
 from ppt.interop import ConversionError
+from ppt.interop.pointcept_shared import (
+    CLIP_ENCODERS, dataset_of_condition, datasets_of, language_head_to_ours, language_head_to_pointcept,
+)
 
 MODEL_TYPES = ("DefaultSegmentorV2", "PPT-v1m1", "PPT-v1m2", "PPT-v1m3")
 BACKBONE_KEYS = {  # accepted reference backbone keys (type included) and what must hold for each
@@ -105,14 +108,12 @@ def _backbone(model_cfg: dict) -> dict:
 
 
 def _datasets(model_cfg: dict) -> list[str]:
-    from ppt.interop.pointcept import datasets_of
 
     return datasets_of(model_cfg)
 
 
 def _pd_datasets(model_cfg: dict, b: dict) -> list[str]:
     """This project's dataset of each PDNorm slot ``norm.<i>`` (``pdnorm_conditions`` order)."""
-    from ppt.interop.pointcept import dataset_of_condition
 
     names = [dataset_of_condition(c) for c in b["pdnorm_conditions"]]
     if sorted(names) != sorted(_datasets(model_cfg)):
@@ -255,7 +256,6 @@ def _fresh_linear(rows: int, cols: int) -> dict[str, torch.Tensor]:
 
 def _v1m3_text(state: dict, model_cfg: dict, datasets: list[str]) -> dict[str, torch.Tensor]:
     """head.text_<dataset> of PPT-v1m3: the reference's class embeddings split per condition."""
-    from ppt.interop.pointcept import dataset_of_condition
 
     names = model_cfg.get("class_names")
     conditions = [dataset_of_condition(c) for c in model_cfg["conditions"]]
@@ -267,7 +267,6 @@ def _v1m3_text(state: dict, model_cfg: dict, datasets: list[str]) -> dict[str, t
         emb = state.pop("class_embeddings")
     else:
         from ppt.text import class_embeddings
-        from ppt.interop.pointcept import CLIP_ENCODERS
 
         clip = model_cfg.get("clip_model", "ViT-B/16")
         encoder = CLIP_ENCODERS.get(clip, "clip:" + clip.replace("/", "-") + ":openai")
@@ -287,7 +286,6 @@ def _v1m3_text(state: dict, model_cfg: dict, datasets: list[str]) -> dict[str, t
 def _head_to_ours(state: dict, model_cfg: dict, datasets: list[str], width: int) -> dict:
     kind = model_cfg["type"]
     if kind == "PPT-v1m1":
-        from ppt.interop.pointcept import language_head_to_ours
 
         out = language_head_to_ours(state, model_cfg)
         if not model_cfg["backbone"].get("pdnorm_bn", False):
@@ -303,7 +301,6 @@ def _head_to_ours(state: dict, model_cfg: dict, datasets: list[str], width: int)
     out = {}
     conditions = model_cfg["conditions"]
     if kind == "PPT-v1m2":
-        from ppt.interop.pointcept import dataset_of_condition
 
         order = [dataset_of_condition(c) for c in conditions]
         table = state.pop("embedding_table.weight", None)
@@ -323,7 +320,6 @@ def _head_to_ours(state: dict, model_cfg: dict, datasets: list[str], width: int)
 def _head_to_pointcept(state: dict, model_cfg: dict, datasets: list[str]) -> dict:
     kind = model_cfg["type"]
     if kind == "PPT-v1m1":
-        from ppt.interop.pointcept import language_head_to_pointcept
 
         if not model_cfg["backbone"].get("pdnorm_bn", False):  # the reference keeps an unread table
             state["prompts.table.weight"] = torch.zeros(len(datasets), int(model_cfg.get("context_channels", 256)))
@@ -333,7 +329,6 @@ def _head_to_pointcept(state: dict, model_cfg: dict, datasets: list[str]) -> dic
     if kind == "DefaultSegmentorV2":
         return _move(state, _linear("seg_head", f"head.classifiers.{datasets[0]}"), reverse=True)
     if kind == "PPT-v1m2":
-        from ppt.interop.pointcept import dataset_of_condition
 
         order = [dataset_of_condition(c) for c in model_cfg["conditions"]]
         out = {}

@@ -12,7 +12,7 @@ Read from the reference (Pointcept ``pointcept/models/sparse_unet/spconv_unet_v1
   is row ``conditions.index(c)`` of PPT's ``embedding_table`` (PPT's own ``conditions`` order,
   which differs from the backbone's in the released configs). Here: ``prompt: pdnorm`` with
   ``decoupled_bn`` / ``prompt_adaptive`` from the reference flags, the language head (see
-  ``ppt.interop.pointcept.language_head_to_ours``). ``norm_affine=False`` becomes weight 1,
+  ``ppt.interop.pointcept_shared.language_head_to_ours``). ``norm_affine=False`` becomes weight 1,
   bias 0 (the same function).
 
 Key map (reference ``backbone.`` -> ours ``backbone.``), v1m1 / v1m3 names::
@@ -38,8 +38,9 @@ from __future__ import annotations
 import torch
 
 from ppt.interop import ConversionError
-from ppt.interop.pointcept import (
-    CLIP_ENCODERS, DATASETS_KEY, condition_of_dataset, datasets_of, language_head_to_ours, language_head_to_pointcept,
+from ppt.interop.pointcept_shared import (
+    CLIP_ENCODERS, DATASETS_KEY, condition_of_dataset, dataset_of_condition, datasets_of, language_head_to_ours,
+    language_head_to_pointcept,
 )
 
 BN_STATS = ("running_mean", "running_var")
@@ -181,7 +182,6 @@ def _norm_layout(model_cfg: dict) -> tuple[bool, bool, bool, list[str]]:
     bb = _backbone(model_cfg)
     if bb["type"] == "SpUNet-v1m1":
         return True, False, True, []
-    from ppt.interop.pointcept import dataset_of_condition
 
     return False, bool(bb["norm_decouple"]), bool(bb["norm_affine"]), [dataset_of_condition(c) for c in bb["conditions"]]
 
