@@ -3,13 +3,19 @@ Sonata / Concerto encoders) reaches every pipeline: training, validation, test-t
 prediction of users' clouds; wrong settings are config errors."""
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+
 from ppt.config import load_config
 from ppt.data.grid import iter_test_views
 from ppt.data.transforms import build_transforms
 from ppt.typed_config import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
 SONATA = ("coord", "color", "normal")
 
 
@@ -43,8 +49,9 @@ def test_wrong_features_name_the_key(overrides, key):
 
 
 def test_a_nine_channel_model_trains_evaluates_and_labels_clouds(synthetic_root, tmp_path):
-    """End to end with coord + colour + normal: the training loader, the trainer's validation and
-    ``ppt.Predictor`` all feed 9 channels (a path left at 6 fails in the first conv)."""
+    """End to end with coord + colour + normal: the training loader, the trainer's validation,
+    ``tools/test.py`` (plain and test-time augmented) and ``ppt.Predictor`` all feed 9 channels
+    (a path left at 6 fails in the first conv)."""
     from ppt.engine.predict import Predictor
     from ppt.engine.trainer import train
 
@@ -57,6 +64,14 @@ def test_a_nine_channel_model_trains_evaluates_and_labels_clouds(synthetic_root,
                              "train.precise_bn=0", "train.log_every=1"])
     summary = train(cfg, tmp_path / "exp")
     assert summary["val"]["scannet"]["mIoU"] >= 0
+    spec = importlib.util.spec_from_file_location("ppt_test_tool", ROOT / "tools" / "test.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for tta in ("off", "fast"):
+        assert tool.main(["--exp", str(tmp_path / "exp"), "--tta", tta, "--workers", "0", "--device", "cpu",
+                          "--threads", "1"]) == 0
+    saved = json.loads((tmp_path / "exp" / "result" / "metrics.json").read_text())["results"]["scannet"]
+    assert {e["tta"] for e in saved.values()} == {"off", "fast"}
     rng = np.random.default_rng(0)
     coord = rng.uniform([0, 0, 0], [5, 4, 2.5], (3000, 3)).astype(np.float32)
     color = rng.integers(0, 256, (3000, 3)).astype(np.uint8)
