@@ -73,7 +73,7 @@ class PTv3Config:
 
 def validate_ptv3(cfg, bad) -> None:
     """Shapes and ranges of ``cfg.ptv3`` (a ``ppt.config.Config``; every PEFT stage runs on
-    PTv3). ``bad(key, message)`` makes the ConfigError ``ppt.config.validate`` raises."""
+    PTv3). ``bad(key, message)`` makes the ConfigError ``ppt.config_checks.validate`` raises."""
     p = cfg.ptv3
     if not (len(p.enc_depths) == len(p.enc_channels) == len(p.enc_heads) >= 2):
         raise bad("ptv3.enc_depths", "ptv3.enc_channels and ptv3.enc_heads need the same length (>= 2 stages), "
