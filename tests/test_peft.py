@@ -22,10 +22,8 @@ from ppt.models.peft.adapters import prompt_attention, scatter_max, scatter_mean
 from ppt.models.peft.frozen_norm import is_frozen_norm
 from ppt.models.peft.memory_bank import MemoryBank, build_memory_bank
 from ppt.models.peft.point_peft import neighbour_edges
-from ppt.models.peft.stages import (
-    PeftBlock, PeftConfig, apply_stage, backbone_units, norm_affine_parameters,
-    parameter_counts,
-)
+from ppt.models.peft.spunet_block import PeftBlock
+from ppt.models.peft.stages import PeftConfig, apply_stage, backbone_units, norm_affine_parameters, parameter_counts
 from ppt.models.prompts import PDNorm
 from ppt.models.segmentor import Segmentor
 

@@ -129,7 +129,7 @@ class PeftContext(DomainContext):
         retrieved: (B, R, D) point-prior set per scene (Point-PEFT), or None.
         cache: per-forward scratch shared by blocks of one level (neighbour lists).
         recompute_branches: adapters recompute their inner activations in backward; False
-            while the whole block is recomputed (``stages.PeftBlock``).
+            while the whole block is recomputed (``spunet_block.PeftBlock``).
     """
 
     enabled: bool = True

@@ -15,7 +15,7 @@ the last stage's prompts to the voxel features the head reads (added, not concat
 head input width and the base head weights stay valid; it is zero while the adapters are
 silent).
 
-Memory: the block with its adapter is recomputed in backward as a whole (``stages.PeftBlock``),
+Memory: the block with its adapter is recomputed in backward as a whole (``spunet_block.PeftBlock``),
 so only the block input is kept; with that off, the adapter and the prompt reader are recomputed
 on their own (``adapters.recompute``): their inner activations (LayerNorm output, bottleneck,
 attention output, ...) would otherwise double what a block keeps for backward.

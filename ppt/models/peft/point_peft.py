@@ -11,7 +11,7 @@ Per basic block:
   passed through a bottleneck adapter (zero-init, so the tokens start as the learnable ones);
   voxels read the tokens through the zero-gated weight-free attention of adapters.py.
 
-The block with its adapters is recomputed in backward as a whole (``stages.PeftBlock``); with
+The block with its adapters is recomputed in backward as a whole (``spunet_block.PeftBlock``); with
 that off, both adapters are recomputed on their own (``adapters.recompute``) so their inner
 activations are not kept.
 """

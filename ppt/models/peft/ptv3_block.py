@@ -25,7 +25,7 @@ still lets every point attend to its scene's prompts once the gate opens.
 
 Memory: with ``recompute`` (default) the block and its PEFT module run as one non-reentrant
 checkpoint while autograd records: only the block input (N, C) is kept, everything inside
-(qkv, attention, MLP hidden, adapters) is recomputed in backward, as ``stages.PeftBlock`` does
+(qkv, attention, MLP hidden, adapters) is recomputed in backward, as ``spunet_block.PeftBlock`` does
 for SpUNet. DAPT's internal prompts are appended to a private copy of the context's prompt
 lists inside the checkpoint, so the recomputation does not append them twice.
 """

@@ -25,7 +25,7 @@ For every stage but `full`, memory follows from what is frozen:
   (frozen_conv.py, every spconv algorithm);
 - frozen norms (BatchNorm, PDNorm with its prompt modulation) run as a constant per-channel
   scale-and-shift that keeps no input (frozen_norm.py);
-- each adapted block (:class:`PeftBlock`) is recomputed in backward as a whole, so it keeps only
+- each adapted block (``spunet_block.PeftBlock``, ``ptv3_block.PeftPTv3Block``) is recomputed in backward as a whole, so it keeps only
   its input: the price is one more forward of the block (its frozen convolutions skip the
   filter gradient, which pays back part of it; bench/peft.py measures the step time both ways).
   ``recompute_blocks=False`` recomputes only the adapter branches: faster, more memory;
@@ -35,7 +35,7 @@ The domain prompts stay frozen, PDNorm modulations too.
 
 Both backbones take every stage. dapt and pointpeft adapt each block of the backbone through
 one loop (``stage_blocks`` + :data:`BLOCK_ADAPTERS`, keyed by the block class): a SpUNet basic
-block becomes a :class:`PeftBlock` (dapt.py / point_peft.py), a PTv3 transformer block a
+block becomes a ``spunet_block.PeftBlock`` (dapt.py / point_peft.py), a PTv3 transformer block a
 ``ptv3_block.PeftPTv3Block`` (ptv3_dapt.py / ptv3_point_peft.py: adapter beside the MLP,
 prompts as per-scene keys/values of the attention, geometry adapter on the xCPE neighbourhood);
 both are recomputed in backward as a whole. `decoder` and `lora` follow Sonata / Concerto's ``-dec`` and ``-ft-lora`` configs,
@@ -48,7 +48,7 @@ decoder probing is its own stage.
 
 The stage is applied in place without changing the base model's module names (state-dict keys
 of the base weights stay valid): the backbone's class becomes :class:`PeftSpUNet` (:class:`PeftPTv3`) and each adapted
-block's :class:`PeftBlock` (``PeftPTv3Block``); the new modules live under ``<block>.peft``, ``backbone.memory_bank``
+block's ``PeftBlock`` (``PeftPTv3Block``); the new modules live under ``<block>.peft``, ``backbone.memory_bank``
 and, for LoRA, ``<layer>.lora_A`` / ``<layer>.lora_B``.
 """
 
@@ -56,11 +56,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import dataclasses
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ppt.config import PEFT_STAGES, PeftConfig
 from ppt.models.peft.adapters import PeftContext
@@ -73,55 +70,13 @@ from ppt.models.peft.point_peft import PointPeftAdapter
 from ppt.models.peft.ptv3_block import PeftPTv3Block
 from ppt.models.peft.ptv3_dapt import PTv3DaptAdapter
 from ppt.models.peft.ptv3_point_peft import PTv3PointPeftAdapter
+from ppt.models.peft.spunet_block import PeftBlock
 from ppt.models.prompts import PDLayerNorm, PDNorm
 from ppt.models.ptv3 import PointTransformerV3
 from ppt.models.ptv3_layers import Block
 from ppt.models.spunet import BasicBlock, DomainContext, SpUNet, offset_to_batch
 
 STAGES = tuple(s for s in PEFT_STAGES if s != "none")
-
-
-class PeftBlock(BasicBlock):
-    """A BasicBlock with a PEFT module ``peft`` applied to (block input, block output).
-
-    With ``recompute`` (set by `apply_stage`), the block and its PEFT module run as one
-    non-reentrant checkpoint while autograd records: only the block input's features are kept,
-    everything inside is recomputed in backward. The recomputation is kept free of side effects:
-    it runs on a private copy of the context's prompt lists (DAPT appends its internal prompt;
-    a rerun would append again), and on the block's own rulebook as the first run left it
-    (spconv reuses it instead of building it again). Only that rulebook is held for the rerun,
-    not the sparse tensor's whole ``indice_dict`` (the k5 stem's rulebook alone is 2 x 125 x N
-    int32 on the Native algorithm).
-    """
-
-    peft: nn.Module
-    recompute: bool = False
-
-    def forward(self, x, ctx: DomainContext):
-        if not isinstance(ctx, PeftContext) or not ctx.enabled:
-            return super().forward(x, ctx)
-        if not (self.recompute and torch.is_grad_enabled()):
-            return self._adapted(x, ctx)
-        prompts = {k: list(v) for k, v in ctx.prompts.items()}
-        key = self.conv1.indice_key  # conv2 and Point-PEFT's geometry conv share it; proj has none
-        template = x.replace_feature(x.features)
-        template.indice_dict = {}
-        rulebooks = [x.indice_dict]  # the first run sees (and passes on) every rulebook of x
-
-        def run(feats: torch.Tensor):
-            local = dataclasses.replace(ctx, prompts={k: list(v) for k, v in prompts.items()},
-                                        recompute_branches=False)
-            xs = template.replace_feature(feats)
-            xs.indice_dict = rulebooks[0]
-            return self._adapted(xs, local), local.prompts
-
-        out, ctx.prompts = checkpoint(run, x.features, use_reentrant=False)
-        rulebooks[0] = {key: out.indice_dict[key]} if key in out.indice_dict else {}
-        return out
-
-    def _adapted(self, x, ctx: PeftContext):
-        out = super().forward(x, ctx)
-        return out.replace_feature(self.peft(x, out, ctx))
 
 
 def retrieved_set(backbone: nn.Module, batch: dict, pooled) -> torch.Tensor | None:
