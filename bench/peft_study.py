@@ -3,7 +3,7 @@ learning rate from a sweep on a held-out split, several seeds, full labels and a
 
     python bench/peft_study.py [--backbone spunet|ptv3] [--base-steps 2000] [--steps 300]
         [--sweep-steps 150 (0: no sweep, each config's lr)] [--seeds 0,1,2] [--budgets 0,20] [--stages full,...]
-        [--out bench/results/peft_study_<backbone>]
+        [--out bench/results/peft_study_<backbone>] [--base CKPT] [--target-shift colour] [--lrs-from STUDY.json]
 
 1. Base: the demo model (``configs/demo.yaml`` / ``demo_ptv3.yaml``: PPT, PDNorm, language head)
    trained on synthetic Structured3D + ScanNet (2:1) for ``--base-steps`` steps with precise BN.
@@ -22,7 +22,9 @@ base's features do NOT already separate: synthetic S3DIS seen through another se
 inverted and its channels rotated, RGB -> 255 - BRG; geometry and labels as they were). It tests
 the reading of the main study (every frozen stage at one ceiling because the frozen features
 already separate a near-domain target): there, stages that change the encoder's features
-(adapters, LoRA, full) should pull ahead of linear / decoder probing.
+(adapters, LoRA, full) should pull ahead of linear / decoder probing. The second probe is a
+weaker base (``--base-steps 200 --lrs-from <the main study's study.json>``): frozen features that
+separate every domain less, the same learning rates.
 
 Every run is cached in ``<out>/<run>/result.json``: an interrupted study resumes; runs go seed by
 seed, so a stopped study has whole seeds. Writes ``<out>/study.json`` and prints the tables with
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="tables from the runs made so far; train nothing")
     p.add_argument("--base", default="", help="adapt this base checkpoint (e.g. another study's base/model/"
                    "model_last.pth) instead of training one")
+    p.add_argument("--lrs-from", default="", help="take each stage's lr from this study.json (no sweep): a probe "
+                   "at the main study's learning rates")
     p.add_argument("--target-shift", default="none", choices=("none", "colour"),
                    help="colour: the probe target (S3DIS colours inverted, channels rotated)")
     args = p.parse_args(argv)
@@ -274,7 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     from ppt.config import load_config
 
     lrs, sweep = {}, []
+    chosen = json.loads(Path(args.lrs_from).read_text())["lrs"] if args.lrs_from else {}
+    missing = [s for s in stages if args.lrs_from and s not in chosen]
+    if missing:
+        print(f"error: --lrs-from {args.lrs_from}: no lr for {', '.join(missing)}", file=sys.stderr)
+        return 2
     for stage in stages:
+        if stage in chosen:
+            lrs[stage] = chosen[stage]
+            continue
         lr0 = load_config(f"configs/peft_{stage}.yaml", [f"peft.base={base}"]).optim.lr
         if args.sweep_steps == 0:  # no sweep: each stage's config lr (a reduced study says so)
             lrs[stage] = lr0

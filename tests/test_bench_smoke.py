@@ -158,16 +158,21 @@ def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path):
 
 def test_peft_study_probe_shifts_the_target_colour_and_reuses_a_base(synthetic_root, tmp_path):
     """The probe target is the S3DIS scenes with colour 255 - (B, R, G), geometry and labels
-    untouched, and --base adapts a given checkpoint (bugs caught: the shift not applied or
-    applied to the wrong channels, labels or coordinates copied wrong, a base trained anyway)."""
+    untouched, --base adapts a given checkpoint and --lrs-from takes a study's lrs (bugs caught: the
+    shift not applied or applied to the wrong channels, labels or coordinates copied wrong, a base
+    trained anyway, a sweep or the config's lr used instead of the given one)."""
     base_dir = tmp_path / "study"
     run_bench("peft_study.py", "--data", str(synthetic_root), "--base-steps", "2", "--steps", "1", "--sweep-steps",
               "0", "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(base_dir))
+    lrs = tmp_path / "lrs.json"  # --lrs-from: a study's chosen lrs (one no config has)
+    lrs.write_text(json.dumps({"lrs": {"linear": 0.0123}}))
     probe = tmp_path / "probe"
     out = run_bench("peft_study.py", "--data", str(synthetic_root), "--base",
                     str(base_dir / "base" / "model" / "model_last.pth"), "--target-shift", "colour", "--steps", "1",
-                    "--sweep-steps", "0", "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(probe))
+                    "--lrs-from", str(lrs), "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(probe))
     assert not (probe / "base").exists() and "shift: colour" in out
+    result = json.loads((probe / "study.json").read_text())
+    assert result["lrs"] == {"linear": 0.0123} and result["sweep"] == [] and result["runs"][0]["lr"] == 0.0123
     scenes = sorted((synthetic_root / "s3dis").glob("Area_*/*"))
     assert scenes
     for scene in scenes:
