@@ -71,6 +71,8 @@ def sweep_root(root: Path, out: Path) -> Path:
 def shifted_root(root: Path, out: Path) -> Path:
     """A data root whose S3DIS scenes are the originals with colour 255 - (B, R, G): a sensor
     shift no base domain has (every other file a symlink; written once, atomically per scene)."""
+    import numpy as np
+
     where = out / "shifted_root"
     for scene in sorted((root / TARGET).glob("Area_*/*")):
         dst = where / TARGET / scene.parent.name / scene.name
@@ -80,8 +82,6 @@ def shifted_root(root: Path, out: Path) -> Path:
         for f in scene.iterdir():
             if f.name != "color.npy" and not (dst / f.name).exists():
                 os.symlink(f.resolve(), dst / f.name)
-        import numpy as np
-
         color = np.load(scene / "color.npy")
         np.save(dst / "color.tmp.npy", (255 - color[:, [2, 0, 1]]).astype(np.uint8))
         os.replace(dst / "color.tmp.npy", dst / "color.npy")
@@ -136,9 +136,8 @@ def run(name: str, stage: str, base: Path, root: Path, steps: int, seed: int, lr
         cached = json.loads((exp / "result.json").read_text())
         if abs(cached["lr"] - lr) <= 1e-12 * max(lr, 1.0):
             return cached
-        if REPORT_ONLY:  # made at another lr (e.g. a --sweep-steps 0 run before the sweep): not this study's
-            return None
-        print(f"  {name}: cached at lr {cached['lr']:g}, this study's lr is {lr:g}: trained again", flush=True)
+        if not REPORT_ONLY:  # made at another lr (e.g. a --sweep-steps 0 run before the sweep): not this study's
+            print(f"  {name}: cached at lr {cached['lr']:g}, this study's lr is {lr:g}: trained again", flush=True)
     if REPORT_ONLY:
         return None
     if exp.exists():  # an interrupted run: start it again
@@ -204,20 +203,20 @@ def summarise(rows: list[dict], costs: dict, lrs: dict, budgets: list[int]) -> l
 def reading(table: list[dict], budgets: list[int], ref: str = "full") -> list[str]:
     """Which differences to the ``ref`` stage (full fine-tuning; linear probing for what the
     frozen features alone give) exceed twice the larger seed std."""
-    full = next((t for t in table if t["stage"] == ref), None)
+    base = next((t for t in table if t["stage"] == ref), None)
     lines = []
     for b in budgets:
-        if full is None or full[f"miou_{b}"] is None:
+        if base is None or base[f"miou_{b}"] is None:
             continue
         for t in table:
-            if t is full or t[f"miou_{b}"] is None or (ref != "full" and t["stage"] == "full"):
+            if t is base or t[f"miou_{b}"] is None or (ref != "full" and t["stage"] == "full"):
                 continue
-            diff = t[f"miou_{b}"] - full[f"miou_{b}"]
-            if min(t[f"n_{b}"], full[f"n_{b}"]) < 2:
+            diff = t[f"miou_{b}"] - base[f"miou_{b}"]
+            if min(t[f"n_{b}"], base[f"n_{b}"]) < 2:
                 lines.append(f"budget {b or 'all'}: {t['stage']} - {ref} = {100 * diff:+.1f} mIoU (one seed: no spread "
                              f"to judge it by)")
                 continue
-            spread = 2 * max(t[f"std_{b}"], full[f"std_{b}"])
+            spread = 2 * max(t[f"std_{b}"], base[f"std_{b}"])
             verdict = "outside" if abs(diff) > spread else "within"
             lines.append(f"budget {b or 'all'}: {t['stage']} - {ref} = {100 * diff:+.1f} mIoU, {verdict} the seed "
                          f"spread (2 x std = {100 * spread:.1f})")

@@ -107,18 +107,12 @@ def _backbone(model_cfg: dict) -> dict:
     return full
 
 
-def _datasets(model_cfg: dict) -> list[str]:
-
-    return datasets_of(model_cfg)
-
-
 def _pd_datasets(model_cfg: dict, b: dict) -> list[str]:
     """This project's dataset of each PDNorm slot ``norm.<i>`` (``pdnorm_conditions`` order)."""
-
     names = [dataset_of_condition(c) for c in b["pdnorm_conditions"]]
-    if sorted(names) != sorted(_datasets(model_cfg)):
+    if sorted(names) != sorted(datasets_of(model_cfg)):
         raise _bad("model.backbone.pdnorm_conditions", b["pdnorm_conditions"],
-                   f"must name the same datasets as the model's domains {_datasets(model_cfg)}")
+                   f"must name the same datasets as the model's domains {datasets_of(model_cfg)}")
     return names
 
 
@@ -256,7 +250,6 @@ def _fresh_linear(rows: int, cols: int) -> dict[str, torch.Tensor]:
 
 def _v1m3_text(state: dict, model_cfg: dict, datasets: list[str]) -> dict[str, torch.Tensor]:
     """head.text_<dataset> of PPT-v1m3: the reference's class embeddings split per condition."""
-
     names = model_cfg.get("class_names")
     conditions = [dataset_of_condition(c) for c in model_cfg["conditions"]]
     if names is None:
@@ -286,7 +279,6 @@ def _v1m3_text(state: dict, model_cfg: dict, datasets: list[str]) -> dict[str, t
 def _head_to_ours(state: dict, model_cfg: dict, datasets: list[str], width: int) -> dict:
     kind = model_cfg["type"]
     if kind == "PPT-v1m1":
-
         out = language_head_to_ours(state, model_cfg)
         if not model_cfg["backbone"].get("pdnorm_bn", False):
             out.pop("prompts.table.weight")  # no PDNorm: the reference never reads its table
@@ -301,7 +293,6 @@ def _head_to_ours(state: dict, model_cfg: dict, datasets: list[str], width: int)
     out = {}
     conditions = model_cfg["conditions"]
     if kind == "PPT-v1m2":
-
         order = [dataset_of_condition(c) for c in conditions]
         table = state.pop("embedding_table.weight", None)
         if table is None:
@@ -320,7 +311,6 @@ def _head_to_ours(state: dict, model_cfg: dict, datasets: list[str], width: int)
 def _head_to_pointcept(state: dict, model_cfg: dict, datasets: list[str]) -> dict:
     kind = model_cfg["type"]
     if kind == "PPT-v1m1":
-
         if not model_cfg["backbone"].get("pdnorm_bn", False):  # the reference keeps an unread table
             state["prompts.table.weight"] = torch.zeros(len(datasets), int(model_cfg.get("context_channels", 256)))
         out = language_head_to_pointcept(state, model_cfg)
@@ -329,7 +319,6 @@ def _head_to_pointcept(state: dict, model_cfg: dict, datasets: list[str]) -> dic
     if kind == "DefaultSegmentorV2":
         return _move(state, _linear("seg_head", f"head.classifiers.{datasets[0]}"), reverse=True)
     if kind == "PPT-v1m2":
-
         order = [dataset_of_condition(c) for c in model_cfg["conditions"]]
         out = {}
         for i, d in enumerate(order):
@@ -370,7 +359,7 @@ def to_ours(state: dict[str, torch.Tensor], model_cfg: dict) -> dict[str, torch.
     out = _move(state, pairs)
     state.pop("backbone.embedding.mask_token", None)  # pretraining only: fine-tuning never masks
     width = sum(b["enc_channels"]) if b["enc_mode"] else b["dec_channels"][0]
-    out.update(_head_to_ours(state, model_cfg, _datasets(model_cfg), width))
+    out.update(_head_to_ours(state, model_cfg, datasets_of(model_cfg), width))
     _leftover(state, "reference")
     return out
 
@@ -385,6 +374,6 @@ def to_pointcept(state: dict[str, torch.Tensor], model_cfg: dict) -> dict[str, t
     b = _backbone(model_cfg)
     if b.get("mask_token"):  # the reference model has the parameter; never read outside pretraining
         out["backbone.embedding.mask_token"] = torch.zeros(1, b["enc_channels"][0])
-    out.update(_head_to_pointcept(state, model_cfg, _datasets(model_cfg)))
+    out.update(_head_to_pointcept(state, model_cfg, datasets_of(model_cfg)))
     _leftover(state, "this project's")
     return out

@@ -182,7 +182,6 @@ def _norm_layout(model_cfg: dict) -> tuple[bool, bool, bool, list[str]]:
     bb = _backbone(model_cfg)
     if bb["type"] == "SpUNet-v1m1":
         return True, False, True, []
-
     return False, bool(bb["norm_decouple"]), bool(bb["norm_affine"]), [dataset_of_condition(c) for c in bb["conditions"]]
 
 

@@ -25,8 +25,8 @@ For every stage but `full`, memory follows from what is frozen:
   (frozen_conv.py, every spconv algorithm);
 - frozen norms (BatchNorm, PDNorm with its prompt modulation) run as a constant per-channel
   scale-and-shift that keeps no input (frozen_norm.py);
-- each adapted block (``spunet_block.PeftBlock``, ``ptv3_block.PeftPTv3Block``) is recomputed in backward as a whole, so it keeps only
-  its input: the price is one more forward of the block (its frozen convolutions skip the
+- each adapted block (``spunet_block.PeftBlock``, ``ptv3_block.PeftPTv3Block``) is recomputed
+  in backward as a whole, so it keeps only its input: the price is one more forward of the block (its frozen convolutions skip the
   filter gradient, which pays back part of it; bench/peft.py measures the step time both ways).
   ``recompute_blocks=False`` recomputes only the adapter branches: faster, more memory;
 - the longest prefix of the backbone (stem, down-sampling layers, blocks, in execution order)
