@@ -14,6 +14,7 @@ from plyfile import PlyData, PlyElement
 from ppt.data.preprocess import scannet
 from ppt.data.preprocess.common import run_tasks
 from ppt.data.classes import SCANNET20
+from ppt.data.scannet200 import CLASS_LABELS_200
 from ppt.data.scene_io import load_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 # id, raw_category, nyu40id; the other official columns are filled with placeholders.
 TSV_ROWS = [(1, "wall", 1), (3, "floor", 2), (10, "office chair", 5), (41, "ceiling", 22),
             (12, "crate", 39)]
+# Per-vertex labels of an annotated make_scan, computed by hand from TSV_ROWS:
+#   floor:        nyu40 2 -> 20-class 1 (floor);          id 3 -> 200-class 2 (floor)
+#   ceiling:      nyu40 22 (not among the 20) -> -1;      id 41 -> 200-class 35 (ceiling)
+#   crate:        nyu40 39 -> 20-class 19 (otherfurniture); id 12 (not among the 200) -> -1
+#   wall:         nyu40 1 -> 0 (wall);                    id 1 -> 0 (wall)
+#   office chair: nyu40 5 -> 4 (chair);                   id 10 -> 9 (office chair)
+#   unannotated segment and "mystery thing" (not in the TSV): -1 in both.
+EXPECTED_SEGMENT20 = [1] * 10 + [-1] * 2 + [19] * 2 + [-1] * 2 + [0] * 4 + [4] * 4 + [0] * 4 + [-1] * 4
+EXPECTED_SEGMENT200 = [2] * 10 + [35] * 2 + [-1] * 2 + [-1] * 2 + [0] * 4 + [9] * 4 + [0] * 4 + [-1] * 4
 TSV_HEADER = ("id\traw_category\tcategory\tcount\tnyu40id\teigen13id\tnyuClass\tnyu40class\t"
               "eigen13class\tModelNet40\tModelNet10\tShapeNetCore55\tsynsetoffset\twnsynsetid\t"
               "wnsynsetkey\tmpcat40\tmpcat40index")
@@ -60,15 +70,19 @@ def make_scan(folder, scene, text=False, annotated=True, matrix=None):
     faces = np.concatenate([floor_f, wall_f + 16])
     write_ply(d / f"{scene}_vh_clean_2.ply", verts, faces, text)
     if annotated:
-        # floor: seg 10; wall: segs 20 (first 8 verts) and 21; last 2 floor verts: seg 99
-        # (unannotated); 4 wall verts: seg 30 = "office chair"; seg 40 = category not in the TSV.
-        seg = np.array([10] * 14 + [99] * 2 + [20] * 4 + [30] * 4 + [21] * 4 + [40] * 4)
+        # floor: seg 10 (10 verts), then seg 50 = "ceiling" and seg 60 = "crate" (2 verts each),
+        # last 2 floor verts: seg 99 (unannotated); wall: segs 20 and 21, 4 wall verts: seg 30 =
+        # "office chair", seg 40 = category not in the TSV. Labels: EXPECTED_SEGMENT20 / 200.
+        seg = np.array([10] * 10 + [50] * 2 + [60] * 2 + [99] * 2 + [20] * 4 + [30] * 4 + [21] * 4
+                       + [40] * 4)
         (d / f"{scene}_vh_clean_2.0.010000.segs.json").write_text(json.dumps(
             {"sceneId": scene, "segIndices": seg.tolist()}))
         groups = [{"id": 0, "objectId": 0, "segments": [10], "label": "floor"},
                   {"id": 1, "objectId": 1, "segments": [20, 21], "label": "wall"},
                   {"id": 2, "objectId": 2, "segments": [30], "label": "office chair"},
-                  {"id": 3, "objectId": 3, "segments": [40], "label": "mystery thing"}]
+                  {"id": 3, "objectId": 3, "segments": [40], "label": "mystery thing"},
+                  {"id": 4, "objectId": 4, "segments": [50], "label": "ceiling"},
+                  {"id": 5, "objectId": 5, "segments": [60], "label": "crate"}]
         (d / f"{scene}.aggregation.json").write_text(json.dumps(
             {"sceneId": scene, "segGroups": groups}))
     if matrix is not None:
@@ -117,13 +131,15 @@ def test_convert_labels_normals_splits(raw, tmp_path):
     np.testing.assert_allclose(arrays["normal"][16:], np.tile([0, -1, 0], (16, 1)), atol=1e-6)
     assert arrays["color"][5].tolist() == [5, 7, 200]
     seg20, seg200, inst = arrays["segment20"], arrays["segment200"], arrays["instance"]
-    floor, wall, chair = SCANNET20.index("floor"), SCANNET20.index("wall"), SCANNET20.index("chair")
-    assert seg20[:14].tolist() == [floor] * 14 and seg200[:14].tolist() == [2] * 14
-    assert seg20[14:16].tolist() == [-1, -1] and inst[14:16].tolist() == [-1, -1]
-    assert seg20[16:20].tolist() == [wall] * 4 and seg20[24:28].tolist() == [wall] * 4
-    assert seg20[20:24].tolist() == [chair] * 4 and seg200[20:24].tolist() == [9] * 4
-    assert (seg20[28:] == -1).all() and (inst[28:] == 3).all()  # unknown category: no label
-    assert inst[:14].tolist() == [0] * 14 and inst[20:24].tolist() == [2] * 4
+    # office chair: "chair" among the 20, its own class among the 200; ceiling: 200 only; crate:
+    # 20 only (otherfurniture); the hand-computed labels name the classes they claim to:
+    assert [SCANNET20[i] for i in (0, 1, 4, 19)] == ["wall", "floor", "chair", "otherfurniture"]
+    assert [CLASS_LABELS_200[i] for i in (0, 2, 9, 35)] == ["wall", "floor", "office chair", "ceiling"]
+    assert seg20.tolist() == EXPECTED_SEGMENT20
+    assert seg200.tolist() == EXPECTED_SEGMENT200
+    assert inst[:10].tolist() == [0] * 10 and inst[10:14].tolist() == [4, 4, 5, 5]
+    assert inst[14:16].tolist() == [-1, -1] and inst[20:24].tolist() == [2] * 4
+    assert (inst[28:] == 3).all()  # unknown category: no label, still an instance
 
     summary = run_tasks(tasks, scannet.process, SCANNET20, "segment20", workers=2, progress=False,
                         log=lambda s: None)
@@ -133,6 +149,10 @@ def test_convert_labels_normals_splits(raw, tmp_path):
     scene = load_scene(out / "train" / "scene0000_00", 20, "segment20.npy", require_segment=True)
     binary = np.load(out / "val" / "scene0001_00" / "segment20.npy")
     np.testing.assert_array_equal(scene["segment"], binary)  # binary and ASCII PLY agree
+    for split, name in (("train", "scene0000_00"), ("val", "scene0001_00")):  # both files written
+        for file, expected in (("segment20.npy", EXPECTED_SEGMENT20), ("segment200.npy", EXPECTED_SEGMENT200)):
+            written = np.load(out / split / name / file)
+            assert written.dtype == np.int16 and written.tolist() == expected, (split, file)
 
 
 def test_axis_alignment_moves_coords_and_rotates_normals(raw, tmp_path):

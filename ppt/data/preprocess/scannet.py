@@ -15,9 +15,9 @@ so a copy ships with this package in ``meta/`` and is used unless ``--splits DIR
 folder provides its own.
 
 Labels: raw category -> NYU40 id -> 20-class index (``classes.SCANNET20_NYU40``), and raw
-category -> TSV ``id`` -> ScanNet200 index (position in ``VALID_CLASS_IDS_200``, the benchmark's
-200 ids in its label order); everything else is -1. ``instance`` = aggregation ``objectId``,
--1 where unannotated. Test scans have no annotations: coord/color/normal only.
+category -> TSV ``id`` -> ScanNet200 index (position in ``scannet200.VALID_CLASS_IDS_200``, the
+benchmark's 200 ids in its label order); everything else is -1. ``instance`` = aggregation
+``objectId``, -1 where unannotated. Test scans have no annotations: coord/color/normal only.
 Normals: area-weighted vertex normals of the mesh (face cross products summed onto vertices).
 """
 from __future__ import annotations
@@ -31,20 +31,8 @@ import numpy as np
 
 from ppt.data.classes import IGNORE_INDEX, SCANNET20_NYU40
 from ppt.data.preprocess.common import SceneTask
+from ppt.data.scannet200 import VALID_CLASS_IDS_200
 
-# ScanNet200 benchmark label ids (TSV ``id`` column), in label order (fact of the benchmark).
-VALID_CLASS_IDS_200 = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 21, 22, 23, 24, 26, 27, 28, 29,
-    31, 32, 33, 34, 35, 36, 38, 39, 40, 41, 42, 44, 45, 46, 47, 48, 49, 50, 51, 52, 54, 55, 56, 57,
-    58, 59, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 82, 84, 86,
-    87, 88, 89, 90, 93, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 110, 112, 115,
-    116, 118, 120, 121, 122, 125, 128, 130, 131, 132, 134, 136, 138, 139, 140, 141, 145, 148, 154,
-    155, 156, 157, 159, 161, 163, 165, 166, 168, 169, 170, 177, 180, 185, 188, 191, 193, 195, 202,
-    208, 213, 214, 221, 229, 230, 232, 233, 242, 250, 261, 264, 276, 283, 286, 300, 304, 312, 323,
-    325, 331, 342, 356, 370, 392, 395, 399, 408, 417, 488, 540, 562, 570, 572, 581, 609, 748, 776,
-    1156, 1163, 1164, 1165, 1166, 1167, 1168, 1169, 1170, 1171, 1172, 1173, 1174, 1175, 1176, 1178,
-    1179, 1180, 1181, 1182, 1183, 1184, 1185, 1186, 1187, 1188, 1189, 1190, 1191,
-)
 SPLITS = ("train", "val", "test")
 # The official ScanNet v2 split lists, shipped with the package (see meta/README.md).
 PACKAGED_SPLITS = Path(__file__).resolve().parent / "meta"
