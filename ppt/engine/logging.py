@@ -7,15 +7,20 @@ Tags, for users coming from Pointcept::
     train/loss, train/loss_<dataset>, train/lr_<group>, train/points_per_s, train/skipped_steps
     val/<dataset>/{mIoU,mAcc,allAcc}, val/mean_mIoU, val/<dataset>/iou/<class>,
     val/<dataset>/confusion (image), config (text)
+    val_scene/<dataset>/{pred,gt} (point clouds of the first val scene, <= 20k points; gt once)
 """
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+
+SCENE_POINTS = 20_000  # points per val-scene cloud: ~0.5 MB per cloud and evaluation in the events
+# Point size in metres (TensorBoard's default, 5 mm, leaves a 20k-point room mostly blank).
+SCENE_VIEW = {"material": {"cls": "PointsMaterial", "size": 0.05}}
 
 
 class ExperimentLogger:
@@ -71,8 +76,12 @@ class ExperimentLogger:
         if self.writer is not None:
             self.writer.add_image(tag, image, step, dataformats="HWC")
 
-    def validation(self, results: dict[str, dict], epoch: int, step: int) -> None:
-        """Scalars, per-class IoU and a confusion-matrix image per dataset, plus a log table."""
+    def validation(self, results: dict[str, dict], epoch: int, step: int,
+                   scenes: ValScenes | None = None) -> None:
+        """Scalars, per-class IoU and a confusion-matrix image per dataset, plus a log table;
+        the point clouds ``scenes`` captured during the evaluation."""
+        if scenes is not None and self.writer is not None:
+            scenes.log(self.writer, step)
         for name, res in results.items():
             self.scalars({f"val/{name}/{k}": res[k] for k in ("mIoU", "mIoU_ref", "mAcc", "allAcc")
                           if k in res and np.isfinite(res[k])}, step)
@@ -116,6 +125,73 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+class ValScenes:
+    """The first val scene of each dataset as TensorBoard point clouds, coloured by prediction
+    and by ground truth (``val_scene/<dataset>/pred``, ``.../gt``; ignored labels grey).
+
+    ``hook(name)`` is ``evaluate``'s ``on_scene`` for dataset ``name``: it keeps that dataset's
+    first scene only (``scenes[0]``, which rank 0 evaluates), subsampled at once to the same
+    ``max_points`` points at every evaluation (seeded), so no other scene is held and steps
+    compare point for point. ``log`` writes the kept clouds and forgets them; the ground truth,
+    which never changes, only the first time (per process: a resumed run logs it again), which
+    halves the events (a 20k-point cloud is ~0.5 MB per evaluation). Colours are
+    ``ppt.data.clouds.palette`` (as ``tools/test.py`` / ``tools/infer.py``), the same per class
+    in both clouds.
+
+    Args:
+        val_sets: {dataset name: ``SceneDataset``} evaluated (``info.class_names``; ``scenes`` and
+            ``scene_name`` name the first scene; without them the first scene finished is kept).
+        max_points: most points per cloud.
+        seed: picks the kept points.
+    """
+
+    def __init__(self, val_sets: dict, max_points: int = SCENE_POINTS, seed: int = 0):
+        self.max_points, self.seed = max_points, seed
+        self.num_classes = {name: len(ds.info.class_names) for name, ds in val_sets.items()}
+        self.first = {name: ds.scene_name(ds.scenes[0]) if hasattr(ds, "scene_name") else None
+                      for name, ds in val_sets.items()}
+        self.kept: dict[str, dict] = {}
+        self.gt_logged: set[str] = set()
+
+    def hook(self, name: str) -> Callable[[dict], None]:
+        """``on_scene`` callback ({name, coord (N, 3), segment (N,) or None, pred (N,)})."""
+        def keep(scene: dict) -> None:
+            if name in self.kept or self.first[name] not in (None, scene["name"]):
+                return
+            index = scene_subsample(len(scene["coord"]), self.max_points, self.seed)
+            segment = scene["segment"]
+            self.kept[name] = {"coord": np.asarray(scene["coord"])[index].astype(np.float32),
+                               "pred": np.asarray(scene["pred"])[index],
+                               "segment": None if segment is None else np.asarray(segment)[index]}
+        return keep
+
+    def log(self, writer, step: int) -> None:
+        """``add_mesh`` of every kept scene: ``pred`` and, if labelled and not yet logged, ``gt``."""
+        from ppt.data.clouds import palette
+
+        for name, scene in self.kept.items():
+            k = self.num_classes[name]
+            colours = palette(k)  # row k (label -1 / out of range) is grey
+            vertices = scene["coord"][None]
+            for kind in ("pred", "gt"):
+                labels = scene["pred" if kind == "pred" else "segment"]
+                if labels is None or (kind == "gt" and name in self.gt_logged):
+                    continue
+                labels = np.where((labels >= 0) & (labels < k), labels, k)
+                writer.add_mesh(f"val_scene/{name}/{kind}", vertices=vertices, colors=colours[labels][None],
+                                config_dict=SCENE_VIEW, global_step=step)
+            self.gt_logged.add(name)
+        self.kept.clear()
+
+
+def scene_subsample(num_points: int, max_points: int = SCENE_POINTS, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most ``max_points`` of ``num_points`` points, the same for the same
+    arguments (``ValScenes``)."""
+    if num_points <= max_points:
+        return np.arange(num_points)
+    return np.sort(np.random.default_rng(seed).choice(num_points, max_points, replace=False))
 
 
 def confusion_image(confusion: np.ndarray, class_names: Sequence[str]) -> np.ndarray:

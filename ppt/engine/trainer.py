@@ -197,8 +197,9 @@ def _log_window(logger, window, optimizer, state: TrainState, total: int, positi
 
 
 def evaluate_all(model: nn.Module, val_sets: dict, cfg: Config, device: torch.device,
-                 amp_dtype: torch.dtype | None) -> dict[str, dict]:
-    """Validation metrics per dataset (every process takes its shard; counts are all-reduced).
+                 amp_dtype: torch.dtype | None, scenes=None) -> dict[str, dict]:
+    """Validation metrics per dataset (every process takes its shard; counts are all-reduced);
+    ``scenes`` (a ``ValScenes``, or None) keeps each dataset's first scene for TensorBoard.
 
     A dataset that is evaluated but not trained (in ``data.val``, not in ``data.mix``) has a
     random prompt and untouched BN statistics in the model: it is evaluated through the
@@ -211,6 +212,7 @@ def evaluate_all(model: nn.Module, val_sets: dict, cfg: Config, device: torch.de
         prompt, note = eval_prompt(name, cfg.data.mix, None)
         results[name] = evaluate(model, ds, device, prompt=prompt, voxel_size=cfg.data.voxel_size,
                                  features=tuple(cfg.data.features),
+                                 on_scene=scenes.hook(name) if scenes else None,
                                  amp_dtype=amp_dtype, num_workers=loader_workers(min(cfg.data.num_workers, 2), local_processes()))
         results[name].update(prompt=prompt or name, prompt_note=note)
     return results
@@ -297,7 +299,7 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
         on_ready()
 
     # ---- experiment folder, logging
-    from ppt.engine.logging import ExperimentLogger
+    from ppt.engine.logging import ExperimentLogger, ValScenes
 
     main = rank == 0
     if main:
@@ -325,6 +327,7 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
     import yaml
 
     logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    scenes = ValScenes(val_sets) if logger.writer is not None else None  # rank 0, TensorBoard on
     train_model = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -363,8 +366,8 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
                 logger.info(f"precise BN: recomputed {info['norms']} BatchNorms from {info['batches']} "
                             f"training batches ({cfg.train.precise_bn} per dataset) in {info['seconds']:.1f} s")
             if evaluating:
-                results = evaluate_all(model, val_sets, cfg, device, amp_dtype)
-                logger.validation(results, state.epoch, state.step)
+                results = evaluate_all(model, val_sets, cfg, device, amp_dtype, scenes)
+                logger.validation(results, state.epoch, state.step, scenes)
                 for r in results.values():
                     if r["prompt_note"]:
                         logger.info(f"note: {r['prompt_note']}")
