@@ -23,6 +23,8 @@ import yaml
 
 from ppt.config_checks import LORA_TARGETS, LOSSES, PEFT_STAGES, validate
 from ppt.config_ptv3 import PTv3Config
+from ppt.data.classes import DatasetInfo
+from ppt.data.dataset_file import DatasetSpec, resolve_dataset
 from ppt.io import atomic_write
 from ppt.typed_config import ConfigError, field_types, from_dict, merge_sections, parse_overrides, plain
 
@@ -284,7 +286,15 @@ class PeftConfig:
 
 @dataclass
 class Config:
-    """One experiment. Sections: ``data``, ``model``, ``optim``, ``train``, ``peft``, ``ptv3``."""
+    """One experiment. Sections: ``data``, ``model``, ``optim``, ``train``, ``peft``, ``ptv3``,
+    ``datasets``.
+
+    ``datasets`` describes every dataset the run names that is not built in (name -> the
+    content of its ``dataset.yaml``, :class:`ppt.data.dataset_file.DatasetSpec`). It is filled
+    from ``<data.root>/<name>/dataset.yaml`` when the config is validated and saved with the run,
+    so a trained model keeps its label spaces without the data folder; a config may also write
+    a description inline.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -292,6 +302,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     ptv3: PTv3Config = field(default_factory=PTv3Config)
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+
+    def dataset_info(self, name: str) -> DatasetInfo:
+        """Label space and splits of dataset ``name``: built in, described in ``datasets``, or
+        read from ``<data.root>/<name>/dataset.yaml`` (the one resolver every caller uses)."""
+        return resolve_dataset(name, self.data.root, self.datasets)
 
     def to_dict(self) -> dict:
         """Plain YAML-friendly dict (tuples as lists)."""

@@ -6,6 +6,7 @@ Kept apart from the dataclasses so each file reads on its own; ``ppt.config`` ca
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ppt.config_ptv3 import validate_ptv3
@@ -19,10 +20,43 @@ PEFT_STAGES = ("none", "full", "linear", "decoder", "bitfit", "lora", "dapt", "p
 LORA_TARGETS = {"spunet": ("qkv",), "ptv3": ("qkv", "proj", "mlp")}  # = ppt.models.peft.lora
 
 
+def describe_datasets(cfg: Config, bad) -> None:
+    """Every dataset name the config uses is built in or described: descriptions missing from
+    ``cfg.datasets`` are read from ``<data.root>/<name>/dataset.yaml`` (and kept there)."""
+    from ppt.data.classes import DATASETS
+    from ppt.data.dataset_file import DatasetFileError, check_name, read_dataset_file, unknown_dataset_message
+
+    for name, spec in cfg.datasets.items():
+        if name in DATASETS:
+            raise bad(f"datasets.{name}", f"describes the built-in dataset {name!r}; give your own data "
+                                          f"another name")
+        spec.check(f"config key 'datasets.{check_name(name)}'")
+        folder = Path(cfg.data.root) / name
+        try:
+            on_disk = read_dataset_file(folder)
+        except (FileNotFoundError, DatasetFileError):
+            continue  # no data here (a trained model run elsewhere): the description stands
+        if (on_disk.classes, on_disk.label_file) != (spec.classes, spec.label_file):
+            raise bad(f"datasets.{name}", f"(classes {spec.classes}, {spec.label_file}) differs from "
+                                          f"{folder}/dataset.yaml (classes {on_disk.classes}, "
+                                          f"{on_disk.label_file}): this run's model was made for the "
+                                          f"former; point data.root at that data or use another name")
+    used = {"data.mix": list(cfg.data.mix), "data.val": list(cfg.data.val),
+            "data.crop_points": [n for n in cfg.data.crop_points if n not in DATASETS]}
+    for key, names in used.items():
+        for name in names:
+            if name in DATASETS or name in cfg.datasets:
+                continue
+            try:
+                cfg.datasets[name] = read_dataset_file(Path(cfg.data.root) / check_name(name))
+            except FileNotFoundError:
+                raise bad(key, f"names an {unknown_dataset_message(name, cfg.data.root)}") from None
+            except DatasetFileError as err:
+                raise bad(key, f"names dataset {name!r}, whose description is not valid: {err}") from None
+
+
 def validate(cfg: Config, where: str = "") -> Config:
     """Checks across keys (names, choices, shapes); raises ConfigError."""
-    from ppt.data.classes import DATASETS
-
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(f"config key '{key}'{where} {msg}")
 
@@ -39,16 +73,11 @@ def validate(cfg: Config, where: str = "") -> Config:
             raise bad(key, f"is {value!r}; valid: {', '.join(valid)}")
     if not cfg.data.mix:
         raise bad("data.mix", "is empty; name at least one dataset, e.g. {scannet: 1}")
-    for name in [*cfg.data.mix, *cfg.data.val]:
-        if name not in DATASETS:
-            raise bad("data.mix" if name in cfg.data.mix else "data.val",
-                      f"names unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    describe_datasets(cfg, bad)
     for name, ratio in cfg.data.mix.items():
         if ratio < 1:
             raise bad(f"data.mix.{name}", f"must be a positive integer batch ratio, got {ratio}")
     for name, cap in cfg.data.crop_points.items():
-        if name not in DATASETS:
-            raise bad("data.crop_points", f"names unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
         if cap < 0:
             raise bad(f"data.crop_points.{name}", f"must be >= 0 points (0 = no cap), got {cap}")
     cfg.data.crop_points = {**type(cfg.data)().crop_points, **cfg.data.crop_points}  # unnamed: default

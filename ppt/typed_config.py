@@ -73,6 +73,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         raise fail()
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):  # e.g. the values of Config.datasets
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        return from_dict(tp, value if value is not None else {}, f"{key}.", where)
     raise TypeError(f"unsupported annotation {tp} for {key}")
 
 

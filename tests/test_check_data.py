@@ -104,8 +104,8 @@ def test_empty_split_and_unknown_names(root):
     report = check_data_root(root, ["structured3d"], ["train", "val", "test"],
                              raise_on_error=False)
     assert len(report.problems) == 1 and "structured3d/test: no scene folders" in report.problems[0]
-    with pytest.raises(KeyError, match="valid names"):
-        check_data_root(root, ["scannet200"])
+    with pytest.raises(ValueError, match="unknown dataset 'nuscenes': not built in .*nuscenes/ does not exist"):
+        check_data_root(root, ["nuscenes"])
     with pytest.raises(SceneError, match="data root is missing"):
         check_data_root(root / "nope")
 

@@ -61,7 +61,7 @@ def test_missing_root_and_empty_split_name_path(tmp_path, folder_root):
         build_dataset("scannet", tmp_path / "nowhere", "train")
     with pytest.raises(FileNotFoundError, match="no scenes for split 'test'.*test/\\*"):
         folder_dataset(folder_root, split="test")
-    with pytest.raises(KeyError, match="valid names: s3dis, scannet, structured3d"):
+    with pytest.raises(ValueError, match="unknown dataset 'scanet': not built in .*scanet/ does not exist"):
         build_dataset("scanet", folder_root, "train")
     with pytest.raises(KeyError, match="valid splits"):
         SceneDataset(folder_root, DATASETS["scannet"], "training")

@@ -40,7 +40,7 @@ def run(cmd, **kwargs):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--datasets", "scannet:2,nuscenes:1"], "unknown dataset 'nuscenes'; valid: scannet, s3dis, structured3d"),
+    (["--datasets", "scannet:2,nuscenes:1"], "unknown dataset 'nuscenes': not built in"),
     (["--datasets", "scannet:1.5"], "ratio of scannet must be a positive integer, got '1.5'"),
     (["--datasets", "scannet:0"], "ratio of scannet must be a positive integer, got '0'"),
     (["--data-root", "/nonexistent/ppt"], "data root /nonexistent/ppt does not exist"),

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppt.data.check import check_data_root  # noqa: E402
+from ppt.data.dataset_file import DatasetFileError  # noqa: E402
 from ppt.data.normals import NormalCache  # noqa: E402
 
 
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = check_data_root(args.root, datasets, args.splits.split(","), quick=args.quick,
                                  raise_on_error=False, normal_cache=NormalCache(args.normal_cache))
-    except KeyError as err:  # unknown dataset name; the message lists the valid ones
-        print(f"error: {err.args[0]}", file=sys.stderr)
+    except DatasetFileError as err:  # unknown dataset name: says which folder was looked at
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.format())
     return 0 if report.ok else 1

@@ -19,6 +19,9 @@ point; many times slower), for comparisons with published numbers.
 Two mIoUs: ``mIoU`` averages the classes present (labelled or predicted; ``n/a`` rows, JSON
 null, are left out); ``mIoU_ref`` is the reference's (Pointcept) convention, the mean over ALL
 classes of the label set with absent classes counting 0. They agree when every class occurs.
+A dataset with class groups (ScanNet200: head / common / tail) also gets both means per group,
+printed as ``scannet200 head 41.20 / common 30.10 / tail 12.30`` and written under ``groups``
+(only in the dataset's own label set: not with ``--classes``).
 
 Results: ``exp/<name>/result/metrics.json`` = {"conventions": {...}, "results": {dataset:
 {mode: entry}}}, where mode names the split, the TTA protocol, the prompt, the label set and a
@@ -127,15 +130,18 @@ def embed(class_names, cfg):
         raise UsageError(str(err)) from None
 
 
-def resolve_datasets(text: str, cfg) -> list[str]:
-    from ppt.data.classes import DATASETS
+def resolve_datasets(text: str, cfg, root: str) -> dict:
+    """``{name: DatasetInfo}`` of ``--dataset`` (default: the model's datasets): built in,
+    described by the experiment's config, or a folder of ``root`` with a ``dataset.yaml``."""
+    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import DatasetFileError
     from ppt.engine.build import model_datasets
 
     names = [n.strip() for n in text.split(",") if n.strip()] if text else model_datasets(cfg)
-    unknown = [n for n in names if n not in DATASETS]
-    if unknown:
-        raise UsageError(f"unknown dataset {unknown[0]!r}; valid: {', '.join(DATASETS)}")
-    return names
+    try:
+        return {n: get_dataset_info(n, root, cfg.datasets) for n in names}
+    except DatasetFileError as err:
+        raise UsageError(f"--dataset: {err}") from None
 
 
 def parse_classes(text: str | None) -> list[str] | None:
@@ -149,11 +155,11 @@ def parse_classes(text: str | None) -> list[str] | None:
     return label_set
 
 
-def check_scenes(root: str, name: str, split: str) -> None:
+def check_scenes(root: str, name: str, split: str, described: dict) -> None:
     """The trainer's start-up check of the scene files (headers only); one line per problem set."""
     from ppt.data.check import check_data_root
 
-    report = check_data_root(root, [name], [split], quick=True, raise_on_error=False)
+    report = check_data_root(root, [name], [split], quick=True, raise_on_error=False, described=described)
     if report.problems:
         more = len(report.problems) - 1
         tail = f" (and {more} more problem(s): python tools/check_data.py {root})" if more else ""
@@ -164,12 +170,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     """Evaluate as the command line asks; returns ``{dataset: {mode: entry}}`` as written."""
     import torch
 
-    from ppt.data.classes import get_dataset_info
-    from ppt.data.datasets import build_dataset
+    from ppt.data.datasets import SceneDataset
     from ppt.engine.build import trained_domains
     from ppt.engine.evaluate import MAX_POINTS, eval_prompt, evaluate, views_per_scene
     from ppt.engine.threads import choose_threads, loader_workers
-    from ppt.metrics import format_table
+    from ppt.metrics import format_groups, format_table, group_metrics
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but CUDA is not available")
@@ -184,7 +189,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     threads, _ = choose_threads(cfg.train.threads if args.threads is None else args.threads,
                                 workers=args.workers)
     torch.set_num_threads(threads)
-    datasets = resolve_datasets(args.dataset, cfg)
+    root = args.data_root or cfg.data.root
+    datasets = resolve_datasets(args.dataset, cfg, root)
     domains, trained = set(getattr(model, "domains", ())), set(trained_domains(cfg))
     if args.prompt is not None and args.prompt not in (*domains, "mean"):
         raise UsageError(f"unknown prompt {args.prompt!r}; valid: {', '.join(sorted(domains))}, mean")
@@ -192,11 +198,9 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         raise UsageError(f"--classes needs the language head; this model's head is {cfg.model.head!r}")
 
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    root = args.data_root or cfg.data.root
     # Check every dataset (prompt, label set, data) before spending time on any of them.
     plans = {}
-    for name in datasets:
-        info = get_dataset_info(name)
+    for name, info in datasets.items():
         try:
             prompt, note = eval_prompt(name, trained, args.prompt)
         except ValueError as err:
@@ -213,9 +217,9 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                     "they are predicted but never scored as correct"
                 print(f"warning: --classes {', '.join(repr(n) for n in unknown)} not among {name}'s classes "
                       f"({scored}); {name} classes: {', '.join(info.class_names)}", file=sys.stderr)
-        check_scenes(root, name, args.split)
+        check_scenes(root, name, args.split, cfg.datasets)
         try:
-            dataset = build_dataset(name, root, args.split)
+            dataset = SceneDataset(Path(root) / name, info, args.split)
         except (KeyError, FileNotFoundError) as err:
             raise UsageError(err.args[0] if err.args else str(err)) from None
         plans[name] = (dataset, prompt, note)
@@ -254,6 +258,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         finally:
             progress.close()
         seconds = time.perf_counter() - tic
+        if info.groups and label_set is None:
+            result["groups"] = group_metrics(result, info.groups)
         classes = ",".join(label_set) if label_set else name
         print(format_table(result, title=f"{name} {args.split}: {result['scenes']} scenes, prompt {shown_prompt}, "
                                          f"tta {args.tta}, classes {classes}"))
@@ -261,6 +267,10 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
               f"(all {len(result['per_class'])} classes, reference)  mAcc {_pct(result['mAcc'])}  "
               f"allAcc {_pct(result['allAcc'])}  ({result['scenes'] / seconds:.2f} scenes/s, "
               f"{result['points'] / seconds:.0f} points/s)", flush=True)
+        if result.get("groups"):
+            print(f"{name} {format_groups(result['groups'])} (mIoU, classes present)\n"
+                  f"{name} {format_groups(result['groups'], 'mIoU_ref')} (mIoU_ref, all classes of each group, "
+                  f"reference)", flush=True)
         if saving:
             kinds = " and ".join(k for k, on in (("_pred.npy", args.save_pred), ("_pred.ply", args.ply)) if on)
             print(f"predictions ({result['scenes']} scenes, {kinds}) written to {out_dir}", flush=True)
@@ -278,6 +288,9 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             "predictions": str(out_dir) if saving else None,
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }}
+        if result.get("groups"):
+            entries[name][key]["groups"] = {g: {k: _finite(v) for k, v in values.items()}
+                                            for g, values in result["groups"].items()}
     path = exp / "result" / "metrics.json"
     merged = write_metrics(path, entries)
     total = sum(len(modes) for modes in merged["results"].values())

@@ -9,7 +9,10 @@ Flags:
     --datasets LIST       dataset mix with batch ratios, e.g. structured3d:4,scannet:2,s3dis:1
                           (replaces data.mix; the same datasets are validated). The FIRST one
                           defines the epoch: one pass over it; the others are reshuffled and
-                          re-iterated whenever they run out (as the reference).
+                          re-iterated whenever they run out (as the reference). A name is a
+                          built-in dataset (scannet, scannet200, s3dis, structured3d) or any
+                          folder <data root>/NAME/ with a dataset.yaml (your own labelled scans:
+                          tools/preprocess.py labelled writes one), e.g. mydata:1,scannet:1
     --data-root DIR       replaces data.root
     --weights FILE        initialise the model from a checkpoint (fine-tuning)
     --peft STAGE          parameter-efficient fine-tuning of --weights: full, linear, decoder,
@@ -40,7 +43,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppt.config import ConfigError, load_config  # noqa: E402
-from ppt.data.classes import DATASETS  # noqa: E402
 
 
 class InputError(ValueError):
@@ -51,9 +53,7 @@ def parse_mix(text: str) -> dict[str, int]:
     """"scannet:2,s3dis:1" -> {"scannet": 2, "s3dis": 1} (ratio defaults to 1)."""
     mix: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, ratio = item.partition(":")
-        if name not in DATASETS:
-            raise InputError(f"--datasets: unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        name, _, ratio = item.partition(":")  # the name is checked with the config (data root known)
         ratio = ratio or "1"
         if not ratio.isdigit() or int(ratio) < 1:
             raise InputError(f"--datasets: ratio of {name} must be a positive integer, got {ratio!r}")
@@ -73,12 +73,29 @@ def check_data_folders(root: Path, names: list[str]) -> None:
     if not root.is_dir():
         raise InputError(f"data root {root} does not exist (set --data-root, or make the synthetic "
                          f"demo data: python tools/make_synthetic.py --out data/synthetic)")
+    from ppt.data.dataset_file import described_datasets
+
     missing = [d for d in dict.fromkeys(names) if not (root / d).is_dir()]
     if missing:
-        present = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in DATASETS)
+        present = described_datasets(root)
         hint = data_root_hint(root, missing) or "; see datasets/README.md"
         raise InputError(f"data root {root} has no {', '.join(missing)} folder (found: "
                          f"{', '.join(present) or 'none'}){hint}")
+
+
+def config_best_on(path: str, overrides: list[str]) -> str:
+    """``train.best_on`` of a config file and its overrides, read without validating the rest
+    (the file's own ``data.mix`` is about to be replaced by ``--datasets``)."""
+    import yaml
+
+    from ppt.typed_config import parse_overrides
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        data = {}  # load_config reports the file properly
+    value = ((data.get("train") if isinstance(data, dict) else None) or {}).get("best_on", "first")
+    return str((parse_overrides(overrides).get("train") or {}).get("best_on", value))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,9 +142,11 @@ def prepare(args: argparse.Namespace):
             raise InputError(f"--resume: no {args.config} (is --name right? train without --resume first)")
     if args.config is None:
         raise InputError("--config is required (or --peft STAGE, which defaults to configs/peft_STAGE.yaml)")
+    if args.data_root is not None:  # first: dataset names resolve against the data root
+        overrides.append(f"data.root={args.data_root!r}" if "'" not in args.data_root else f"data.root={args.data_root}")
     if args.datasets is not None:
         mix = parse_mix(args.datasets)
-        best_on = load_config(args.config, overrides).train.best_on
+        best_on = config_best_on(args.config, overrides)
         overrides += ["data.mix={" + ", ".join(f"{k}: {v}" for k, v in mix.items()) + "}", "data.val=[]"]
         if best_on not in ("first", "mean", *mix) and not any(o.startswith("train.best_on=") for o in overrides):
             # e.g. ppt_joint.yaml (best by scannet) fine-tuned onto --datasets s3dis
@@ -135,8 +154,6 @@ def prepare(args: argparse.Namespace):
             print(f"note: --datasets leaves out {best_on}, which train.best_on of {args.config} names: "
                   f"model_best.pth is kept by {next(iter(mix))} (the first dataset); set train.best_on=NAME "
                   f"to choose", file=sys.stderr)
-    if args.data_root is not None:
-        overrides.append(f"data.root={args.data_root!r}" if "'" not in args.data_root else f"data.root={args.data_root}")
     cfg = load_config(args.config, overrides)
     name = args.name or Path(args.config).stem
     if not name or "/" in name or name.startswith("."):

@@ -53,6 +53,7 @@ class DataReport:
     quick: bool
     normal_cache: Path | None = None
     splits: dict[str, dict[str, SplitReport]] = field(default_factory=dict)
+    infos: dict = field(default_factory=dict)  # dataset name -> DatasetInfo checked
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -62,7 +63,7 @@ class DataReport:
     def format(self) -> str:
         lines = [f"data root {self.root} ({'quick: headers only' if self.quick else 'full'})"]
         for dataset, splits in self.splits.items():
-            info = get_dataset_info(dataset)
+            info = self.infos.get(dataset) or get_dataset_info(dataset, self.root)
             for split, rep in splits.items():
                 lines.append(f"{dataset}/{split}: {rep.scenes} scenes, {rep.points:,} points, "
                              f"normals in {rep.with_normal}/{rep.scenes}"
@@ -97,8 +98,9 @@ def _header(path: Path) -> np.ndarray:
 
 
 def check_scene_folder(folder: Path, num_classes: int, segment_file: str, require_segment: bool,
-                       quick: bool) -> dict[str, np.ndarray]:
-    """Validate one scene folder; returns the (stand-in, when quick) arrays."""
+                       quick: bool, ignore_index: int = IGNORE_INDEX) -> dict[str, np.ndarray]:
+    """Validate one scene folder; returns the (stand-in, when quick) arrays (labels equal to
+    ``ignore_index`` read as -1)."""
     read = _header if quick else load_array
     arrays = {"coord": read(folder / "coord.npy"), "color": read(folder / "color.npy")}
     stale_normal = normal_source(folder) == "stale"  # re-estimated on use: not the data's error
@@ -108,6 +110,9 @@ def check_scene_folder(folder: Path, num_classes: int, segment_file: str, requir
             continue
         if (folder / name).exists() or (key == "segment" and require_segment):
             arrays[key] = read(folder / name)
+    seg = arrays.get("segment")
+    if not quick and seg is not None and ignore_index != IGNORE_INDEX and np.issubdtype(seg.dtype, np.integer):
+        arrays["segment"] = np.where(seg == ignore_index, IGNORE_INDEX, seg.astype(np.int64))
     if arrays["coord"].ndim == 2 and not np.issubdtype(arrays["coord"].dtype, np.floating):
         raise SceneError(f"{folder / 'coord.npy'}: expected float coordinates, got "
                          f"{arrays['coord'].dtype}")
@@ -130,34 +135,46 @@ def data_root_hint(root: str | os.PathLike, names, any_of: bool = False) -> str:
 
 def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ...] | None = None,
                     splits: list[str] | tuple[str, ...] = ("train", "val"), quick: bool = True,
-                    raise_on_error: bool = True, normal_cache: NormalCache | None = None) -> DataReport:
+                    raise_on_error: bool = True, normal_cache: NormalCache | None = None,
+                    described: dict | None = None) -> DataReport:
     """Check every scene of ``datasets`` x ``splits`` under ``root``.
 
     Args:
         root: data root holding ``<dataset>/`` folders.
-        datasets: names from ``classes.DATASETS``; default: those present under ``root``.
+        datasets: built-in names or folders of ``root`` with a ``dataset.yaml``; default: every
+            such folder present under ``root``.
         splits: split names; labels are required except in ``test``.
         quick: headers only (see module docstring).
         raise_on_error: raise one ``SceneError`` listing the problems.
         normal_cache: where the readers cache estimated normals (default ``NormalCache()``).
+        described: descriptions of a user's datasets already known (a config's ``datasets``).
 
     Returns:
         ``DataReport`` with per-split counts and the problems found.
     """
     from ppt.data.classes import DATASETS
+    from ppt.data.dataset_file import DATASET_FILE, DatasetFileError, described_datasets
 
     root = Path(root)
     normal_cache = normal_cache if normal_cache is not None else NormalCache()
     report = DataReport(root, quick, normal_cache.cache_dir)
     if not root.is_dir():
         report.problems.append(f"{root}: data root is missing")
-    elif datasets is None:
-        datasets = [d for d in DATASETS if (root / d).is_dir()]
+    explicit = datasets is not None  # a named dataset that resolves to nothing raises
+    if root.is_dir() and datasets is None:
+        datasets = described_datasets(root)
         if not datasets:
-            report.problems.append(f"{root}: no dataset folders ({', '.join(DATASETS)})"
-                                   f"{data_root_hint(root, DATASETS, any_of=True)}")
-    for dataset in datasets or ():
-        info = get_dataset_info(dataset)
+            report.problems.append(f"{root}: no dataset folders ({', '.join(DATASETS)}, or a folder with "
+                                   f"a {DATASET_FILE})" f"{data_root_hint(root, DATASETS, any_of=True)}")
+    for dataset in (datasets or ()) if root.is_dir() else ():
+        try:
+            info = get_dataset_info(dataset, root, described)
+        except DatasetFileError as err:
+            if explicit:
+                raise
+            report.problems.append(str(err))
+            continue
+        report.infos[dataset] = info
         base = root / dataset
         report.splits[dataset] = {}
         for split in splits:
@@ -177,7 +194,8 @@ def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ..
             for folder in folders:
                 try:
                     arrays = check_scene_folder(folder, info.num_classes, info.segment_file,
-                                                require_segment=split != "test", quick=quick)
+                                                require_segment=split != "test", quick=quick,
+                                                ignore_index=info.ignore_index)
                 except SceneError as err:
                     report.problems.append(str(err))
                     continue

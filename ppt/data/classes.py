@@ -5,7 +5,11 @@ raw-label mapping) is derived from these lists, never from hand-kept index table
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ppt.data.scannet200 import (
+    CLASS_LABELS_200, COMMON_CATS_SCANNET_200, HEAD_CATS_SCANNET_200, TAIL_CATS_SCANNET_200,
+)
 
 IGNORE_INDEX = -1
 
@@ -43,12 +47,20 @@ class DatasetInfo:
         splits: split name -> folder globs relative to the dataset root, each matching
             scene folders (``"train/*"``, ``"Area_5/*"``).
         segment_file: the ``.npy`` that holds the labels in this label space.
+        ignore_index: the value in ``segment_file`` that means "no label" (read as -1).
+        has_color: the scenes carry colour (a user's colourless scans: false).
+        source: where the data came from (a user's ``dataset.yaml`` note).
+        groups: named groups of classes for reports (ScanNet200's head / common / tail).
     """
 
     name: str
     class_names: tuple[str, ...]
     splits: dict[str, tuple[str, ...]]
     segment_file: str = "segment.npy"
+    ignore_index: int = IGNORE_INDEX
+    has_color: bool = True
+    source: str = ""
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +75,14 @@ DATASETS: dict[str, DatasetInfo] = {
         {"train": ("train/*",), "val": ("val/*",), "test": ("test/*",)},
         segment_file="segment20.npy",
     ),
+    # ScanNet200 (SPEC §10): the same scenes, labels of the 200-class benchmark.
+    "scannet200": DatasetInfo(
+        "scannet200", CLASS_LABELS_200,
+        {"train": ("train/*",), "val": ("val/*",), "test": ("test/*",)},
+        segment_file="segment200.npy",
+        groups={"head": HEAD_CATS_SCANNET_200, "common": COMMON_CATS_SCANNET_200,
+                "tail": TAIL_CATS_SCANNET_200},
+    ),
     "s3dis": DatasetInfo(
         "s3dis", S3DIS13,
         # Reference protocol: Area 5 held out for validation.
@@ -76,13 +96,16 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def get_dataset_info(name: str) -> DatasetInfo:
-    """Look a dataset up by name; the error lists the valid names."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        valid = ", ".join(sorted(DATASETS))
-        raise KeyError(f"unknown dataset {name!r}; valid names: {valid}") from None
+def get_dataset_info(name: str, root=None, described=None) -> DatasetInfo:
+    """Look a dataset up by name: built in, else ``described`` (a config's ``datasets``
+    section), else ``<root>/<name>/dataset.yaml`` (``ppt.data.dataset_file.resolve_dataset``).
+
+    Raises ``ppt.data.dataset_file.DatasetFileError`` (a ``ValueError``) saying which folder was
+    looked at and what its ``dataset.yaml`` must hold.
+    """
+    from ppt.data.dataset_file import resolve_dataset
+
+    return resolve_dataset(name, root, described)
 
 
 def union_label_space(class_lists: dict[str, tuple[str, ...]]) -> tuple[tuple[str, ...], dict[str, list[int]]]:

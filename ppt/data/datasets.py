@@ -6,6 +6,7 @@ Layouts (see ``ppt.data.classes.DATASETS`` for the split globs)::
     <root>/Area_N/<room>/{coord,color,normal,segment,instance}.npy                s3dis
     <root>/{train,val,test}/scene_XXXXX/room_Y/{coord,color,normal,segment}.npy   structured3d
     <root>/<split>/<scene>/{coord,color,[normal],segment}.npy                     FolderDataset
+    <root>/dataset.yaml + scene folders its split globs match                     a user's dataset
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ class SceneDataset(Dataset):
     def _is_valid(self, folder: Path) -> bool:
         self.normal_cache.discard_stale(folder)  # an outdated estimate is not a broken scene
         try:
-            load_scene(folder, self.info.num_classes, self.info.segment_file)
+            load_scene(folder, self.info.num_classes, self.info.segment_file,
+                       ignore_index=self.info.ignore_index)
             return True
         except SceneError as err:
             warnings.warn(f"skipping invalid scene: {err}")
@@ -87,7 +89,8 @@ class SceneDataset(Dataset):
         """The untransformed sample ``index`` (modulo the scene count)."""
         folder = self.scenes[index % len(self.scenes)]
         self.normal_cache.discard_stale(folder)
-        sample = load_scene(folder, self.info.num_classes, self.info.segment_file)
+        sample = load_scene(folder, self.info.num_classes, self.info.segment_file,
+                            ignore_index=self.info.ignore_index)
         if "normal" not in sample:
             sample["normal"] = self.normal_cache.get(folder, sample["coord"])
         sample["dataset"] = self.info.name
@@ -128,13 +131,16 @@ class FolderDataset(SceneDataset):
 
 
 def build_dataset(name: str, data_root: str | os.PathLike, split: str, transform=None,
-                  loop: int = 1, skip_bad: bool = False,
-                  normal_cache: NormalCache | None = None) -> SceneDataset:
-    """Dataset ``name`` (a key of ``ppt.data.classes.DATASETS``) read from ``<data_root>/<name>``.
+                  loop: int = 1, skip_bad: bool = False, normal_cache: NormalCache | None = None,
+                  described: dict | None = None) -> SceneDataset:
+    """Dataset ``name`` read from ``<data_root>/<name>``: a built-in name
+    (``ppt.data.classes.DATASETS``), one of ``described`` (a config's ``datasets`` section) or a
+    folder with a ``dataset.yaml`` (``ppt.data.dataset_file``).
 
-    Raises ``KeyError`` listing the valid names for an unknown ``name``.
+    Raises ``DatasetFileError`` (a ``ValueError``) saying which folder was looked at for an
+    unknown ``name``.
     """
-    info = get_dataset_info(name)
+    info = get_dataset_info(name, data_root, described)
     return SceneDataset(Path(data_root) / name, info, split, transform, loop, skip_bad, normal_cache)
 
 

@@ -70,8 +70,9 @@ def check_scene(arrays: dict[str, np.ndarray], folder: Path, num_classes: int | 
 
 
 def load_scene(folder: str | os.PathLike, num_classes: int | None = None,
-               segment_file: str = "segment.npy", require_segment: bool = False) -> dict[str, np.ndarray]:
-    """Load and validate one scene folder.
+               segment_file: str = "segment.npy", require_segment: bool = False,
+               ignore_index: int = IGNORE_INDEX) -> dict[str, np.ndarray]:
+    """Load and validate one scene folder (labels equal to ``ignore_index`` are read as -1).
 
     Returns a dict with ``coord`` float32 (N, 3), ``color`` float32 (N, 3) in 0..255,
     ``normal`` float32 (N, 3) if present, ``segment`` int64 (N,) if present (else absent,
@@ -87,6 +88,9 @@ def load_scene(folder: str | os.PathLike, num_classes: int | None = None,
         arrays["normal"] = load_array(folder / "normal.npy")
     if (folder / segment_file).exists() or require_segment:
         arrays["segment"] = load_array(folder / segment_file)
+        if ignore_index != IGNORE_INDEX and np.issubdtype(arrays["segment"].dtype, np.integer):
+            seg = arrays["segment"].astype(np.int64)
+            arrays["segment"] = np.where(seg == ignore_index, IGNORE_INDEX, seg)
     if (folder / "instance.npy").exists():
         arrays["instance"] = load_array(folder / "instance.npy")
     check_scene(arrays, folder, num_classes, segment_file)

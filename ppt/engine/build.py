@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from ppt.config import Config, DataConfig, ModelConfig, OptimConfig
-from ppt.data.classes import get_dataset_info
 from ppt.engine.threads import loader_workers, local_processes
 from ppt.io import atomic_write
 from ppt.models.heads import TEXT_PREFIX
@@ -31,12 +30,16 @@ def trained_domains(cfg: Config) -> list[str]:
     return list(cfg.data.mix)
 
 
-def build_text_embeddings(cfg: ModelConfig, datasets: list[str]) -> dict[str, torch.Tensor]:
-    """(K_d, D) frozen class-name embeddings per dataset (disk-cached by ``ppt.text``)."""
+def build_text_embeddings(cfg: ModelConfig, class_names: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+    """(K_d, D) frozen class-name embeddings per dataset (disk-cached by ``ppt.text``).
+
+    Args:
+        cfg: the model section (text encoder, template).
+        class_names: dataset -> class names in label order (``Config.dataset_info``).
+    """
     from ppt.text import class_embeddings
 
-    return {d: class_embeddings(get_dataset_info(d).class_names, cfg.text_encoder, cfg.template)
-            for d in datasets}
+    return {d: class_embeddings(names, cfg.text_encoder, cfg.template) for d, names in class_names.items()}
 
 
 def text_embeddings_from_state(state: dict) -> dict[str, torch.Tensor]:
@@ -63,15 +66,16 @@ def build_model(cfg: Config, text_embeddings: dict[str, torch.Tensor] | None = N
 
     m = cfg.model
     datasets = model_datasets(cfg)
+    class_names = {d: cfg.dataset_info(d).class_names for d in datasets}
     if m.head == "language" and (text_embeddings is None or any(d not in text_embeddings for d in datasets)):
-        text_embeddings = build_text_embeddings(m, datasets)
+        text_embeddings = build_text_embeddings(m, class_names)
     if m.backbone == "ptv3":
         backbone = dict(in_channels=m.in_channels, **asdict(cfg.ptv3))
     else:
         backbone = dict(in_channels=m.in_channels, channels=tuple(m.channels), layers=tuple(m.layers),
                         stem_channels=m.stem_channels)
     model = Segmentor(
-        class_names={d: get_dataset_info(d).class_names for d in datasets},
+        class_names=class_names,
         backbone=backbone, backbone_type=m.backbone,
         prompt=m.prompt, prompt_dim=m.prompt_dim, decoupled_bn=m.decoupled_bn, head=m.head,
         text_embeddings=text_embeddings if m.head == "language" else None,
@@ -108,7 +112,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1):
                                                      elastic=d.elastic, color_drop=d.color_drop,
                                                      crop_points=d.crop_points.get(name),
                                                      features=tuple(d.features)),
-                                    loop=d.loop if name == main else 1)
+                                    loop=d.loop if name == main else 1, described=cfg.datasets)
                 for name in d.mix}
     selection = data_selection(cfg, datasets)
     loader = MultiDatasetLoader(datasets, dict(d.mix), per_rank_batch_size(d, world_size),
@@ -163,7 +167,8 @@ def build_val_datasets(cfg: Config) -> dict:
     """Val split of each evaluated dataset (raw scenes: ``evaluate`` applies the val pipeline)."""
     from ppt.data.datasets import build_dataset
 
-    return {name: build_dataset(name, cfg.data.root, "val") for name in (cfg.data.val or list(cfg.data.mix))}
+    return {name: build_dataset(name, cfg.data.root, "val", described=cfg.datasets)
+            for name in (cfg.data.val or list(cfg.data.mix))}
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

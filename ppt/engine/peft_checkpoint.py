@@ -74,7 +74,8 @@ def training_scene_batches(cfg) -> tuple[Iterable[dict], int]:
     from ppt.engine.build import data_selection
 
     named = {name: build_dataset(name, cfg.data.root, "train", build_transforms(name, "val", cfg.data.voxel_size,
-                                                                           features=tuple(cfg.data.features)))
+                                                                           features=tuple(cfg.data.features)),
+                                 described=cfg.datasets)
              for name in cfg.data.mix}
     data_selection(cfg, named)  # with data.scene_fraction, only the kept scenes (no labels are read)
     datasets = list(named.values())

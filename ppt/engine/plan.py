@@ -69,7 +69,7 @@ def make_plan(cfg: Config, world_size: int = 1,
         from ppt.data.datasets import build_dataset
         from ppt.engine.build import data_selection
 
-        train = {n: build_dataset(n, d.root, "train", loop=d.loop if n == main else 1) for n in d.mix}
+        train = {n: build_dataset(n, d.root, "train", loop=d.loop if n == main else 1, described=cfg.datasets) for n in d.mix}
         selection = data_selection(cfg, train)  # the scenes and labels the run will draw
         efficiency = selection.summary() if selection is not None else []
         val = {n: len(ds) for n, ds in build_val_datasets(cfg).items()}

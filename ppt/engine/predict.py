@@ -258,7 +258,7 @@ class Predictor:
 
     def _label_set(self, classes: Sequence[str] | None) -> tuple[str, tuple[str, ...], str]:
         """(label space name in the model, its class names, a note for the user)."""
-        from ppt.data.classes import get_dataset_info, union_label_space
+        from ppt.data.classes import union_label_space
 
         head = self.cfg.model.head
         if classes is not None:
@@ -278,8 +278,8 @@ class Predictor:
             self.model.set_label_space(OPEN_VOCAB, names, emb.to(self.device))
             return OPEN_VOCAB, names, f"{len(names)} classes given"
         if self.prompt != "mean":
-            return self.prompt, get_dataset_info(self.prompt).class_names, f"{self.prompt}'s classes"
-        lists = {d: get_dataset_info(d).class_names for d in self.trained}
+            return self.prompt, self.cfg.dataset_info(self.prompt).class_names, f"{self.prompt}'s classes"
+        lists = {d: self.cfg.dataset_info(d).class_names for d in self.trained}
         if head == "decoupled":
             first = self.trained[0]
             return first, lists[first], (f"{first}'s classes (a decoupled head has no shared label set; "

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ppt.data.classes import DATASETS, union_label_space
+from ppt.data.dataset_file import DatasetFileError, DatasetSpec
 from ppt.engine.checkpoint import CheckpointError, load_checkpoint, strip_ddp_prefix, summarize_keys
 from ppt.engine.weights_report import (
     BY_CLASS, BY_KEY, BY_NAME, FOLDED, FRESH, FROM_MEAN, MAX_LISTED, OWN, WeightsReport, dataset_of,
@@ -69,6 +70,22 @@ def read_base(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = strip_ddp_prefix(tensors)
     config = ckpt.get("config")
     return tensors, config if isinstance(config, dict) else {}
+
+
+def base_class_names(config: dict, domains: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Base dataset -> class names in label order: the built-in lists, and a user's datasets as
+    the base's config describes them (its ``datasets`` section, saved with every run)."""
+    described = (config or {}).get("datasets") or {}
+    classes: dict[str, tuple[str, ...]] = {}
+    for d in domains:
+        if d in DATASETS:
+            classes[d] = DATASETS[d].class_names
+        elif isinstance(described.get(d), dict):
+            try:
+                classes[d] = tuple(DatasetSpec(**described[d]).check(f"datasets.{d}").classes)
+            except (TypeError, DatasetFileError):
+                continue  # an unreadable description: its classifier rows cannot be named
+    return classes
 
 
 def base_datasets(state: dict[str, torch.Tensor], config: dict | None = None) -> list[str]:
@@ -296,7 +313,7 @@ def map_state(base: dict[str, torch.Tensor], model: nn.Module, domains: Sequence
         model: the target model (no PEFT stage applied yet).
         domains: the base's datasets in prompt-table order (default: :func:`base_datasets`).
         trained: the base datasets it trained on (default: all of ``domains``).
-        classes: base dataset -> class names in label order (default: the known datasets').
+        classes: base dataset -> class names in label order (default: the built-in datasets').
         path: where ``base`` came from (for the report).
 
     Returns:
@@ -327,7 +344,7 @@ def map_weights(model: nn.Module, path: str | os.PathLike) -> WeightsReport:
     domains = base_datasets(base, config)
     mix = list((config.get("data") or {}).get("mix") or {})  # the datasets it trained on
     trained = mix if mix and set(mix) & set(domains) else None
-    state, report = map_state(base, model, domains, trained, path=path)
+    state, report = map_state(base, model, domains, trained, base_class_names(config, domains), path=path)
     if not report.loaded:
         raise CheckpointError(f"checkpoint {path}: nothing in it fits this model by key or by dataset name "
                               f"({len(base)} tensors, e.g. {summarize_keys(base, MAX_LISTED)}; "
