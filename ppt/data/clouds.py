@@ -139,9 +139,9 @@ def read_cloud(path: str | os.PathLike) -> Cloud:
         if suffix == ".ply":
             coord, color, normal, notes = _read_ply(path)
         elif suffix == ".npy":
-            coord, color, normal, notes = _split_columns(_read_npy(path), path)
+            coord, color, normal, notes = _split_columns(read_npy_array(path), path)
         elif suffix in (".txt", ".xyz"):
-            coord, color, normal, notes = _split_columns(_read_text(path), path)
+            coord, color, normal, notes = _split_columns(read_text_array(path), path)
         else:
             raise CloudError(f"{path}: {unsupported(path)}")
     except OSError as err:
@@ -216,8 +216,16 @@ def color_to_255(color: np.ndarray) -> tuple[np.ndarray, str]:
 
 
 def _read_ply(path: Path):
+    coord, color, normal = vertex_arrays(read_ply_vertices(path))
+    return coord, color, normal, []
+
+
+def read_ply_vertices(path: str | os.PathLike) -> np.ndarray:
+    """The ``vertex`` element of a PLY file (binary or ASCII, meshes too) as a structured array
+    holding every vertex property (``x, y, z`` checked present). Raises :class:`CloudError`."""
     from plyfile import PlyData, PlyParseError
 
+    path = Path(path)
     try:
         # Triangle lists declared: plyfile maps a binary mesh's faces in one read instead of
         # one Python call per face; other meshes fall back to the generic reader.
@@ -238,6 +246,14 @@ def _read_ply(path: Path):
     props = vertex.dtype.names or ()
     if not {"x", "y", "z"} <= set(props):
         raise CloudError(f"{path}: vertices have no x, y, z properties (they have: {', '.join(props)})")
+    return vertex
+
+
+def vertex_arrays(vertex: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(coord, color, normal)`` of a structured vertex array (see :func:`read_ply_vertices`):
+    coord float32 (float64 for double or integer coordinates), colour in the file's type (or
+    None), normals float32 (or None), all in native byte order."""
+    props = vertex.dtype.names or ()
 
     def columns(names: tuple[str, str, str], dtype=None) -> np.ndarray:
         # astype(native) also turns big-endian fields into native numbers.
@@ -249,10 +265,11 @@ def _read_ply(path: Path):
     coord = columns(("x", "y", "z"), np.float64 if kind.itemsize > 4 or kind.kind in "iu" else np.float32)
     color = next((columns(c) for c in COLOR_NAMES if set(c) <= set(props)), None)
     normal = next((columns(c, np.float32) for c in NORMAL_NAMES if set(c) <= set(props)), None)
-    return coord, color, normal, []
+    return coord, color, normal
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def read_npy_array(path: Path) -> np.ndarray:
+    """A numeric ``.npy`` array (no pickles). Raises :class:`CloudError`."""
     with open(path, "rb") as f:
         if f.read(6) != b"\x93NUMPY":
             raise CloudError(f"{path}: not a .npy file (no NumPy header); save arrays with numpy.save")
@@ -265,7 +282,9 @@ def _read_npy(path: Path) -> np.ndarray:
     return array
 
 
-def _read_text(path: Path) -> np.ndarray:
+def read_text_array(path: Path) -> np.ndarray:
+    """float64 (N, C) rows of a text cloud: spaces or commas, ``#`` / ``//`` comments and one
+    header line skipped. Raises :class:`CloudError`."""
     with open(path, "rb") as f:
         head = f.read(4096)
     if b"\0" in head:
