@@ -15,6 +15,9 @@ model for classes the data does not contain. ``summary`` also reports the refere
 ``mIoU_ref`` / ``mAcc_ref`` (mean over ALL K classes of the label set, absent classes 0, as
 Pointcept's ``SemSegEvaluator`` and tester compute them) so results can be compared with
 published ones; ``CONVENTIONS`` says which is which in words (tables, metrics.json).
+
+Groups: a label set with named groups of classes (ScanNet200's head / common / tail, a
+``DatasetInfo.groups``) also gets both means over each group's classes (:func:`group_metrics`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ CONVENTIONS = {
     "mAcc": "mean accuracy over the classes labelled",
     "mIoU_ref": "reference (Pointcept) mIoU: mean over all classes of the label set, absent classes count 0",
     "mAcc_ref": "reference (Pointcept) mAcc: mean over all classes of the label set, unlabelled classes count 0",
+    "groups": "per named group of classes (e.g. ScanNet200 head / common / tail): mIoU over the group's classes "
+              "present, mIoU_ref over all the group's classes (absent count 0)",
 }
 
 
@@ -92,8 +97,13 @@ class ConfusionMeter:
         union = target + c.sum(0) - intersection
         return intersection, union, target
 
-    def summary(self, class_names: Sequence[str] | None = None) -> dict:
+    def summary(self, class_names: Sequence[str] | None = None,
+                groups: dict[str, Sequence[str]] | None = None) -> dict:
         """Metrics over everything added so far.
+
+        Args:
+            class_names: names in label order (default ``"0"``, ``"1"``, ...).
+            groups: named groups of class names; adds ``groups`` (:func:`group_metrics`).
 
         Returns:
             dict with ``mIoU``, ``mAcc``, ``allAcc`` (floats in 0..1; NaN when nothing was
@@ -101,7 +111,8 @@ class ConfusionMeter:
             NaN when nothing was counted), ``classes_present`` (classes with an IoU, out of
             ``num_classes``), ``per_class`` and
             ``per_class_acc`` ({name: float or None for absent classes}), ``intersection``,
-            ``union``, ``target`` (lists of ints) and ``confusion`` (np.int64 (K, K)).
+            ``union``, ``target`` (lists of ints) and ``confusion`` (np.int64 (K, K)); with
+            ``groups``, also ``groups``.
         """
         names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
         if len(names) != self.num_classes:
@@ -111,7 +122,7 @@ class ConfusionMeter:
             iou = np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
             acc = np.where(target > 0, intersection / np.maximum(target, 1), np.nan)
         total = target.sum()
-        return {
+        result = {
             "mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
             "mAcc": float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan"),
             "allAcc": float(intersection.sum() / total) if total > 0 else float("nan"),
@@ -127,6 +138,50 @@ class ConfusionMeter:
             "target": target.tolist(),
             "confusion": self.confusion.cpu().numpy(),
         }
+        if groups:
+            result["groups"] = group_metrics(result, groups)
+        return result
+
+
+def group_metrics(summary: dict, groups: dict[str, Sequence[str]]) -> dict[str, dict]:
+    """Both mIoU conventions over each named group of classes of a :meth:`ConfusionMeter.summary`.
+
+    Args:
+        summary: a ``summary`` result (reads ``per_class``, ``intersection``, ``union``, ``target``).
+        groups: group name -> class names of the summary's label set (e.g. ScanNet200's
+            ``{"head": (...), "common": (...), "tail": (...)}``).
+
+    Returns:
+        ``{group: {"mIoU", "mIoU_ref", "classes", "classes_present"}}`` in ``groups`` order:
+        ``mIoU`` over the group's classes with an IoU (NaN when none has one), ``mIoU_ref`` over
+        all ``classes`` of the group, absent ones counting 0 (NaN when nothing was counted).
+
+    Raises:
+        ValueError: a group names a class that is not in the label set.
+    """
+    names = list(summary["per_class"])
+    position = {n: i for i, n in enumerate(names)}
+    intersection, union = np.asarray(summary["intersection"]), np.asarray(summary["union"])
+    counted = int(np.sum(summary["target"])) > 0
+    out = {}
+    for group, members in groups.items():
+        if not members:
+            raise ValueError(f"class group {group!r} names no class")
+        unknown = [n for n in members if n not in position]
+        if unknown:
+            raise ValueError(f"class group {group!r} names {', '.join(repr(n) for n in unknown[:5])}, not among "
+                             f"the {len(names)} classes of the label set")
+        index = [position[n] for n in members]
+        present = [summary["per_class"][names[i]] for i in index if summary["per_class"][names[i]] is not None]
+        ref = float(np.mean(intersection[index] / (union[index] + 1e-10))) if counted else float("nan")
+        out[group] = {"mIoU": float(np.mean(present)) if present else float("nan"), "mIoU_ref": ref,
+                      "classes": len(index), "classes_present": len(present)}
+    return out
+
+
+def format_groups(groups: dict[str, dict], key: str = "mIoU") -> str:
+    """``head 41.20 / common 30.10 / tail 12.30``: one convention of :func:`group_metrics`, in %."""
+    return " / ".join(f"{group} {_fmt(values[key])}" for group, values in groups.items())
 
 
 def _or_none(value: float) -> float | None:
@@ -158,4 +213,7 @@ def format_table(summary: dict, title: str = "") -> str:
         lines.append(f"  mIoU/mAcc: over the {present} classes present (n/a rows left out); reference convention "
                      f"over all {len(names)} classes (n/a = 0): mIoU_ref {_fmt(summary['mIoU_ref'])}  "
                      f"mAcc_ref {_fmt(summary.get('mAcc_ref'))}")
+    if summary.get("groups"):
+        lines.append(f"  groups: mIoU {format_groups(summary['groups'])} (classes present); "
+                     f"mIoU_ref {format_groups(summary['groups'], 'mIoU_ref')} (all classes of each group)")
     return "\n".join(lines)

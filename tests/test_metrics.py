@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppt.metrics import ConfusionMeter, format_table
+from ppt.metrics import ConfusionMeter, format_groups, format_table, group_metrics
 
 # Hand-made case over 4 classes (class 3 never labelled, never predicted):
 #   class 0: 3 labelled, all predicted 0, nothing else predicted 0       -> I=3 U=3  IoU 1
@@ -118,6 +118,44 @@ def test_reference_convention_on_a_hand_made_confusion():
     full.update(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 1]))
     f = full.summary()
     assert f["mIoU"] == pytest.approx(f["mIoU_ref"]) and f["mAcc"] == pytest.approx(f["mAcc_ref"])
+
+
+def test_group_means_on_a_hand_made_confusion():
+    """mIoU per named group (ScanNet200's head / common / tail): each group averages ITS classes
+    (bugs caught: groups taken as contiguous label ranges, the overall mIoU copied into every
+    group, the absent-class convention of one mean used for the other, a group naming a class
+    the label set lacks passing silently)."""
+    names = ("a", "b", "c", "d", "e", "f")
+    confusion = torch.tensor([[8, 0, 2, 0, 0, 0],   # a: I 8, T 10, P 9  -> IoU 8/11
+                              [1, 3, 0, 0, 0, 0],   # b: I 3, T 4, P 4   -> IoU 3/5
+                              [0, 0, 6, 0, 0, 0],   # c: I 6, T 6, P 8   -> IoU 6/8
+                              [0, 1, 0, 0, 0, 1],   # d: I 0, T 2, P 0   -> IoU 0
+                              [0, 0, 0, 0, 0, 0],   # e: never labelled or predicted: absent
+                              [0, 0, 0, 0, 0, 0]])  # f: predicted once, never labelled: IoU 0
+    meter = ConfusionMeter(6)
+    meter.confusion += confusion
+    groups = {"head": ("a", "c"), "common": ("b", "e"), "tail": ("f", "d")}  # not label ranges
+    s = meter.summary(names, groups=groups)
+    assert s["mIoU"] == pytest.approx((8 / 11 + 3 / 5 + 6 / 8 + 0 + 0) / 5)
+    assert s["mIoU_ref"] == pytest.approx((8 / 11 + 3 / 5 + 6 / 8 + 0 + 0) / 6)
+    g = s["groups"]
+    assert list(g) == ["head", "common", "tail"]
+    assert g["head"]["mIoU"] == pytest.approx((8 / 11 + 6 / 8) / 2)
+    assert g["head"]["mIoU_ref"] == pytest.approx((8 / 11 + 6 / 8) / 2)
+    assert g["common"]["mIoU"] == pytest.approx(3 / 5)  # e absent: left out
+    assert g["common"]["mIoU_ref"] == pytest.approx(3 / 10)  # e absent: counts 0
+    assert g["tail"]["mIoU"] == 0 and g["tail"]["mIoU_ref"] == 0
+    assert (g["common"]["classes"], g["common"]["classes_present"]) == (2, 1)
+    assert all(v["mIoU"] != pytest.approx(s["mIoU"]) for v in g.values())
+    assert group_metrics(s, groups) == g  # the same from a summary after the fact
+    assert format_groups(g) == "head 73.86 / common 60.00 / tail 0.00"
+    assert format_groups(g, "mIoU_ref") == "head 73.86 / common 30.00 / tail 0.00"
+    assert "groups: mIoU head 73.86 / common 60.00 / tail 0.00" in format_table(s).splitlines()[-1]
+    assert "groups" not in meter.summary(names)  # no groups asked: none reported
+    with pytest.raises(ValueError, match="group 'tail' names 'g', not among the 6 classes"):
+        meter.summary(names, groups={"tail": ("f", "g")})
+    empty = ConfusionMeter(6).summary(names, groups=groups)["groups"]["head"]
+    assert math.isnan(empty["mIoU"]) and math.isnan(empty["mIoU_ref"])
 
 
 def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:
