@@ -43,6 +43,27 @@ def test_ppt_config_tables():
     assert len(model["class_name"]) == 36
 
 
+def test_scannet200_config_imports_the_class_list():
+    """The reference's ScanNet200 configs ``from pointcept...scannet200_constants import
+    CLASS_LABELS_200``: the import resolves to this project's copy of the 200 names (bug: the
+    import refused, so every ScanNet200 config of the reference fails to convert)."""
+    from ppt.data.scannet200 import CLASS_LABELS_200
+
+    cfg = load_pointcept_config(CONFIGS / "scannet200" / "semseg-pt-v3m1-0-base.py")
+    assert cfg["data"]["names"] == CLASS_LABELS_200 and len(CLASS_LABELS_200) == 200
+    assert cfg["data"]["names"][9] == "office chair" and cfg["data"]["num_classes"] == 200
+    assert cfg["data"]["val"]["type"] == "ScanNet200Dataset"
+    assert cfg["model"]["backbone"]["type"] == "PT-v3m1" and cfg["hooks"][0] == {"type": "CheckpointLoader"}
+    assert "CLASS_LABELS_200" in cfg  # a module-level name, as in Pointcept's Config
+
+
+def test_import_from_known_table_with_alias(tmp_path):
+    path = write(tmp_path, "from pointcept.datasets.preprocessing.scannet.meta_data.scannet200_splits import (\n"
+                           "    HEAD_CATS_SCANNET_200 as head, TAIL_CATS_SCANNET_200)\nn = len(head)\n")
+    cfg = load_pointcept_config(path)
+    assert cfg["n"] == 66 and cfg["head"][0] == "tv stand" and len(cfg["TAIL_CATS_SCANNET_200"]) == 66
+
+
 def test_comprehension_fstring_del():
     """The Sonata pretraining config: list comprehension over two loops, f-string keys,
     ``sum`` of slices, and ``del`` of a helper name (bug: comprehension scope or del ignored)."""
@@ -71,6 +92,12 @@ def test_comprehension_fstring_del():
     ("x = 2 ** 10 ** 10", "exponent"),
     ("x = [0] * 10 ** 9", "repetition"),
     ("dict = 5\nx = dict(a=1)", "call of dict"),  # a rebound safe name is not the builtin
+    # only the reference's known constant tables, only their known names
+    ("from pointcept.models import build_model", "import from pointcept.models is not allowed"),
+    ("from .scannet200_constants import CLASS_LABELS_200", "import from .scannet200_constants is not allowed"),
+    ("from pointcept.datasets.preprocessing.scannet.meta_data.scannet200_constants import *", "* is not known"),
+    ("from pointcept.datasets.preprocessing.scannet.meta_data.scannet200_constants import (\n"
+     "    CLASS_LABELS_200, SCANNET_COLOR_MAP_200)", "SCANNET_COLOR_MAP_200 is not known"),
 ])
 def test_refused(tmp_path, text, construct):
     """Code that could run anything (or exhaust the machine) is refused with file and line."""

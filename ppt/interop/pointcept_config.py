@@ -11,9 +11,12 @@ small, side-effect-free subset is evaluated, the subset the reference's own conf
   boolean operators, comparisons, ``a if c else b``, f-strings, list / set / dict
   comprehensions and generator expressions, ``"...".format(...)`` on a string;
 * calls of :data:`SAFE_CALLS` only (``dict``, ``list``, ``tuple``, ``range``, ``len``, ``sum``,
-  ...).
+  ...);
+* ``from <module> import <name>`` of the reference's constant tables listed in
+  :data:`KNOWN_IMPORTS` (the ScanNet200 configs import ``CLASS_LABELS_200``), resolved to this
+  project's copies of the same data; nothing is imported.
 
-Anything else (an import, attribute access, another call, ``lambda``, ``for`` / ``if``
+Anything else (another import, attribute access, another call, ``lambda``, ``for`` / ``if``
 statements, a format field such as ``{0.__class__}``) raises :class:`PointceptConfigError`
 naming the file, the line and the construct. Guards against runaway values: exponents above
 1000 and sequences repeated into more than a million items are refused.
@@ -34,6 +37,8 @@ import string
 from pathlib import Path
 from typing import Any
 
+from ppt.data.classes import SCANNET20, SCANNET20_NYU40
+from ppt.data import scannet200
 from ppt.interop import ConversionError
 
 BASE_KEY = "_base_"
@@ -51,6 +56,19 @@ SAFE_CALLS = {
 BIN_OPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+# Modules a reference config may import names from -> {name: this project's value}.
+SCANNET200_CONSTANTS = "pointcept.datasets.preprocessing.scannet.meta_data.scannet200_constants"
+KNOWN_IMPORTS = {
+    SCANNET200_CONSTANTS: {
+        "CLASS_LABELS_200": scannet200.CLASS_LABELS_200, "VALID_CLASS_IDS_200": scannet200.VALID_CLASS_IDS_200,
+        "CLASS_LABELS_20": SCANNET20, "VALID_CLASS_IDS_20": SCANNET20_NYU40,
+    },
+    "pointcept.datasets.preprocessing.scannet.meta_data.scannet200_splits": {
+        "HEAD_CATS_SCANNET_200": scannet200.HEAD_CATS_SCANNET_200,
+        "COMMON_CATS_SCANNET_200": scannet200.COMMON_CATS_SCANNET_200,
+        "TAIL_CATS_SCANNET_200": scannet200.TAIL_CATS_SCANNET_200,
+    },
 }
 UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_, ast.Invert: operator.invert}
 COMPARE_OPS = {
@@ -111,9 +129,26 @@ class _Evaluator:
                     del env[target.id]
             elif isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
                 continue  # docstring or bare constant
+            elif isinstance(stmt, ast.ImportFrom):
+                env.update(self.import_from(stmt))
             else:
                 raise self.refuse(stmt)
         return env
+
+    def import_from(self, stmt: ast.ImportFrom) -> dict:
+        """``from <module> import a, b as c`` of :data:`KNOWN_IMPORTS` -> {a: value, c: value}."""
+        module = "." * stmt.level + (stmt.module or "")
+        table = KNOWN_IMPORTS.get(module)
+        if table is None:
+            raise self.fail(stmt, f"import from {module} is not allowed in a config read by the converter; "
+                                  f"it knows the tables of {', '.join(KNOWN_IMPORTS)}")
+        out = {}
+        for alias in stmt.names:
+            if alias.name not in table:
+                raise self.fail(stmt, f"{module}.{alias.name} is not known to the converter; known: "
+                                      f"{', '.join(table)}")
+            out[alias.asname or alias.name] = table[alias.name]
+        return out
 
     def assign(self, target: ast.AST, value: Any, env: dict) -> None:
         if isinstance(target, ast.Name):

@@ -2,8 +2,9 @@
 
 Dataset names: the reference's PPT ``conditions`` ("ScanNet", "S3DIS", "Structured3D") map to
 this project's "scannet", "s3dis", "structured3d" (:data:`CONDITION_DATASETS`); a single-dataset
-model's dataset comes from its config's val (else train) dataset ``type``; class lists are checked
-against this project's (same order; the reference's "refridgerator" spelling accepted).
+model's dataset comes from its config's val (else train) dataset ``type`` (:data:`DATASET_TYPES`;
+``ScanNet200Dataset`` is "scannet200"); class lists are checked against this project's (same
+order; the reference's "refridgerator" spelling accepted).
 
 PPT-v1m1's language head (shared by its SpUNet and PTv3 variants, :func:`language_head_to_ours`):
 ``logits = exp(logit_scale) * cos(proj_head(x), class_embedding[valid_index[condition]])``. A
@@ -23,7 +24,8 @@ from ppt.interop import ConversionError
 
 DATASETS_KEY = "_ppt_datasets"
 CONDITION_DATASETS = {"ScanNet": "scannet", "S3DIS": "s3dis", "Structured3D": "structured3d"}
-DATASET_TYPES = {"ScanNetDataset": "scannet", "S3DISDataset": "s3dis", "Structured3DDataset": "structured3d"}
+DATASET_TYPES = {"ScanNetDataset": "scannet", "ScanNet200Dataset": "scannet200", "S3DISDataset": "s3dis",
+                 "Structured3DDataset": "structured3d"}
 NAME_ALIASES = {"refridgerator": "refrigerator"}  # the reference's ScanNet spelling
 CLIP_ENCODERS = {"ViT-B/16": "clip:ViT-B-16:openai", "ViT-B/32": "clip:ViT-B-32:openai",
                  "ViT-L/14": "clip:ViT-L-14:openai"}
