@@ -144,6 +144,7 @@ def prepare(args: argparse.Namespace):
         raise InputError("--config is required (or --peft STAGE, which defaults to configs/peft_STAGE.yaml)")
     if args.data_root is not None:  # first: dataset names resolve against the data root
         overrides.append(f"data.root={args.data_root!r}" if "'" not in args.data_root else f"data.root={args.data_root}")
+    notes = []  # said once the config is known to be valid
     if args.datasets is not None:
         mix = parse_mix(args.datasets)
         best_on = config_best_on(args.config, overrides)
@@ -151,10 +152,17 @@ def prepare(args: argparse.Namespace):
         if best_on not in ("first", "mean", *mix) and not any(o.startswith("train.best_on=") for o in overrides):
             # e.g. ppt_joint.yaml (best by scannet) fine-tuned onto --datasets s3dis
             overrides.append("train.best_on=first")
-            print(f"note: --datasets leaves out {best_on}, which train.best_on of {args.config} names: "
-                  f"model_best.pth is kept by {next(iter(mix))} (the first dataset); set train.best_on=NAME "
-                  f"to choose", file=sys.stderr)
+            notes.append(f"note: --datasets leaves out {best_on}, which train.best_on of {args.config} names: "
+                         f"model_best.pth is kept by {next(iter(mix))} (the first dataset); set "
+                         f"train.best_on=NAME to choose")
     cfg = load_config(args.config, overrides)
+    for note in notes:
+        print(note, file=sys.stderr)
+    colourless = [d for d in cfg.data.mix if not cfg.dataset_info(d).has_color]
+    if colourless and "color" in cfg.data.features and len(colourless) < len(cfg.data.mix) and cfg.data.color_drop == 0:
+        print(f"note: {', '.join(colourless)} has no colour (dataset.yaml color: false; its colour is 0) while "
+              f"the other datasets have: data.color_drop=0.2 teaches the model to label from geometry too",
+              file=sys.stderr)
     name = args.name or Path(args.config).stem
     if not name or "/" in name or name.startswith("."):
         raise InputError(f"--name {name!r} must be a plain folder name")

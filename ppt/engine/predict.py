@@ -329,6 +329,11 @@ class Predictor:
         from ppt.data.transforms import DROPPED_COLOR
 
         p = self.cfg.data.color_drop
+        colourless = [d for d in self.trained if not self.cfg.dataset_info(d).has_color]
+        if colourless:  # trained on a dataset without colour (dataset.yaml color: false): zeros as there
+            notes.append(f"no colour: filled with {DROPPED_COLOR:g} (black), as in the colourless training "
+                         f"data of {', '.join(colourless)}")
+            return np.full((len(cloud), 3), DROPPED_COLOR, np.float32)
         if p <= 0:
             where = cloud.path if cloud.path is not None else "points"
             raise CloudError(f"{where}: the cloud has no colour and this model was trained on coloured "
