@@ -208,7 +208,7 @@ def test_untrained_domain_gets_the_mean_prompt_and_cannot_be_asked_for(experimen
     ("no_config", "config.yaml is missing"),
     ("no_checkpoint", "model_best.pth does not exist"),
     ("bad_weights", "is corrupt or not a PPT checkpoint"),
-    ("unknown_dataset", "unknown dataset 'nyu'; valid: scannet, s3dis, structured3d"),
+    ("unknown_dataset", "unknown dataset 'nyu': not built in (scannet, scannet200, s3dis, structured3d)"),
     ("unknown_prompt", "unknown prompt 'kitchen'; valid: s3dis, scannet, mean"),
     ("empty_classes", "--classes ' , ' lists no class name"),
     ("truncated_scene", "not a readable .npy file"),

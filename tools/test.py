@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                       f"({scored}); {name} classes: {', '.join(info.class_names)}", file=sys.stderr)
         check_scenes(root, name, args.split, cfg.datasets)
         try:
-            dataset = SceneDataset(Path(root) / name, info, args.split)
+            dataset = SceneDataset(Path(root) / info.folder_name, info, args.split)
         except (KeyError, FileNotFoundError) as err:
             raise UsageError(err.args[0] if err.args else str(err)) from None
         plans[name] = (dataset, prompt, note)

@@ -169,7 +169,7 @@ def prepare(args: argparse.Namespace):
     exp_dir = Path(args.exp_root) / name
     if args.plan and args.sizes is not None:
         return cfg, exp_dir
-    check_data_folders(Path(cfg.data.root), [*cfg.data.mix, *cfg.data.val])
+    check_data_folders(Path(cfg.data.root), [cfg.dataset_info(d).folder_name for d in [*cfg.data.mix, *cfg.data.val]])
     if args.plan:
         return cfg, exp_dir
     if args.weights is not None and not Path(args.weights).is_file():

@@ -175,7 +175,7 @@ def check_data_root(root: str | os.PathLike, datasets: list[str] | tuple[str, ..
             report.problems.append(str(err))
             continue
         report.infos[dataset] = info
-        base = root / dataset
+        base = root / info.folder_name
         report.splits[dataset] = {}
         for split in splits:
             if split not in info.splits:

@@ -51,6 +51,8 @@ class DatasetInfo:
         has_color: the scenes carry colour (a user's colourless scans: false).
         source: where the data came from (a user's ``dataset.yaml`` note).
         groups: named groups of classes for reports (ScanNet200's head / common / tail).
+        folder: the folder under the data root holding the scenes; "" = ``name`` (ScanNet200
+            reads the ``scannet`` folder: the same scenes, another label file).
     """
 
     name: str
@@ -61,6 +63,12 @@ class DatasetInfo:
     has_color: bool = True
     source: str = ""
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    folder: str = ""
+
+    @property
+    def folder_name(self) -> str:
+        """The dataset's folder under a data root."""
+        return self.folder or self.name
 
     @property
     def num_classes(self) -> int:
@@ -79,7 +87,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "scannet200": DatasetInfo(
         "scannet200", CLASS_LABELS_200,
         {"train": ("train/*",), "val": ("val/*",), "test": ("test/*",)},
-        segment_file="segment200.npy",
+        segment_file="segment200.npy", folder="scannet",
         groups={"head": HEAD_CATS_SCANNET_200, "common": COMMON_CATS_SCANNET_200,
                 "tail": TAIL_CATS_SCANNET_200},
     ),

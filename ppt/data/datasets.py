@@ -141,7 +141,7 @@ def build_dataset(name: str, data_root: str | os.PathLike, split: str, transform
     unknown ``name``.
     """
     info = get_dataset_info(name, data_root, described)
-    return SceneDataset(Path(data_root) / name, info, split, transform, loop, skip_bad, normal_cache)
+    return SceneDataset(Path(data_root) / info.folder_name, info, split, transform, loop, skip_bad, normal_cache)
 
 
 __all__ = ["SceneDataset", "FolderDataset", "build_dataset", "DATASETS", "NormalCache", "SceneError"]

@@ -385,7 +385,8 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, prompt: str 
         for scene in voter.flush():
             finish(scene)
     meter.all_reduce()
-    result = meter.summary(class_names)
+    groups = dataset.info.groups if label_space == dataset.info.name else None
+    result = meter.summary(class_names, groups=groups or None)  # ScanNet200: head / common / tail
     result.update(stats, seconds=time.perf_counter() - start, tta=tta)
     if keep_predictions:
         result["predictions"] = predictions

@@ -93,6 +93,9 @@ class ExperimentLogger:
             ious = "  ".join(f"{c}={v:.3f}" for c, v in res["per_class"].items()
                              if v is not None and np.isfinite(v))
             ref = f" (all-classes mIoU_ref {res['mIoU_ref']:.4f})" if "mIoU_ref" in res else ""
+            if res.get("groups"):  # ScanNet200's head / common / tail
+                ref += " " + " / ".join(f"{g} {v['mIoU']:.4f}" for g, v in res["groups"].items())
+                self.scalars({f"val/{name}/mIoU_{g}": v["mIoU"] for g, v in res["groups"].items()}, step)
             self.info(f"val {name} epoch {epoch}: mIoU {res['mIoU']:.4f}{ref} mAcc {res['mAcc']:.4f} "
                       f"allAcc {res['allAcc']:.4f} | {ious}")
         if results:
