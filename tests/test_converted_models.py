@@ -107,3 +107,20 @@ def test_decoder_probing_an_encoder_only_model_is_refused(converted, synthetic_r
     err = capsys.readouterr().err
     assert rc != 0 and "error:" in err and "decoder" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("case", ["spunet_v1m1", next(c for c in PTV3 if "ppt" not in c)])
+def test_a_users_dataset_is_a_peft_target_of_a_converted_model(case, converted, synthetic_root, tmp_path, capsys):
+    """A released model adapted to a user's own dataset (a folder with a dataset.yaml, class names
+    the model never saw): the new domain starts from the base's (mean) domain, the run validates
+    under the user's names. (A converted PPT model's language head needs CLIP text embeddings of
+    the new names: one error line says how to get them without network; tested in test_text.)"""
+    from test_own_dataset import OWN, make_own
+
+    make_own(tmp_path / "data", synthetic_root / "s3dis", "mine")
+    weights = str(converted[case] / "model" / "model_best.pth")
+    assert tool("train").main(["--peft", "dapt", "--weights", weights, "--datasets", "mine", "--name", "mine",
+                               "--exp-root", str(tmp_path), "--data-root", str(tmp_path / "data"),
+                               *FAST[:-1], "train.eval_every=1"]) == 0
+    log = (tmp_path / "mine" / "train.log").read_text()
+    assert "mine<-mean of" in log and "val mine epoch 1" in log and f"{OWN[3]}=" in log
