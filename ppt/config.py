@@ -204,9 +204,15 @@ class TrainConfig:
         max_nonfinite: stop after this many consecutive skipped (non-finite) steps.
         steps_per_epoch: cap on steps per epoch (0 = the loader's full epoch); for demos/tests.
         log_every: write a train.log / TensorBoard line every N steps.
-        threads: torch CPU threads per process; 0 = auto: one per core that other processes
-            leave free at start-up, shared between this machine's training processes (OpenMP
-            threads on a core another job keeps busy stall every step; ``ppt.engine.threads``).
+        threads: torch CPU threads per process; N > 0 = N, fixed; 0 = auto: one per core that
+            other processes and the loader workers leave free at start-up, shared between this
+            machine's training processes, then fixed (OpenMP threads on a core another job keeps
+            busy stall every step; ``ppt.engine.threads``); -1 = auto, re-checked every 5 s
+            between steps, so a job that starts later does not stall the run (each change is a
+            train.log line and the ``train/torch_threads`` scalar). -1 is not reproducible: the
+            thread count changes CPU results (torch's BatchNorm reduction), so with -1 they
+            depend on the machine's load; N repeats a run bit for bit, and so does 0 while its
+            start-up choice (logged) is the same.
         sync_bn: with several processes, normalise with the statistics of the global batch
             (``ppt.engine.distributed.SyncBatchNorm1d``), as one process would.
         loss: "ce" (cross-entropy) or "ce+lovasz" (+ Lovasz-softmax, equal weights: the PTv3

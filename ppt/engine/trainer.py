@@ -30,7 +30,7 @@ from ppt.engine import distributed as dist_utils
 from ppt.engine.precise_bn import update_bn_stats
 from ppt.engine.precision import amp_description, amp_settings
 from ppt.engine.resume import replan_schedule, resume_changes
-from ppt.engine.threads import choose_threads, loader_workers, local_processes
+from ppt.engine.threads import ThreadFollower, loader_workers, local_processes
 from ppt.engine.build import (
     build_model, build_optimizer, build_scheduler, build_train_loader, build_val_datasets,
     check_saved_selection, save_selection, text_embeddings_from_state,
@@ -112,11 +112,13 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
                     amp_dtype: torch.dtype | None, state: TrainState, cfg: Config, device: torch.device,
-                    logger, save_last: Callable[[], None] | None = None) -> dict:
+                    logger, save_last: Callable[[], None] | None = None,
+                    threads: ThreadFollower | None = None) -> dict:
     """Train until the loader's epoch ends (or ``train.steps_per_epoch``).
 
     Args:
         save_last: writes ``model_last.pth``; called every ``train.checkpoint_every`` steps.
+        threads: re-checked after every step (moves torch's thread count with ``train.threads: -1``).
 
     Returns:
         {"loss": mean loss, "loss_<dataset>": ..., "skipped": skipped steps} of the epoch.
@@ -136,6 +138,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         out = train_step(model, batch, optimizer, scaler, amp_dtype, cfg.optim.grad_clip, cfg.train.loss)
         scheduler.step()
         state.step += 1
+        if threads is not None:
+            threads.recheck(logger, state.step)
         name = batch["dataset"]
         if out["finite"]:
             state.consecutive_nonfinite = 0
@@ -243,9 +247,8 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
     """
     exp_dir = Path(exp_dir)
     rank, world, device = dist_utils.init_distributed(cfg.train.device)
-    threads, threads_note = choose_threads(cfg.train.threads, local_processes(),
-                                           workers=loader_workers(cfg.data.num_workers, local_processes()))
-    torch.set_num_threads(threads)
+    threads = ThreadFollower(cfg.train.threads, local_processes(),  # sets torch's thread count
+                             workers=loader_workers(cfg.data.num_workers, local_processes()))
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     last_path = exp_dir / "model" / "model_last.pth"
@@ -313,7 +316,7 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
     logger.info(f"{'resumed' if resume else 'started'} {exp_dir} on {world} process(es), device {device}, "
                 f"{amp_description(device, amp_dtype, scaler)}; {n_params / 1e6:.2f} M parameters; "
                 f"{steps_per_epoch} steps/epoch (one pass over {next(iter(cfg.data.mix))}); "
-                f"datasets {dict(cfg.data.mix)}; {threads_note}")
+                f"datasets {dict(cfg.data.mix)}; {threads.note}")
     if weights_report:
         logger.info(weights_report)
     for line in loader.selection.summary() if loader.selection is not None else ():
@@ -354,7 +357,7 @@ def train(cfg: Config, exp_dir: str | Path, resume: bool = False, weights: str |
         while state.epoch < cfg.train.epochs:
             loader.set_epoch(state.epoch)
             epoch_stats = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, amp_dtype,
-                                          state, cfg, device, logger, save_last)
+                                          state, cfg, device, logger, save_last, threads)
             logger.info(f"epoch {state.epoch + 1}/{cfg.train.epochs}: loss {epoch_stats['loss']:.4f}, "
                         f"{epoch_stats['skipped']} skipped steps, {time.perf_counter() - start:.0f} s")
             state.epoch += 1
