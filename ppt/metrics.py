@@ -209,10 +209,14 @@ def format_table(summary: dict, title: str = "") -> str:
     lines.append("-" * (width + 30))
     lines.append(f"mIoU {_fmt(summary['mIoU'])}  mAcc {_fmt(summary['mAcc'])}  allAcc {_fmt(summary['allAcc'])}")
     if "mIoU_ref" in summary:
-        present = summary.get("classes_present", sum(v is not None for v in summary["per_class"].values()))
-        lines.append(f"  mIoU/mAcc: over the {present} classes present (n/a rows left out); reference convention "
-                     f"over all {len(names)} classes (n/a = 0): mIoU_ref {_fmt(summary['mIoU_ref'])}  "
-                     f"mAcc_ref {_fmt(summary.get('mAcc_ref'))}")
+        # Counted from the rows shown: IoU n/a = neither labelled nor predicted, Acc n/a = never
+        # labelled (a class only predicted has IoU 0, counted in mIoU, and no accuracy).
+        with_iou = sum(v is not None for v in summary["per_class"].values())
+        with_acc = sum(v is not None for v in summary["per_class_acc"].values())
+        lines.append(f"  mIoU over the {with_iou} classes labelled or predicted ({len(names) - with_iou} IoU n/a rows "
+                     f"left out), mAcc over the {with_acc} classes labelled ({len(names) - with_acc} Acc n/a rows "
+                     f"left out); reference convention over all {len(names)} classes (n/a = 0): "
+                     f"mIoU_ref {_fmt(summary['mIoU_ref'])}  mAcc_ref {_fmt(summary.get('mAcc_ref'))}")
     if summary.get("groups"):
         lines.append(f"  groups: mIoU {format_groups(summary['groups'])} (classes present); "
                      f"mIoU_ref {format_groups(summary['groups'], 'mIoU_ref')} (all classes of each group)")

@@ -288,7 +288,7 @@ def test_cli_errors_one_line_nothing_written(tmp_path, capsys, what, expected):
     if what == "exists":
         (root / "out").mkdir(parents=True)
     before = sorted(p.name for p in root.rglob("*")) if root.exists() else []
-    assert main([str(ckpt), "--config", str(config), "--name", "out", "--exp-root", str(root)]) == 1
+    assert main([str(ckpt), "--config", str(config), "--name", "out", "--exp-root", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert expected.format(tmp=tmp_path) in err[0]
@@ -297,9 +297,9 @@ def test_cli_errors_one_line_nothing_written(tmp_path, capsys, what, expected):
 
 
 def test_cli_process_has_no_traceback(tmp_path):
-    """The real command line: one error line, exit 1, no traceback."""
+    """The real command line: one error line, exit 2 (a user error, as every tool), no traceback."""
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), str(tmp_path / "x.pth"),
                              "--config", "spunet-scannet", "--name", "x", "--exp-root", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'x.pth'} does not exist"]

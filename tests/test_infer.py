@@ -349,7 +349,7 @@ def test_cli_writes_one_labelled_vertex_per_point_and_survives_bad_inputs(experi
     out = tmp_path / "out"
     proc = infer(inputs / "scan.ply", inputs / "area.txt", inputs / "room.npy", inputs / "empty.txt",
                  inputs / "broken.ply", "--exp", experiment, "--out", out, "--png")
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]  # a user error: two inputs could not be labelled
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 2, proc.stderr[-3000:]
     assert "empty.txt" in errors[0] and "empty point cloud" in errors[0]
@@ -408,5 +408,6 @@ def test_cli_usage_errors_are_one_line(experiment, tmp_path, capsys):
                     "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert json.loads((decoupled / "infer" / "labels.json").read_text())["class_names"] == list(SCANNET20)
-    assert "tiles" in out and "tile 1/" in out and f"wrote {decoupled / 'infer' / 'a_pred.ply'}" in out
+    run = decoupled / "infer" / os.readlink(decoupled / "infer" / "latest")  # this run's own folder
+    assert json.loads((run / "labels.json").read_text())["class_names"] == list(SCANNET20)
+    assert "tiles" in out and "tile 1/" in out and f"wrote {run / 'a_pred.ply'}" in out

@@ -89,7 +89,7 @@ def test_colourless_cloud_is_refused_by_a_colour_only_model(synthetic_root, expe
     rc = tool.main([str(colourless), "--exp", str(plain), "--out", str(out), "--device", "cpu"])
     captured = capsys.readouterr()
     errors = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
-    assert rc == 1 and len(errors) == 1, captured.err
+    assert rc == 2 and len(errors) == 1, captured.err  # a user error
     assert str(colourless) in errors[0] and "no colour" in errors[0] and "data.color_drop=0.2" in errors[0]
     assert "Traceback" not in captured.err
     assert not out.exists() or not any(out.iterdir())  # nothing written for a refused cloud

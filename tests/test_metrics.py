@@ -91,7 +91,8 @@ def test_table_shows_percentages_and_na():
     assert row["sofa"][1:3] == ["n/a", "n/a"]
     assert "mIoU 53.33" in lines[-2]
     # The reference convention is printed next to ours and named: (100 + 60 + 0 + 0) / 4.
-    assert "3 classes present" in lines[-1] and "all 4 classes" in lines[-1] and "mIoU_ref 40.00" in lines[-1]
+    assert "mIoU over the 3 classes labelled or predicted (1 IoU n/a rows left out)" in lines[-1]
+    assert "all 4 classes" in lines[-1] and "mIoU_ref 40.00" in lines[-1]
 
 
 def test_reference_convention_on_a_hand_made_confusion():

@@ -16,9 +16,15 @@ their ``_base_`` files must sit where the config says, as in a Pointcept checkou
 Export without ``--config`` uses the reference model recorded at import; for a SpUNet trained here
 it derives one (SpUNet-v1m1 or PPT-v1m1 + SpUNet-v1m3) and writes it as ``<out>.model.py``.
 
-Anything the converter does not understand (missing or corrupt file, unknown model type, a key
-it cannot map, a shape that contradicts the config) is one ``error:`` line, exit status 1,
-nothing written.
+Import also carries the reference config's training recipe over into ``config.yaml`` (optimiser,
+OneCycle schedule, loss, the "block" parameter group's lr scale, epochs, batch size, gradient
+clipping, Mix3D, AMP): it prints each key set and each setting that has no counterpart here
+(``not mapped:``), and ``convert.json`` keeps both lists (``recipe``, ``not_mapped``). A preset
+holds the reference model, not its recipe, unless it says otherwise: give the config file.
+
+Exit status: 0 done; 2 for anything the converter does not understand (bad command line, missing
+or corrupt file, unknown model type, a checkpoint of another model type than ``--config``, a key
+it cannot map, a shape that contradicts the config): one ``error:`` line, nothing written.
 """
 from __future__ import annotations
 
@@ -30,9 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+EXIT_STATUS = "exit status: 0 done; 2 a user error (one error: line, nothing written)"
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_STATUS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?", help="Pointcept checkpoint (import) or experiment folder (--to pointcept)")
     parser.add_argument("--config", help="Pointcept config file (.py) or preset name")
@@ -66,15 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.to == "ppt":
             folder = import_checkpoint(args.source, args.config, args.name, args.exp_root)
+            record = json.loads((folder / "convert.json").read_text())
             print(f"wrote {folder} (config.yaml, model/model_best.pth, convert.json)")
-            for note in json.loads((folder / "convert.json").read_text())["notes"]:
+            for note in record["notes"]:
                 print(f"note: {note}")
+            if record["recipe"]:
+                print("training recipe from the reference config (config.yaml):")
+                for m in record["recipe"]:
+                    print(f"  {m['key']} = {m['value']}  ({m['from']})")
+            for line in record["not_mapped"]:
+                print(f"not mapped: {line}")
         else:
             out = export_experiment(args.source, args.out, args.config)
             print(f"wrote {out}")
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -12,22 +12,36 @@ colour -> refused (one ``error:`` line) unless the model was trained with colour
 (``data.color_drop`` > 0): then filled as training dropped it, said in one ``note:`` line. Rows
 with NaN/inf coordinates are dropped and counted.
 
-Outputs in ``--out`` (default ``<exp>/infer/``), per input ``<stem>``:
-``<stem>_pred.ply`` (every kept point at its original coordinates, coloured by class, with
-``label`` and ``confidence`` vertex properties), ``<stem>_pred.npy`` (int16, one label per INPUT
-row, -1 for dropped rows), ``<stem>_pred.png`` with ``--png`` (top-down picture and legend);
-plus one ``labels.json`` (class names and colour of each label). All written atomically.
+Outputs: one folder per run, ``<exp>/infer/<YYYYmmdd-HHMMSS>/`` (``-2``, ``-3`` ... when two runs
+start in the same second), with the link ``<exp>/infer/latest`` to the newest (``latest.txt``
+holding its name where the file system has no links); the run's folder is printed. A run's files
+always belong together: per input ``<stem>``, ``<stem>_pred.ply`` (every kept point at its
+original coordinates, coloured by class, with ``label`` and ``confidence`` vertex properties),
+``<stem>_pred.npy`` (int16, one label per INPUT row, -1 for dropped rows), ``<stem>_pred.png``
+with ``--png`` (top-down picture and legend); plus the run's ``labels.json`` (class names and
+colour of each label id, prompt, weights, voxel size, TTA). A ``--classes`` run and a default run
+thus never share a ``labels.json``. ``--out DIR`` writes into DIR itself (no run folder); a DIR
+whose ``labels.json`` names other classes is refused, so its ids stay readable. All files are
+written atomically.
 
 Default prompt ``mean`` (data from an unknown domain); ``--prompt NAME`` uses a trained dataset's
 prompt and classes; ``--classes`` (language head) any class names. Clouds whose voxels exceed
-``--max-points`` run in overlapping xy tiles (``ppt.engine.predict``). A bad input gives one
-``error:`` line and the others are still processed; the exit status is then 1 (2 for a bad
-command line or experiment).
+``--max-points`` run in overlapping xy tiles (``ppt.engine.predict``). torch uses one thread per
+core that other work leaves free (``--threads 0``, the default, as training and ``tools/test.py``
+choose: OpenMP threads on a busy core stall every layer; a 50k-point scan through a converted
+PTv3 took 1.3-1.8 s with one thread and 5.9-17.9 s with both cores on a 2-core machine beside
+other jobs).
+
+Exit status: 0 when every input was labelled; 2 for a user error: a bad command line or
+experiment (one ``error:`` line, nothing written), or an input that could not be labelled (one
+``error:`` line per input; the others are still labelled and written). Any other status is a
+crash (a bug; the traceback says where).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -45,18 +59,24 @@ LEGEND_MAX = 15         # most legend entries (then one "N more classes" line)
 HISTOGRAM_MAX = 12      # classes printed per cloud (then one "N more" entry)
 
 
+EXIT_STATUS = "exit status: 0 every input labelled; 2 a user error (one error: line each; other inputs still run)"
+RUN_FORMAT = "%Y%m%d-%H%M%S"  # <exp>/infer/<run>/
+LATEST = "latest"            # <exp>/infer/latest -> the newest run folder
+
+
 class UsageError(Exception):
     """Bad command-line input; printed as one ``error:`` line."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_STATUS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="cloud files (.ply .npy .txt .xyz) and/or folders of them")
     p.add_argument("--exp", default="", help="experiment folder exp/<name>")
     p.add_argument("--weights", default="", help="checkpoint (default <exp>/model/model_best.pth, "
                                                  "else model_last.pth)")
-    p.add_argument("--out", default="", help="output folder (default <exp>/infer)")
+    p.add_argument("--out", default="", help="write into this folder (default: a new <exp>/infer/<date-time>/ "
+                                             "per run, <exp>/infer/latest -> the newest)")
     p.add_argument("--prompt", default="mean", help="domain prompt: a trained dataset name or 'mean' (default)")
     p.add_argument("--classes", default=None, help='class names to predict (language head), e.g. "wall,floor,chair"')
     p.add_argument("--voxel-size", type=float, default=None, help="grid size in metres (default: training value)")
@@ -66,10 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-points", type=int, default=None,
                    help="most voxels per model pass; larger clouds run in overlapping tiles (default 600000)")
     p.add_argument("--overlap", type=float, default=None, help="tile margin in metres (default 32 voxels)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default 0 = one per core that other work leaves free)")
     return p.parse_args(argv)
 
 
-def output_folder(args: argparse.Namespace) -> Path:
+def output_root(args: argparse.Namespace) -> Path:
+    """``--out``, else the experiment's ``infer/`` folder (that of ``--weights``' experiment)."""
     if args.out:
         return Path(args.out)
     if args.exp:
@@ -77,6 +100,52 @@ def output_folder(args: argparse.Namespace) -> Path:
     weights = Path(args.weights)
     # exp/<name>/model/model_best.pth -> exp/<name>/infer
     return (weights.parent.parent if weights.parent.name == "model" else weights.parent) / "infer"
+
+
+def new_run_folder(root: Path) -> Path:
+    """``root/<YYYYmmdd-HHMMSS>`` created now (``-2``, ``-3`` ... when taken)."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime(RUN_FORMAT)
+    for n in range(1, 1000):
+        folder = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise UsageError(f"{root}: no free run folder name for {stamp}")
+
+
+def point_latest(root: Path, run: Path) -> Path:
+    """``root/latest`` -> ``run`` (a relative link, replaced atomically), or ``root/latest.txt``
+    holding the run's name where links cannot be made; returns what was written."""
+    link = root / LATEST
+    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(run.name, target_is_directory=True)
+        os.replace(tmp, link)
+        return link
+    except OSError:
+        text = root / f"{LATEST}.txt"
+        atomic_write(text, lambda f: f.write(f"{run.name}\n".encode()))
+        return text
+
+
+def check_labels_match(folder: Path, class_names: tuple[str, ...]) -> None:
+    """``--out`` a folder with predictions of another label set: refuse (the ids would mix)."""
+    path = folder / "labels.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text()).get("class_names")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    if old is not None and list(old) != list(class_names):
+        raise UsageError(f"--out {folder} holds predictions of another label set ({path.name}: {len(old)} classes, "
+                         f"this run: {len(class_names)}); give another --out, or none (each run then gets its own "
+                         f"folder under the experiment's infer/)")
 
 
 def output_stems(files: list[Path]) -> list[str]:
@@ -175,8 +244,8 @@ def run(args: argparse.Namespace) -> int:
         classes = [n.strip() for n in args.classes.split(",") if n.strip()]
         if not classes:
             raise UsageError(f"--classes {args.classes!r} names no class")
-    out = output_folder(args)
-    files, errors, skipped = list_inputs(args.inputs, exclude=out)
+    root = output_root(args)
+    files, errors, skipped = list_inputs(args.inputs, exclude=root)
     for message in skipped:
         print(f"skipped {message}", flush=True)
     for message in errors:
@@ -190,12 +259,23 @@ def run(args: argparse.Namespace) -> int:
                               log=lambda line: print(f"  {line}", flush=True))
     except (ExperimentError, ValueError) as err:
         raise UsageError(str(err)) from None
+    if args.out:
+        check_labels_match(root, predictor.class_names)
+    threads = ""
+    if predictor.device.type == "cpu":
+        import torch
+
+        from ppt.engine.threads import choose_threads
+
+        count, why = choose_threads(args.threads)
+        torch.set_num_threads(count)
+        threads = f"; {why.replace('train.threads', '--threads')}"
     colours = palette(len(predictor.class_names))
     print(f"model {predictor.weights} on {predictor.device}: prompt {predictor.prompt}, "
-          f"{predictor.label_note}, voxel {predictor.voxel_size} m, tta {predictor.tta}", flush=True)
+          f"{predictor.label_note}, voxel {predictor.voxel_size} m, tta {predictor.tta}{threads}", flush=True)
 
     failed = len(errors)
-    wrote_labels = False
+    out = None  # the run's folder, made when its first file is written
     for i, (path, stem) in enumerate(zip(files, output_stems(files))):
         print(f"[{i + 1}/{len(files)}] {path}", flush=True)
         try:
@@ -217,6 +297,10 @@ def run(args: argparse.Namespace) -> int:
         for note in pred.notes[len(cloud.notes):]:
             print(f"  note: {note}", flush=True)
         kept = pred.labels[cloud.valid]
+        if out is None:
+            out = root if args.out else new_run_folder(root)
+            atomic_write(out / "labels.json", lambda f: f.write(labels_json(predictor, colours).encode()))
+            print(f"  wrote {out / 'labels.json'}", flush=True)
         written = [out / f"{stem}_pred.ply", out / f"{stem}_pred.npy"]
         write_labelled_ply(written[0], cloud.coord, kept, len(pred.class_names),
                            {"label": ("i2", kept), "confidence": ("f4", pred.confidence[cloud.valid])})
@@ -224,10 +308,6 @@ def run(args: argparse.Namespace) -> int:
         if args.png:
             written.append(out / f"{stem}_pred.png")
             write_png(written[-1], cloud.coord, kept, pred.class_names, colours, f"{path.name}: {predictor.label_note}")
-        if not wrote_labels:
-            atomic_write(out / "labels.json", lambda f: f.write(labels_json(predictor, colours).encode()))
-            written.append(out / "labels.json")
-            wrote_labels = True
         passes = "1 pass" if pred.chunks == 1 else f"{pred.chunks} tiles"
         print(f"  predicted in {pred.seconds:.1f} s ({len(cloud) / max(pred.seconds, 1e-9):,.0f} points/s, "
               f"{passes}), mean confidence {pred.confidence[cloud.valid].mean():.2f}")
@@ -235,8 +315,10 @@ def run(args: argparse.Namespace) -> int:
         for target in written:
             print(f"  wrote {target}", flush=True)
     ok = len(files) - (failed - len(errors))
-    print(f"done: {ok} of {len(files) + len(errors)} inputs labelled into {out}" +
-          (f", {failed} failed" if failed else ""))
+    where = f" into {out}" if out is not None else ""
+    if out is not None and not args.out:
+        where += f" ({point_latest(root, out)} -> {out.name})"
+    print(f"done: {ok} of {len(files) + len(errors)} inputs labelled{where}" + (f", {failed} failed" if failed else ""))
     return failed
 
 
@@ -245,12 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     # spconv's torch.cuda.amp deprecations and torch's is_fx_tracing line are noise here.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         failed = run(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 1 if failed else 0
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process keeps its own count
+    return 2 if failed else 0  # each failed input printed its error: line
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ style: float ``scalar_Label``) of offices and meeting rooms with a label set of 
 ``classes.txt``; import it with ``tools/preprocess.py labelled --src data/my_scans --name
 office --classes data/my_scans/classes.txt --out data``. ``--scenes`` then counts rooms
 (default 12).
+
+Exit status: 0 done; 2 a user error (a bad command line, an output folder that cannot be
+written): one ``error:`` line.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from ppt.data.synthetic import DOMAINS, generate  # noqa: E402
 from ppt.data.synthetic_labelled import LABELLED_CLASSES, write_labelled_plys  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/synthetic", help="output data root")
     parser.add_argument("--scenes", type=int, default=None,
@@ -38,22 +41,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.scenes is not None and args.scenes < 1:
         parser.error("--scenes must be >= 1")
-    if args.labelled_ply:
-        start = time.time()
-        written = write_labelled_plys(args.labelled_ply, args.scenes or 12, args.seed)
-        print(f"wrote {len(written)} labelled PLY rooms and classes.txt ({len(LABELLED_CLASSES)} classes) "
-              f"to {args.labelled_ply} in {time.time() - start:.1f} s")
-        return
-    args.scenes = args.scenes or 30
     domains = tuple(d for d in args.domains.split(",") if d)
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
         parser.error(f"unknown domains {unknown}; valid: {', '.join(DOMAINS)}")
     start = time.time()
-    written = generate(args.out, args.scenes, args.seed, domains)
+    try:
+        if args.labelled_ply:
+            written = write_labelled_plys(args.labelled_ply, args.scenes or 12, args.seed)
+            print(f"wrote {len(written)} labelled PLY rooms and classes.txt ({len(LABELLED_CLASSES)} classes) "
+                  f"to {args.labelled_ply} in {time.time() - start:.1f} s")
+            return 0
+        args.scenes = args.scenes or 30
+        written = generate(args.out, args.scenes, args.seed, domains)
+    except OSError as err:  # an output folder that cannot be made or written
+        print(f"error: cannot write {err.filename or args.labelled_ply or args.out}: {err.strerror or err}",
+              file=sys.stderr)
+        return 2
     print(f"wrote {len(written)} scenes ({args.scenes} per domain: {', '.join(domains)}) to {args.out} "
           f"in {time.time() - start:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

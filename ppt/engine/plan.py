@@ -1,7 +1,9 @@
 """What a run will cost before it starts: ``tools/train.py --plan``.
 
 Steps per epoch follow the training loader's epoch rule (``ppt.data.mixing``: one pass over the
-first dataset of the mix, the others cycled); the evaluation line counts the validation scenes a
+first dataset of the mix, the others cycled); with ``data.loop`` > 1 the first dataset's samples
+are its scenes repeated that many times, and the plan says so under the table (``samples 48``
+= 24 scenes x loop 2). The evaluation line counts the validation scenes a
 run will forward, next to the training samples it draws, so a user sees the share of the
 budget that evaluation takes before spending GPU hours on it.
 """
@@ -43,8 +45,9 @@ def make_plan(cfg: Config, world_size: int = 1,
         sizes: scene counts per dataset instead of reading ``cfg.data.root``.
 
     Returns:
-        dict with "datasets" (per dataset: samples, ratio, batches per pass / per epoch,
-        passes per epoch), "efficiency" (lines: scenes kept, labelled points; empty without
+        dict with "main" (the first dataset), "loop" (``data.loop``: its samples are its scenes
+        repeated this many times), "datasets" (per dataset: samples, ratio, batches per pass /
+        per epoch, passes per epoch), "efficiency" (lines: scenes kept, labelled points; empty without
         ``data.label_budget`` / ``data.scene_fraction``), "steps_per_epoch", "total_steps", "batch_per_rank", "evaluation"
         (val scenes per dataset, evaluations, scene forwards) and "samples_per_epoch".
     """
@@ -81,7 +84,7 @@ def make_plan(cfg: Config, world_size: int = 1,
     t = cfg.train
     evaluations = 0 if t.eval_every <= 0 else t.epochs // t.eval_every + (t.epochs % t.eval_every != 0)
     return {
-        "main": main, "world_size": world_size, "batch_per_rank": batch, "batch": d.batch_size,
+        "main": main, "loop": d.loop, "world_size": world_size, "batch_per_rank": batch, "batch": d.batch_size,
         "datasets": loader.epoch_summary(), "steps_per_epoch": steps, "epochs": t.epochs,
         "total_steps": steps * t.epochs, "samples_per_epoch": steps * d.batch_size,
         "evaluation": {"every": t.eval_every, "evaluations": evaluations, "val_scenes": val,
@@ -100,6 +103,11 @@ def format_plan(plan: dict) -> str:
     for name, s in plan["datasets"].items():
         lines.append(f"{name:<14}{s['ratio']:>6}{s['samples']:>10}{s['batches_per_pass']:>14}"
                      f"{s['batches_per_epoch']:>15}{s['passes_per_epoch']:>14.2f}")
+    loop = plan.get("loop", 1)
+    if loop > 1:
+        samples = plan["datasets"][plan["main"]]["samples"]
+        lines.append(f"{plan['main']}: {samples} samples = {samples // loop} training scenes x data.loop {loop} "
+                     f"(its scene list repeated {loop} times per epoch; the other datasets are cycled)")
     lines.append(f"steps: {plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epochs = "
                  f"{plan['total_steps']:,} ({plan['samples_per_epoch']:,} training samples per epoch)")
     e = plan["evaluation"]

@@ -6,7 +6,14 @@ reference config it was trained with (a file, read safely by ``ppt.interop.point
 or a preset name of ``ppt.interop.pointcept_presets``) -> an experiment folder
 ``<exp_root>/<name>/`` (``config.yaml``, ``model/model_best.pth``, ``convert.json``) that
 ``tools/test.py``, ``tools/infer.py``, ``tools/train.py --weights`` and ``--peft`` use as one
-trained here. The folder is written to a temp folder beside it and renamed into place.
+trained here. The folder is written to a temp folder beside it and renamed into place. The
+reference config's training recipe comes along (:func:`reference_recipe`: optimiser, OneCycle
+schedule, loss, the "block" parameter group, epochs, batch); ``convert.json`` lists what was
+carried over (``recipe``: key, value, reference key) and what has no counterpart here
+(``not_mapped``). A checkpoint whose key names say another model type than the config (its stem:
+SpUNet ``conv_input``, PT-v3m1 ``embedding.stem.conv``, PT-v3m2 ``embedding.stem.linear``; its
+head: PPT ``embedding_table``, ``seg_head``, ...) is refused with both types named
+(:func:`checkpoint_model_type`).
 
 Export (:func:`export_experiment`): an experiment of this project -> ``{"state_dict": ...}``
 loadable with ``strict=True`` by the reference model built from the same reference config
@@ -67,6 +74,70 @@ def family_of(model_cfg: dict):
         raise ConversionError(f"reference model type {kind}: its converter is not available ({err})") from None
 
 
+# --- which model a checkpoint holds -------------------------------------------------------------
+# Key names that give a reference checkpoint's backbone away (its stem), and its head.
+BACKBONE_SIGNS = (
+    ("backbone.conv_input.0.", "SpUNet-v1m1", "stem conv_input.0 / .1: conv + BatchNorm"),
+    ("backbone.conv_input.conv.", "SpUNet-v1m3", "stem conv_input.conv + PDNorm conv_input.bn"),
+    ("backbone.embedding.stem.conv.", "PT-v3m1", "sparse-conv stem embedding.stem.conv + BatchNorm"),
+    ("backbone.embedding.stem.linear.", "PT-v3m2", "Linear stem embedding.stem.linear + LayerNorm"),
+)
+OTHER_BACKBONES = (  # reference backbones this converter has no family for, by a key of theirs
+    ("backbone.patch_embed.", "Point Transformer V2 (PT-v2m*, not supported)"),
+)
+
+
+def checkpoint_model_type(state: dict) -> tuple[str | None, str | None, str]:
+    """(segmentor type, backbone type, the key names that say so) a reference state dict looks
+    like, from its key names alone; a type is None where the keys do not tell (no head: an
+    encoder, e.g. Sonata / Concerto pretraining)."""
+    backbone, why = None, []
+    for prefix, kind, what in BACKBONE_SIGNS:
+        if any(k.startswith(prefix) for k in state):
+            backbone = kind
+            why.append(f"{prefix}* ({what})")
+            break
+    else:
+        for prefix, kind in OTHER_BACKBONES:
+            if any(k.startswith(prefix) for k in state):
+                backbone = kind
+                why.append(f"{prefix}*")
+                break
+    has = lambda prefix: any(k.startswith(prefix) for k in state)  # noqa: E731
+    segmentor = None
+    if has("embedding_table.") and has("class_embedding"):
+        segmentor, sign = "PPT-v1m1", "embedding_table + class_embedding (PPT language head)"
+    elif has("embedding_table.") and has("seg_heads."):
+        segmentor, sign = "PPT-v1m2", "embedding_table + seg_heads.* (PPT, one head per dataset)"
+    elif has("proj_head.") and not has("embedding_table."):
+        segmentor, sign = "PPT-v1m3", "proj_head without embedding_table (Sonata's language head)"
+    elif has("seg_head."):
+        segmentor, sign = "DefaultSegmentorV2", "seg_head.*"
+    elif has("backbone.final."):
+        segmentor, sign = "DefaultSegmentor", "backbone.final.* (SpUNet's classifier)"
+    if segmentor:
+        why.append(sign)
+    return segmentor, backbone, "; ".join(why) or f"first keys {', '.join(sorted(state)[:3])}"
+
+
+def _describe(segmentor: str | None, backbone: str | None) -> str:
+    if backbone is None and segmentor is None:
+        return "no model type the converter knows"
+    return f"{backbone or 'an unknown backbone'} under {segmentor}" if segmentor else f"a {backbone} encoder (no head)"
+
+
+def model_mismatch(state: dict, model_cfg: dict, source: str) -> str | None:
+    """The message for a checkpoint whose key names say another model type than the config
+    (backbone, or segmentor when it says one), else None."""
+    segmentor, backbone, why = checkpoint_model_type(state)
+    cfg_segmentor, cfg_backbone = model_cfg.get("type"), (model_cfg.get("backbone") or {}).get("type")
+    if (backbone is None or backbone == cfg_backbone) and (segmentor is None or segmentor == cfg_segmentor):
+        return None
+    return (f"the checkpoint and --config do not match: the checkpoint looks like {_describe(segmentor, backbone)} "
+            f"(keys {why}); the config ({source}) describes {cfg_backbone} under {cfg_segmentor} "
+            f"(model.backbone.type, model.type). Pass the config the checkpoint was trained with")
+
+
 # --- reading the reference's files ------------------------------------------------------------
 
 def load_reference_config(config: str | os.PathLike) -> tuple[dict, str]:
@@ -74,10 +145,10 @@ def load_reference_config(config: str | os.PathLike) -> tuple[dict, str]:
     from ppt.interop.pointcept_config import load_pointcept_config
     from ppt.interop.pointcept_presets import PRESETS
 
-    if str(config) in PRESETS:
+    if str(config) in PRESETS:  # a preset's "recipe" (optimizer, scheduler, epoch, ...) where it has one
         preset = PRESETS[str(config)]
-        return {"model": copy.deepcopy(preset["model"]), "data": copy.deepcopy(preset["data"])}, \
-            f"preset {config} ({preset['source']})"
+        return {**copy.deepcopy(preset.get("recipe", {})), "model": copy.deepcopy(preset["model"]),
+                "data": copy.deepcopy(preset["data"])}, f"preset {config} ({preset['source']})"
     path = Path(config)
     if not path.is_file():
         raise ConversionError(f"config {config} does not exist and is not a preset; presets: {', '.join(PRESETS)}")
@@ -189,18 +260,34 @@ def reference_model(ref: dict) -> dict:
     return model_cfg
 
 
+def reference_recipe(ref: dict, model_cfg: dict):
+    """The reference config's training recipe in this project's keys
+    (:func:`ppt.interop.pointcept_config.training_recipe`; what does not map is listed there)."""
+    from ppt.interop.pointcept_config import training_recipe
+
+    model = family_of(model_cfg).config_sections(model_cfg).get("model", {})
+    prompts = model.get("prompt", "none") != "none"
+    return training_recipe(ref, prompts=prompts, adaptive=prompts and bool(model.get("prompt_adaptive", True)))
+
+
 def config_from_reference(ref: dict, model_cfg: dict, state: dict):
-    """This project's :class:`ppt.config.Config` for a reference config (+ the state's logit scale)."""
+    """This project's :class:`ppt.config.Config` for a reference config (+ the state's logit
+    scale): model and data from the reference's model and val data, the training recipe
+    (optimiser, schedule, loss, parameter groups, epochs, batch) by :func:`reference_recipe`."""
     from ppt.config import config_from_dict
 
     family = family_of(model_cfg)
     sections = family.config_sections(model_cfg)
+    recipe = reference_recipe(ref, model_cfg)
     datasets = datasets_of(model_cfg)
     val_types = [(ref.get("data") or {}).get("val", {}).get("type")] if isinstance((ref.get("data") or {}).get("val"), dict) else []
     val = [DATASET_TYPES[t] for t in val_types if t in DATASET_TYPES and DATASET_TYPES[t] in datasets]
     cfg = {"data": {"mix": {d: 1 for d in datasets}, "val": val, "voxel_size": _voxel_size(ref),
                     "features": list(reference_features(ref, model_cfg))},
            **{k: dict(v) for k, v in sections.items()}}
+    cfg["data"].update(recipe.sections["data"])
+    for section in ("optim", "train"):
+        cfg.setdefault(section, {}).update(recipe.sections[section])
     model = cfg.setdefault("model", {})
     if "logit_scale" in state:  # PPT: exp of the reference's (CLIP's) learned log scale
         model["logit_scale"] = float(math.exp(float(state["logit_scale"])))
@@ -275,8 +362,9 @@ def import_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike, 
     """Convert a Pointcept checkpoint into ``<exp_root>/<name>/``; returns the folder.
 
     Raises:
-        ConversionError: missing/corrupt checkpoint or config, unsupported model type, unmapped
-            key, shape mismatch, existing target folder. Nothing is written then.
+        ConversionError: missing/corrupt checkpoint or config, unsupported model type, a
+            checkpoint of another model type than the config, unmapped key, shape mismatch,
+            existing target folder. Nothing is written then.
     """
     from ppt.config import save_config
 
@@ -288,14 +376,26 @@ def import_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike, 
     ref, source = load_reference_config(config)
     state, notes = read_checkpoint(checkpoint)
     model_cfg = reference_model(ref)
-    cfg = config_from_reference(ref, model_cfg, state)
-    ours = convert_state(state, model_cfg, cfg)
+    family_of(model_cfg)  # a config type this converter has no family for is said as such first
+    mismatch = model_mismatch(state, model_cfg, source)
+    _, backbone, _ = checkpoint_model_type(state)
+    if mismatch and backbone is not None and backbone != backbone_type(model_cfg):
+        raise ConversionError(mismatch)  # another backbone: no key can map; say so before building anything
+    try:
+        cfg = config_from_reference(ref, model_cfg, state)
+        ours = convert_state(state, model_cfg, cfg)
+    except ConversionError as err:
+        if mismatch:  # another head type: the missing / unmapped key is a symptom
+            raise ConversionError(f"{mismatch} ({err})") from None
+        raise
+    recipe = reference_recipe(ref, model_cfg)
     if cfg.model.backbone == "ptv3" and not cfg.ptv3.enc_mode and not any(k.startswith("backbone.dec.") for k in state):
         notes.append("the checkpoint has no decoder (a pretraining encoder): the decoder starts from a fresh "
                      "initialisation, as the reference's decoder-probing / fine-tuning configs start it")
     if cfg.model.backbone == "ptv3" and not any(k.startswith(("seg_head.", "seg_heads.", "proj_head.")) for k in state):
         notes.append("the checkpoint has no segmentation head: the head starts fresh (train it before use)")
     record = {"pointcept_checkpoint": str(checkpoint), "pointcept_config": source, "notes": notes,
+              "recipe": recipe.mapped, "not_mapped": recipe.not_mapped,
               "reference_keys": len(state), "keys": len(ours), "pointcept_model": _plain(model_cfg)}
     Path(exp_root).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=exp_root, prefix=f".{name}.", suffix=".tmp"))

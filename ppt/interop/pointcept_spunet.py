@@ -57,7 +57,6 @@ V1M3_DEFAULTS = dict(base_channels=32, context_channels=256, norm_decouple=True,
                      norm_affine=False, conditions=("ScanNet", "S3DIS", "Structured3D"))
 DEFAULT_CHANNELS = (32, 64, 128, 256, 256, 128, 96, 96)
 DEFAULT_LAYERS = (2, 3, 4, 6, 2, 2, 2, 2)
-LOSSES = {("CrossEntropyLoss",): "ce", ("CrossEntropyLoss", "LovaszLoss"): "ce+lovasz"}
 
 
 def _check_keys(cfg: dict, kind: str, where: str) -> None:
@@ -76,7 +75,7 @@ def _backbone(model_cfg: dict) -> dict:
 
 
 def config_sections(model_cfg: dict) -> dict:
-    """Reference ``model`` dict -> this project's ``model`` (and ``train.loss``) section."""
+    """Reference ``model`` dict -> this project's ``model`` section."""
     kind, bb = model_cfg.get("type"), _backbone(model_cfg)
     pair = (kind, bb["type"])
     if pair not in (("DefaultSegmentor", "SpUNet-v1m1"), ("PPT-v1m1", "SpUNet-v1m3")):
@@ -110,11 +109,7 @@ def config_sections(model_cfg: dict) -> dict:
                                   f"the same datasets as 'model.conditions' {tuple(model_cfg['conditions'])}")
         model.update(prompt="pdnorm", head="language", prompt_dim=bb["context_channels"],
                      decoupled_bn=bool(bb["norm_decouple"]), prompt_adaptive=bool(bb["norm_adaptive"]))
-    sections = {"model": model}
-    losses = tuple(c.get("type") for c in model_cfg.get("criteria") or [])
-    if losses in LOSSES:
-        sections["train"] = {"loss": LOSSES[losses]}
-    return sections
+    return {"model": model}  # the loss (model.criteria) with the rest of the recipe: pointcept.reference_recipe
 
 
 def layer_map(model_cfg: dict) -> list[tuple[str, str, str, tuple[int, int, int]]]:

@@ -279,8 +279,17 @@ class SubmConvBias(nn.Module):
         self.conv.bias = None
 
     def forward(self, x: spconv.SparseConvTensor) -> torch.Tensor:
-        """Sparse tensor with (N, C) features -> (N, C) features."""
-        return self.conv(x).features + self.bias
+        """Sparse tensor with (N, C) features -> (N, C) features.
+
+        spconv keeps the index pairs it computes in a COPY of the input's index cache (on the
+        output tensor); they are handed back to ``x``'s cache, which ``replace_feature`` shares
+        with the level's tensor, so the other convs of the level with this ``indice_key`` (every
+        block's CPE, encoder and decoder) reuse them instead of rebuilding them per block."""
+        out = self.conv(x)
+        key = self.conv.indice_key
+        if key is not None and key not in x.indice_dict and key in out.indice_dict:
+            x.indice_dict[key] = out.indice_dict[key]
+        return out.features + self.bias
 
 
 class LayerScale(nn.Module):
