@@ -262,8 +262,8 @@ def reference_model(ref: dict) -> dict:
 
 def reference_recipe(ref: dict, model_cfg: dict):
     """The reference config's training recipe in this project's keys
-    (:func:`ppt.interop.pointcept_config.training_recipe`; what does not map is listed there)."""
-    from ppt.interop.pointcept_config import training_recipe
+    (:func:`ppt.interop.pointcept_recipe.training_recipe`; what does not map is listed there)."""
+    from ppt.interop.pointcept_recipe import training_recipe
 
     model = family_of(model_cfg).config_sections(model_cfg).get("model", {})
     prompts = model.get("prompt", "none") != "none"
