@@ -172,7 +172,7 @@ def test_checkpoint_and_config_of_other_model_types_are_named(tmp_path, capsys, 
 
 
 def test_checkpoint_model_type_from_key_names():
-    from ppt.interop.pointcept import checkpoint_model_type
+    from ppt.interop.pointcept_shared import checkpoint_model_type
 
     spunet = torch.load(FIXTURES / "spunet" / "ppt_v1m1_spunet_v1m3.pth", weights_only=False)["state_dict"]
     state = {k.removeprefix("module."): v for k, v in spunet.items()}

@@ -13,7 +13,7 @@ carried over (``recipe``: key, value, reference key) and what has no counterpart
 (``not_mapped``). A checkpoint whose key names say another model type than the config (its stem:
 SpUNet ``conv_input``, PT-v3m1 ``embedding.stem.conv``, PT-v3m2 ``embedding.stem.linear``; its
 head: PPT ``embedding_table``, ``seg_head``, ...) is refused with both types named
-(:func:`checkpoint_model_type`).
+(:func:`ppt.interop.pointcept_shared.checkpoint_model_type`).
 
 Export (:func:`export_experiment`): an experiment of this project -> ``{"state_dict": ...}``
 loadable with ``strict=True`` by the reference model built from the same reference config
@@ -48,8 +48,8 @@ import torch
 
 from ppt.interop import ConversionError
 from ppt.interop.pointcept_shared import (
-    CLIP_ENCODERS, DATASET_TYPES, DATASETS_KEY, NAME_ALIASES, PRETRAIN_PREFIX, backbone_type, dataset_of_condition,
-    datasets_of,
+    CLIP_ENCODERS, DATASET_TYPES, DATASETS_KEY, NAME_ALIASES, PRETRAIN_PREFIX, backbone_type, checkpoint_model_type,
+    dataset_of_condition, datasets_of, model_mismatch,
 )
 from ppt.io import atomic_write
 
@@ -72,70 +72,6 @@ def family_of(model_cfg: dict):
         return importlib.import_module(FAMILIES[kind])
     except ImportError as err:
         raise ConversionError(f"reference model type {kind}: its converter is not available ({err})") from None
-
-
-# --- which model a checkpoint holds -------------------------------------------------------------
-# Key names that give a reference checkpoint's backbone away (its stem), and its head.
-BACKBONE_SIGNS = (
-    ("backbone.conv_input.0.", "SpUNet-v1m1", "stem conv_input.0 / .1: conv + BatchNorm"),
-    ("backbone.conv_input.conv.", "SpUNet-v1m3", "stem conv_input.conv + PDNorm conv_input.bn"),
-    ("backbone.embedding.stem.conv.", "PT-v3m1", "sparse-conv stem embedding.stem.conv + BatchNorm"),
-    ("backbone.embedding.stem.linear.", "PT-v3m2", "Linear stem embedding.stem.linear + LayerNorm"),
-)
-OTHER_BACKBONES = (  # reference backbones this converter has no family for, by a key of theirs
-    ("backbone.patch_embed.", "Point Transformer V2 (PT-v2m*, not supported)"),
-)
-
-
-def checkpoint_model_type(state: dict) -> tuple[str | None, str | None, str]:
-    """(segmentor type, backbone type, the key names that say so) a reference state dict looks
-    like, from its key names alone; a type is None where the keys do not tell (no head: an
-    encoder, e.g. Sonata / Concerto pretraining)."""
-    backbone, why = None, []
-    for prefix, kind, what in BACKBONE_SIGNS:
-        if any(k.startswith(prefix) for k in state):
-            backbone = kind
-            why.append(f"{prefix}* ({what})")
-            break
-    else:
-        for prefix, kind in OTHER_BACKBONES:
-            if any(k.startswith(prefix) for k in state):
-                backbone = kind
-                why.append(f"{prefix}*")
-                break
-    has = lambda prefix: any(k.startswith(prefix) for k in state)  # noqa: E731
-    segmentor = None
-    if has("embedding_table.") and has("class_embedding"):
-        segmentor, sign = "PPT-v1m1", "embedding_table + class_embedding (PPT language head)"
-    elif has("embedding_table.") and has("seg_heads."):
-        segmentor, sign = "PPT-v1m2", "embedding_table + seg_heads.* (PPT, one head per dataset)"
-    elif has("proj_head.") and not has("embedding_table."):
-        segmentor, sign = "PPT-v1m3", "proj_head without embedding_table (Sonata's language head)"
-    elif has("seg_head."):
-        segmentor, sign = "DefaultSegmentorV2", "seg_head.*"
-    elif has("backbone.final."):
-        segmentor, sign = "DefaultSegmentor", "backbone.final.* (SpUNet's classifier)"
-    if segmentor:
-        why.append(sign)
-    return segmentor, backbone, "; ".join(why) or f"first keys {', '.join(sorted(state)[:3])}"
-
-
-def _describe(segmentor: str | None, backbone: str | None) -> str:
-    if backbone is None and segmentor is None:
-        return "no model type the converter knows"
-    return f"{backbone or 'an unknown backbone'} under {segmentor}" if segmentor else f"a {backbone} encoder (no head)"
-
-
-def model_mismatch(state: dict, model_cfg: dict, source: str) -> str | None:
-    """The message for a checkpoint whose key names say another model type than the config
-    (backbone, or segmentor when it says one), else None."""
-    segmentor, backbone, why = checkpoint_model_type(state)
-    cfg_segmentor, cfg_backbone = model_cfg.get("type"), (model_cfg.get("backbone") or {}).get("type")
-    if (backbone is None or backbone == cfg_backbone) and (segmentor is None or segmentor == cfg_segmentor):
-        return None
-    return (f"the checkpoint and --config do not match: the checkpoint looks like {_describe(segmentor, backbone)} "
-            f"(keys {why}); the config ({source}) describes {cfg_backbone} under {cfg_segmentor} "
-            f"(model.backbone.type, model.type). Pass the config the checkpoint was trained with")
 
 
 # --- reading the reference's files ------------------------------------------------------------

@@ -120,3 +120,69 @@ def language_head_to_pointcept(state: dict, model_cfg: dict) -> dict:
     table = torch.stack([table_ours[datasets.index(dataset_of_condition(c))] for c in model_cfg["conditions"]])
     return {"embedding_table.weight": table, "proj_head.weight": proj_w, "proj_head.bias": proj_b,
             "class_embedding": emb}
+
+
+# --- what a checkpoint looks like -------------------------------------------------------------
+
+# --- which model a checkpoint holds -------------------------------------------------------------
+# Key names that give a reference checkpoint's backbone away (its stem), and its head.
+BACKBONE_SIGNS = (
+    ("backbone.conv_input.0.", "SpUNet-v1m1", "stem conv_input.0 / .1: conv + BatchNorm"),
+    ("backbone.conv_input.conv.", "SpUNet-v1m3", "stem conv_input.conv + PDNorm conv_input.bn"),
+    ("backbone.embedding.stem.conv.", "PT-v3m1", "sparse-conv stem embedding.stem.conv + BatchNorm"),
+    ("backbone.embedding.stem.linear.", "PT-v3m2", "Linear stem embedding.stem.linear + LayerNorm"),
+)
+OTHER_BACKBONES = (  # reference backbones this converter has no family for, by a key of theirs
+    ("backbone.patch_embed.", "Point Transformer V2 (PT-v2m*, not supported)"),
+)
+
+
+def checkpoint_model_type(state: dict) -> tuple[str | None, str | None, str]:
+    """(segmentor type, backbone type, the key names that say so) a reference state dict looks
+    like, from its key names alone; a type is None where the keys do not tell (no head: an
+    encoder, e.g. Sonata / Concerto pretraining)."""
+    backbone, why = None, []
+    for prefix, kind, what in BACKBONE_SIGNS:
+        if any(k.startswith(prefix) for k in state):
+            backbone = kind
+            why.append(f"{prefix}* ({what})")
+            break
+    else:
+        for prefix, kind in OTHER_BACKBONES:
+            if any(k.startswith(prefix) for k in state):
+                backbone = kind
+                why.append(f"{prefix}*")
+                break
+    has = lambda prefix: any(k.startswith(prefix) for k in state)  # noqa: E731
+    segmentor = None
+    if has("embedding_table.") and has("class_embedding"):
+        segmentor, sign = "PPT-v1m1", "embedding_table + class_embedding (PPT language head)"
+    elif has("embedding_table.") and has("seg_heads."):
+        segmentor, sign = "PPT-v1m2", "embedding_table + seg_heads.* (PPT, one head per dataset)"
+    elif has("proj_head.") and not has("embedding_table."):
+        segmentor, sign = "PPT-v1m3", "proj_head without embedding_table (Sonata's language head)"
+    elif has("seg_head."):
+        segmentor, sign = "DefaultSegmentorV2", "seg_head.*"
+    elif has("backbone.final."):
+        segmentor, sign = "DefaultSegmentor", "backbone.final.* (SpUNet's classifier)"
+    if segmentor:
+        why.append(sign)
+    return segmentor, backbone, "; ".join(why) or f"first keys {', '.join(sorted(state)[:3])}"
+
+
+def _describe(segmentor: str | None, backbone: str | None) -> str:
+    if backbone is None and segmentor is None:
+        return "no model type the converter knows"
+    return f"{backbone or 'an unknown backbone'} under {segmentor}" if segmentor else f"a {backbone} encoder (no head)"
+
+
+def model_mismatch(state: dict, model_cfg: dict, source: str) -> str | None:
+    """The message for a checkpoint whose key names say another model type than the config
+    (backbone, or segmentor when it says one), else None."""
+    segmentor, backbone, why = checkpoint_model_type(state)
+    cfg_segmentor, cfg_backbone = model_cfg.get("type"), (model_cfg.get("backbone") or {}).get("type")
+    if (backbone is None or backbone == cfg_backbone) and (segmentor is None or segmentor == cfg_segmentor):
+        return None
+    return (f"the checkpoint and --config do not match: the checkpoint looks like {_describe(segmentor, backbone)} "
+            f"(keys {why}); the config ({source}) describes {cfg_backbone} under {cfg_segmentor} "
+            f"(model.backbone.type, model.type). Pass the config the checkpoint was trained with")
