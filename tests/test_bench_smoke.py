@@ -128,17 +128,43 @@ def test_time_to_accuracy_quick_and_resume(synthetic_root, tmp_path):
     assert "recipe scannet" not in again and "plain scannet:" not in again
 
 
+def _scenes(root, split: str) -> set[Path]:
+    """The S3DIS scene folders a run with ``data.root=root`` reads for ``split``, resolved."""
+    from ppt.data.datasets import build_dataset
+
+    return {p.resolve() for p in build_dataset("s3dis", root, split).scenes}
+
+
 def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path):
     """The study's pipeline end to end at toy length: the lr comes from the sweep grid, every
     stage x budget x seed is a row, and a second call trains nothing (bugs caught: a run not
-    cached, a sweep that does not choose, a budget or seed left out of the table)."""
+    cached, a sweep that does not choose, a budget or seed left out of the table). The sweep
+    picks each stage's BEST lr on a held-out area of the training split and never scores on the
+    reported val area (bugs caught: the worst or the first lr chosen, the sweep validated on
+    Area 5 or trained on its own val area)."""
+    from ppt.config import load_config
+
     args = ["--data", str(synthetic_root), "--base-steps", "2", "--steps", "2", "--sweep-steps", "1",
             "--seeds", "0,1", "--budgets", "0,20", "--stages", "full,linear", "--out", str(tmp_path)]
     run_bench("peft_study.py", *args)
     result = json.loads((tmp_path / "study.json").read_text())
     assert {r["stage"] for r in result["sweep"]} == {"full", "linear"} and len(result["sweep"]) == 6
     for stage, lr in result["lrs"].items():
-        assert lr in {r["lr"] for r in result["sweep"] if r["stage"] == stage}
+        tries = {r["lr"]: r["val_mIoU"] for r in result["sweep"] if r["stage"] == stage}
+        assert lr in tries and tries[lr] == max(tries.values())
+    # where each run trained and scored, from its saved config: the sweep inside the reported
+    # runs' training split, its val area held out of its own training; the runs on Area 5
+    reported_train, reported_val = _scenes(synthetic_root, "train"), _scenes(synthetic_root, "val")
+    sweeps = sorted(tmp_path.glob("sweep_*/config.yaml"))
+    assert len(sweeps) == 6
+    for config in sweeps:
+        root = load_config(config, []).data.root
+        train, val = _scenes(root, "train"), _scenes(root, "val")
+        assert val and train and val <= reported_train and train <= reported_train and not val & train, config
+    runs = sorted(tmp_path.glob("*_seed*/config.yaml"))
+    assert len(runs) == 8
+    for config in runs:
+        assert _scenes(load_config(config, []).data.root, "val") == reported_val, config
     assert sorted((r["stage"], r["budget"], r["seed"]) for r in result["runs"]) == sorted(
         (s, b, seed) for s in ("full", "linear") for b in (0, 20) for seed in (0, 1))
     assert all(t["n_0"] == 2 and t["n_20"] == 2 and t["peak_alloc_mb"] > 0 for t in result["table"])
@@ -154,6 +180,18 @@ def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path):
                  if line.startswith("  ") and ": val mIoU" in line]
     assert "full_b0_seed0: cached at lr" in out and retrained == ["full_b0_seed0"]
     assert json.loads(cached.read_text())["lr"] == row["lr"]
+
+    # Planted sweep scores (grid ascending): full's best is its largest lr, linear's its middle
+    # (the config's) one, and neither worst is best: choosing the worst, the first or the
+    # config's lr gets a stage wrong. --report chooses again from the cached sweep.
+    planted = {}
+    for stage in ("full", "linear"):
+        files = sorted(tmp_path.glob(f"sweep_{stage}_lr*/result.json"), key=lambda f: json.loads(f.read_text())["lr"])
+        for f, score in zip(files, (0.3, 0.2, 0.5) if stage == "full" else (0.1, 0.4, 0.2)):
+            f.write_text(json.dumps({**json.loads(f.read_text()), "val_mIoU": score}))
+        planted[stage] = json.loads(files[2 if stage == "full" else 1].read_text())["lr"]
+    run_bench("peft_study.py", *args, "--report")
+    assert json.loads((tmp_path / "study.json").read_text())["lrs"] == planted
 
 
 def test_peft_study_probe_shifts_the_target_colour_and_reuses_a_base(synthetic_root, tmp_path):

@@ -1,5 +1,5 @@
 """PEFT stages: adapters, memory bank, stage application, block recomputation, checkpoints
-(frozen sparse convs and norms: tests/test_peft_frozen.py).
+(frozen sparse convs and norms: tests/test_peft_frozen.py; LoRA: tests/test_peft_lora.py).
 
 CPU, tiny widths (8-16 channels, one block per stage), two scenes of ~1000 voxels.
 """
@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ppt.config import ConfigError, load_config
 from ppt.losses import segmentation_loss
@@ -23,7 +24,7 @@ from ppt.models.peft.frozen_norm import is_frozen_norm
 from ppt.models.peft.memory_bank import MemoryBank, build_memory_bank
 from ppt.models.peft.point_peft import neighbour_edges
 from ppt.models.peft.spunet_block import PeftBlock
-from ppt.models.peft.stages import PeftConfig, apply_stage, backbone_units, norm_affine_parameters, parameter_counts
+from ppt.models.peft.stages import PeftConfig, apply_stage, backbone_units, parameter_counts
 from ppt.models.prompts import PDNorm
 from ppt.models.segmentor import Segmentor
 
@@ -182,16 +183,38 @@ def test_adapters_are_silent_at_step_zero(base_state, stage, cfg):
                        base.state_dict()["backbone.stem.norm.norms.gamma.running_mean"])
 
 
+# TINY's norms, by hand: stem 1, per encoder stage the down-sampling layer + two in its block
+# (4 x 3), per decoder stage the up-sampling layer + two in its block + the block's shortcut
+# (its first block changes the width: 4 x 4)
+NORMS = 1 + 4 * 3 + 4 * 4
+
+
+def target_norm_affines(model: Segmentor) -> set[str]:
+    """Names of the target dataset's norm affines, from the module types: each PDNorm's
+    ``norms.<target>`` BatchNorm and every BatchNorm / LayerNorm outside a PDNorm."""
+    names = set()
+    for name, m in model.backbone.named_modules():
+        if ".peft." in f".{name}.":
+            continue  # the adapters' own LayerNorms are the adapter stages' parameters
+        if isinstance(m, PDNorm):
+            names |= {f"backbone.{name}.norms.{TARGET}.weight", f"backbone.{name}.norms.{TARGET}.bias"}
+        elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)) and name.split(".")[-2:-1] != ["norms"]:
+            names |= {f"backbone.{name}.weight", f"backbone.{name}.bias"}
+    assert len(names) == 2 * NORMS
+    return names
+
+
 def _expected_trainable(model: Segmentor, stage: str) -> set[str]:
     names = {n for n, _ in model.head.named_parameters(prefix="head")}
-    ids = {id(p) for p in norm_affine_parameters(model.backbone, TARGET)}
-    norms = {n for n, p in model.named_parameters() if id(p) in ids}
+    norms = target_norm_affines(model) if stage in ("bitfit", "dapt+norms") else set()
     adapters = {n for n, _ in model.named_parameters() if ".peft." in n}
-    return {"linear": names, "bitfit": names | norms, "dapt": names | adapters,
+    decoder = {n for n, _ in model.named_parameters() if n.startswith("backbone.decoder.") and "modulation" not in n}
+    return {"linear": names, "bitfit": names | norms, "dapt": names | adapters, "decoder": names | decoder,
             "dapt+norms": names | norms | adapters, "pointpeft": names | adapters}[stage]
 
 
-@pytest.mark.parametrize("stage", ("full", "linear", "bitfit", "dapt", "pointpeft"))  # lora, decoder: test_peft_lora.py
+# lora: tests/test_peft_lora.py (both backbones)
+@pytest.mark.parametrize("stage", ("full", "linear", "decoder", "bitfit", "dapt", "pointpeft"))
 def test_only_the_stage_parameters_train(base_state, stage):
     base, model = staged(base_state, stage)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -220,6 +243,10 @@ def test_only_the_stage_parameters_train(base_state, stage):
     assert all(no_grad) == (stage == "linear")
     frozen_norms = [is_frozen_norm(m) for m in model.backbone.modules() if isinstance(m, PDNorm)]
     assert frozen_norms and all(frozen_norms)
+    model.train()  # BN statistics update where the norms train: the decoder's under decoder probing
+    bns = {n: m for n, m in model.backbone.named_modules() if isinstance(m, nn.BatchNorm1d)}
+    want = {n for n in bns if n.startswith("decoder.")} if stage == "decoder" else set()
+    assert {n for n, m in bns.items() if m.training} == want
 
 
 def test_dapt_can_still_train_the_norm_affines(base_state):

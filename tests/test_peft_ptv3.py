@@ -10,13 +10,15 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from ppt.config import load_config
 from ppt.engine.peft_checkpoint import load_peft_checkpoint, save_peft_checkpoint
 from ppt.losses import segmentation_loss
 from ppt.models.peft.memory_bank import build_memory_bank
 from ppt.models.peft.ptv3_block import PeftPTv3Block, PromptKV
-from ppt.models.peft.stages import STAGES, PeftConfig, apply_stage, norm_affine_parameters, parameter_counts
+from ppt.models.peft.stages import STAGES, PeftConfig, apply_stage, parameter_counts
+from ppt.models.prompts import PDLayerNorm, PDNorm
 from ppt.models.segmentor import Segmentor
 from tests.test_peft import TARGET, TARGET_NAMES, adapt_and_predict, embeddings, make_batch
 
@@ -95,15 +97,35 @@ def test_adapters_are_silent_at_step_zero(stage, cfg, enc_mode):
         torch.testing.assert_close(model(b), base(b), rtol=0, atol=0)
 
 
+# TINY's encoder blocks (stage, block) and its norms, by hand: 7 blocks (encoder 2 + 1 + 1,
+# decoder 2 + 1) with three PDLayerNorms each (cpe_norm, norm1, norm2); PDNorm (BatchNorm) in
+# the stem, the two pooling layers and the two unpooling layers (norm, norm_skip)
+ENCODER_BLOCKS = ((0, 0), (0, 1), (1, 0), (2, 0))
+NORMS = 7 * 3 + 1 + 2 + 2 * 2
+
+
+def target_norm_affines(model: Segmentor) -> set[str]:
+    """Names of the target dataset's norm affines, from the module types: each PDNorm's /
+    PDLayerNorm's ``norms.<target>`` and every BatchNorm / LayerNorm outside them (bitfit)."""
+    names = set()
+    for name, m in model.backbone.named_modules():
+        if isinstance(m, (PDNorm, PDLayerNorm)):
+            names |= {f"backbone.{name}.norms.{TARGET}.weight", f"backbone.{name}.norms.{TARGET}.bias"}
+        elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)) and name.split(".")[-2:-1] != ["norms"]:
+            names |= {f"backbone.{name}.weight", f"backbone.{name}.bias"}
+    assert len(names) == 2 * NORMS
+    return names
+
+
 def _expected_trainable(model: Segmentor, stage: str) -> set[str]:
     names = {n for n, p in model.named_parameters()}
     head = {n for n in names if n.startswith("head.")}
-    ids = {id(p) for p in norm_affine_parameters(model.backbone, TARGET)}
-    norms = {n for n, p in model.named_parameters() if id(p) in ids}
+    norms = target_norm_affines(model) if stage == "bitfit" else set()  # (adapters have LayerNorms too)
+    lora = {f"backbone.encoder.{s}.blocks.{b}.attn.qkv.lora_{ab}.weight" for s, b in ENCODER_BLOCKS for ab in "AB"}
     decoder = {n for n in names if n.startswith("backbone.decoder.") and "modulation" not in n
                and ".norms." not in n or n.startswith("backbone.decoder.") and f".norms.{TARGET}." in n}
     return {"full": names, "linear": head, "bitfit": head | norms, "decoder": head | decoder,
-            "lora": head | {n for n in names if ".lora_" in n},
+            "lora": head | lora,  # qkv of every encoder block (tests/test_peft_lora.py: counts, merge)
             "dapt": head | {n for n in names if ".peft." in n},
             "pointpeft": head | {n for n in names if ".peft." in n}}[stage]
 
@@ -151,6 +173,47 @@ def test_prompts_never_cross_scenes(stage):
     torch.testing.assert_close(out_b[:n0], out_a[:n0], rtol=0, atol=0)
     assert not torch.allclose(out_b[n0:], out_a[n0:])
     assert (out_a[:n0] - plain[:n0]).abs().max() > 1e-3  # the adapters do act on scene 0
+
+
+@pytest.mark.parametrize("enc_mode", [False, True])
+def test_dapt_head_reads_the_last_stage_prompts_of_its_scene(enc_mode):
+    """The head prompt: the last block's internal prompt is read by no later block, only by the
+    head (the per-scene mean of the last stage's prompts added to the output features). Shifting
+    scene 0's copy of it moves every point of scene 0 by one vector, in the last stage's
+    channels (encoder-only: the deepest stage's slice), and leaves scene 1 bit-identical (bugs
+    caught: the head prompt dropped from ``PeftPTv3.forward``, taken from another scene, or
+    added to the wrong slice)."""
+    _, model = staged("dapt", enc_mode)
+    open_zero_parameters(model)
+    model.eval()
+    stages = model.backbone.encoder if enc_mode else model.backbone.decoder
+    last = stages[-1].blocks[-1]
+    shift = {}
+
+    def perturb(block, args, out):  # ctx = the block's third argument
+        if "row" in shift:
+            prompts = args[2].prompts[max(args[2].prompts)]  # the last stage run so far: this block's
+            prompts[-1] = prompts[-1] + shift["row"]
+
+    b = batch(0)
+    n0 = int(b["offset"][0])
+    handle = last.register_forward_hook(perturb)
+    try:
+        with torch.no_grad():
+            plain = model.forward_features(b)
+            c = last.attn.channels
+            shift["row"] = torch.zeros(2, c)
+            shift["row"][0] = torch.linspace(0.5, 1.5, c)
+            moved = model.forward_features(b)
+    finally:
+        handle.remove()
+    diff = moved - plain
+    assert torch.equal(diff[n0:], torch.zeros_like(diff[n0:]))
+    channels = slice(diff.shape[1] - c, diff.shape[1]) if enc_mode else slice(0, c)
+    assert diff[:n0, channels].abs().min() > 1e-3
+    torch.testing.assert_close(diff[:n0], diff[:1].expand(n0, -1), rtol=1e-5, atol=1e-5)
+    if enc_mode:
+        assert not diff[:, :diff.shape[1] - c].any()
 
 
 @pytest.mark.parametrize("stage", ["dapt", "pointpeft"])

@@ -49,7 +49,8 @@ def load_experiment(exp: str | os.PathLike | None, weights: str | os.PathLike | 
 
     ``exp`` holds ``config.yaml`` and ``model/model_best.pth`` (``model_last.pth`` when training
     has not validated yet); ``weights`` picks another checkpoint. With ``weights`` alone the
-    config stored inside the checkpoint is used. Raises :class:`ExperimentError`.
+    config stored inside the checkpoint is used. A LoRA run's updates are merged into the base
+    weights (``ppt.models.peft.lora.merge_lora``). Raises :class:`ExperimentError`.
     """
     from ppt.config import ConfigError, config_from_dict, load_config
     from ppt.engine.build import build_model, text_embeddings_from_state
@@ -88,6 +89,10 @@ def load_experiment(exp: str | os.PathLike | None, weights: str | os.PathLike | 
 
             prepare_peft_model(model, cfg, exp or ckpt_path.parent, ckpt=ckpt)
         load_model_state(model, state, ckpt_path)
+        if cfg.peft.stage == "lora":  # inference and export: the updates folded into the base weights
+            from ppt.models.peft.lora import merge_lora
+
+            merge_lora(model)
     except (ConfigError, CheckpointError) as err:
         raise ExperimentError(str(err)) from None
     return cfg, model.to(device).eval(), ckpt_path

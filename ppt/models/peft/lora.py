@@ -25,9 +25,17 @@ zero, so a fresh stage computes exactly the base model and the frozen W never ge
   of the same kernel (C_in -> r, same rulebook via the same ``indice_key``) and ``B`` a 1x1
   projection (r -> C_out), HF peft's conv-LoRA form: ``B . A`` is a low-rank update of the
   filter flattened over (kernel offsets x C_in), i.e. the output equals the conv with filter
-  ``W + scale * (B @ A).reshape(W.shape)`` when dropout is off (tested). Running A as its own
-  conv rather than merging the filter keeps ``lora_dropout`` on the input, as LoRA, and lets the
-  frozen W keep the input-gradient-only path (``frozen_conv``: no filter gradient, no saved input).
+  ``W + scale * (B @ A).reshape(W.shape)`` when dropout is off (:func:`merged_weight`). Running
+  A as its own conv rather than merging the filter keeps ``lora_dropout`` on the input, as LoRA,
+  and lets the frozen W keep the input-gradient-only path (``frozen_conv``: no filter gradient,
+  no saved input).
+
+Export and inference: :func:`merge_lora` folds every update into its base weight and removes
+the branch (the base model's layers and state-dict keys again); ``ppt.engine.predict.load_experiment``
+does it when it loads a LoRA run, so ``tools/test.py``, ``tools/infer.py`` and
+``tools/convert.py --to pointcept`` see a plain model with the adapted weights.
+Tests: tests/test_peft_lora.py (both backbones: trainable set, step-0 identity, gradients,
+merged == unmerged output, export).
 
 Decoder of our full U-Net: frozen (no LoRA), see ``ppt.models.peft.stages``.
 """
@@ -85,7 +93,7 @@ class LoraSparseConv(_Lora):
         return out.replace_feature(out.features + self.lora_scale * self.lora_B(low.features))
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, type], type] = {}  # (mixin, base class) -> the LoRA class
 
 
 def _swap(module: nn.Module, mixin: type) -> None:
@@ -160,7 +168,30 @@ def apply_lora(backbone: nn.Module, targets, rank: int, alpha: float, dropout: f
 
 def merged_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight plus the LoRA update as one tensor (``W + scale * B @ A``, for a spconv
-    filter (C_out, *kernel, C_in) reshaped over kernel offsets x C_in): what a merge would write."""
+    filter (C_out, *kernel, C_in) reshaped over kernel offsets x C_in): what :func:`merge_lora` writes."""
     a = layer.lora_A.weight
     delta = layer.lora_B.weight @ a.reshape(a.shape[0], -1)
     return layer.weight + layer.lora_scale * delta.reshape(layer.weight.shape)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update inside ``model`` into its base layer and remove the branch; returns
+    how many layers were merged (0 for a model without LoRA).
+
+    Each layer's weight becomes :func:`merged_weight`, ``lora_A`` / ``lora_B`` / ``lora_dropout``
+    go and the layer is its base class again (a frozen conv stays frozen), so the state dict has
+    the base model's keys and shapes: a model to export or to infer with. It computes the
+    unmerged model's eval-mode output (LoRA dropout off) up to float rounding; it is no longer a
+    LoRA stage (its checkpoint is a full model, not a PEFT checkpoint).
+    """
+    bases = {cls: base for (_, base), cls in _CLASSES.items()}
+    layers = [m for m in model.modules() if is_lora(m)]
+    for layer in layers:
+        if type(layer) not in bases:
+            raise TypeError(f"cannot merge LoRA into {type(layer).__name__}: its class was changed after "
+                            f"LoRA was added")
+        with torch.no_grad():
+            layer.weight.copy_(merged_weight(layer))
+        del layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_scale
+        layer.__class__ = bases[type(layer)]
+    return len(layers)
