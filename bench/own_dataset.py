@@ -12,8 +12,9 @@ synthetic mix (PPT vs naive), and adapted from the demo model with every PEFT st
 2. From scratch, ``--steps`` steps, the demo recipe (``configs/demo.yaml``: AdamW OneCycle,
    CE + Lovasz, precise BN), val = office: ``alone`` (office only), ``ppt`` (office joined to the
    three synthetic domains, ratios office 2 : structured3d 2 : scannet 1 : s3dis 1, PDNorm +
-   language head) and ``naive`` (the same mix, no prompts, union head). Equal TOTAL steps, so
-   the joint runs give office a third of them: the question is what the other domains add.
+   language head) and ``naive`` (the same mix, no prompts, union head), at equal TOTAL steps (the
+   joint runs give office a third of them) and, as ``ppt_3x`` / ``naive_3x``, at 3x the steps
+   (office gets as many steps as alone): what the other domains add, at both budgets.
 3. From the demo model (``--base``; it never saw office: the new domain starts from the mean
    prompt, its classes from their names), ``--peft-steps`` steps of each stage with ONE recipe
    (``configs/demo_peft.yaml``: AdamW 0.005 cosine, CE; only the stage differs).
@@ -44,8 +45,11 @@ from bench.common import format_table, machine_info, save_json  # noqa: E402
 NAME = "office"
 STAGES = ("full", "linear", "decoder", "bitfit", "lora", "dapt", "pointpeft")
 JOINT_MIX = {NAME: 2, "structured3d": 2, "scannet": 1, "s3dis": 1}
-SCRATCH = {"alone": ({NAME: 1}, []), "ppt": (JOINT_MIX, []),
-           "naive": (JOINT_MIX, ["model.prompt=none", "model.head=union"])}
+NAIVE = ["model.prompt=none", "model.head=union"]
+# run -> (mix, overrides, steps as a multiple of --steps); the "_3x" runs give office as many
+# steps as alone (it has 2 of every 6 batches of the joint mix)
+SCRATCH = {"alone": ({NAME: 1}, [], 1), "ppt": (JOINT_MIX, [], 1), "naive": (JOINT_MIX, NAIVE, 1),
+           "ppt_3x": (JOINT_MIX, [], 3), "naive_3x": (JOINT_MIX, NAIVE, 3)}
 
 
 def make_data(src: Path, out: Path, rooms: int) -> Path:
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peft-steps", type=int, default=150)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--scratch", default=",".join(SCRATCH), help=f"runs from scratch: {', '.join(SCRATCH)}")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "own_dataset"))
     p.add_argument("--report", action="store_true", help="the table from the runs made so far")
     args = p.parse_args(argv)
@@ -150,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --base {base}: no such checkpoint (run bash tools/train.sh once)", file=sys.stderr)
         return 2
     stages = [s for s in args.stages.split(",") if s]
-    if any(s not in STAGES for s in stages):
-        print(f"error: --stages: valid: {', '.join(STAGES)}", file=sys.stderr)
+    if any(s not in STAGES for s in stages) or any(s not in SCRATCH for s in args.scratch.split(",") if s):
+        print(f"error: --stages: valid: {', '.join(STAGES)}; --scratch: valid: {', '.join(SCRATCH)}", file=sys.stderr)
         return 2
     import torch
 
@@ -160,12 +165,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     root = make_data(src, out, args.rooms)
-    rows: dict[str, list[dict]] = {k: [] for k in [*SCRATCH, *stages]}
+    scratch = [s for s in args.scratch.split(",") if s]
+    rows: dict[str, list[dict]] = {k: [] for k in [*scratch, *stages]}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for what, (mix, extra) in SCRATCH.items():
+        for what, (mix, extra, times) in SCRATCH.items():
+            if what not in scratch:
+                continue
             mix_text = "{" + ", ".join(f"{k}: {v}" for k, v in mix.items()) + "}"
             row = run(f"{what}_s{seed}", lambda: load_config("configs/demo.yaml", [
-                *common(root, args.steps, seed), f"data.mix={mix_text}", *extra]), out, args.report)
+                *common(root, args.steps * times, seed), f"data.mix={mix_text}", *extra]), out, args.report)
             rows[what] += [row] if row else []
         for stage in stages:
             row = run(f"{stage}_s{seed}", lambda: load_config("configs/demo_peft.yaml", [
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[stage] += [row] if row else []
     table = summarise(rows)
     for t in table:
-        t["steps"] = args.steps if t["run"] in SCRATCH else args.peft_steps
+        t["steps"] = args.steps * SCRATCH[t["run"]][2] if t["run"] in SCRATCH else args.peft_steps
         t["from"] = "scratch" if t["run"] in SCRATCH else "demo model"
     print(format_table(table, ["run", "from", "steps", "seeds", "mIoU", "std", "cpu_seconds", "seconds", "trainable_pct"],
                        ["run", "from", "steps", "seeds", "val mIoU (%)", "std", "CPU s (median)", "wall s", "trainable %"]))
