@@ -6,9 +6,12 @@
     python bench/inference.py --quick                      # smoke: random demo model, 1 scene, no TTA
 
 Each protocol runs in its own child process (``--protocol``), so its peak RSS is its own:
-``off`` (one grid-sampled pass), ``fast`` (13 views, each voxelised once, votes carried to every
-point; ``tools/test.py --tta``) and ``fragments`` (the reference's 13 views x covering
-fragments; ``--tta fragments``). Each child loads the experiment as tools/test.py does, runs one
+``off`` (one grid-sampled pass), ``fast`` (13 views, each voxelised once on a shifted grid, each
+point voting with the voxels around it that look like it; ``tools/test.py --tta``) and
+``fragments`` (the reference's 13 views x covering fragments; ``--tta fragments``). ``--variants``
+adds ablations of ``fast`` (``FAST_VARIANTS``: the previous fast protocol ``fast-voxel``, and
+the kept one without its neighbours, its grid shift or its weights), run through the same
+``evaluate`` with other ``TestGrid`` options. Each child loads the experiment as tools/test.py does, runs one
 untimed warm-up scene, then ``ppt.engine.evaluate.evaluate`` on the first ``--scenes`` val scenes
 of every trained dataset (default all), in one thread and no loader workers, so its CPU time is
 the whole cost (robust to other processes sharing the machine; wall time is not). Reported per
@@ -36,6 +39,14 @@ from bench.common import (  # noqa: E402
 )
 
 PROTOCOLS = ("off", "fast", "fragments")
+# Ablations of the fast protocol: ``TestGrid`` options (ppt/data/grid.py), all 13 views x one forward.
+FAST_VARIANTS = {
+    "fast-voxel": {"sigma": None, "shift": False},   # before: every point takes its voxel's vote
+    "fast-shift": {"sigma": None},                   # + grid origins shifted per view
+    "fast-own": {"neighbours": False, "shift": False},  # + weights, own voxel only
+    "fast-own-shift": {"neighbours": False},         # + weights and shift, own voxel only
+    "fast-noshift": {"shift": False},                # kept protocol without the shift
+}
 
 
 class Subset:
@@ -65,6 +76,15 @@ def run_protocol(exp: Path, protocol: str, scenes: int, data_root: str) -> dict:
     from ppt.data.datasets import build_dataset
     from ppt.engine.evaluate import evaluate
 
+    import functools
+
+    from ppt.engine import evaluate as evaluate_module
+
+    tta = protocol
+    if protocol in FAST_VARIANTS:  # the fast protocol with other TestGrid options
+        evaluate_module.iter_test_views = functools.partial(evaluate_module.iter_test_views,
+                                                            fast_options=FAST_VARIANTS[protocol])
+        tta = "fast"
     spec = importlib.util.spec_from_file_location("ppt_test_tool", Path(__file__).resolve().parents[1] / "tools" / "test.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -72,13 +92,13 @@ def run_protocol(exp: Path, protocol: str, scenes: int, data_root: str) -> dict:
     root = data_root or cfg.data.root
     datasets = {name: build_dataset(name, root, "val") for name in cfg.data.mix}
     first = next(iter(datasets.values()))
-    evaluate(model, Subset(first, [len(first.scenes) - 1]), "cpu", tta=protocol, voxel_size=cfg.data.voxel_size)
+    evaluate(model, Subset(first, [len(first.scenes) - 1]), "cpu", tta=tta, voxel_size=cfg.data.voxel_size)
     rows = []
     for name, dataset in datasets.items():
         subset = Subset(dataset, range(min(scenes or len(dataset.scenes), len(dataset.scenes))))
         rss_before, load_before = current_rss_mb(), _load(0)
         start, start_cpu = time.perf_counter(), time.process_time()
-        result = evaluate(model, subset, "cpu", tta=protocol, voxel_size=cfg.data.voxel_size)
+        result = evaluate(model, subset, "cpu", tta=tta, voxel_size=cfg.data.voxel_size)
         seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         rows.append({"dataset": name, "protocol": protocol, "scenes": result["scenes"], "points": result["points"],
                      "s_per_scene": round(seconds / result["scenes"], 3),
@@ -118,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exp", default="exp/tta_bench", help="trained experiment (see the module doc)")
     p.add_argument("--data", default="", help="data root (default: the experiment's; --quick: data/synthetic_study)")
     p.add_argument("--scenes", type=int, default=0, help="val scenes per dataset (default all)")
-    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS + tuple(FAST_VARIANTS))
+    p.add_argument("--variants", action="store_true", help="also run every ablation of fast (FAST_VARIANTS)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="smoke test: random demo model, one scene, no TTA")
-    p.add_argument("--protocol", choices=PROTOCOLS, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--protocol", choices=PROTOCOLS + tuple(FAST_VARIANTS), help=argparse.SUPPRESS)  # child
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
 
@@ -142,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or RESULTS_DIR / "inference_tta.json")
     start, uptime = time.time(), Path("/proc/loadavg").read_text().split()[:3]
     children = {}
-    for protocol in args.protocols:
+    for protocol in args.protocols + [v for v in FAST_VARIANTS if args.variants and v not in args.protocols]:
         with tempfile.TemporaryDirectory() as tmp:
             child = Path(tmp) / "child.json"
             cmd = [sys.executable, __file__, "--exp", str(exp), "--protocol", protocol, "--scenes", str(args.scenes),

@@ -1,4 +1,5 @@
-"""Voxel hashing, grid sampling with an inverse index, and test-time views and fragments.
+"""Voxel hashing, grid sampling with an inverse index, test-time views, fragments and the
+fast protocol's weighted votes.
 
 Voxels are found by packing the three integer voxel indices into one int64 key and sorting
 the keys once (no ``np.unique`` over coordinate rows, which sorts void views and is several
@@ -146,37 +147,148 @@ class TestFragments:
         return list(self.iter(sample))
 
 
-class TestGrid(RandomTransform):
-    """One point per voxel with an inverse index: the single sample of a fast test-time view.
+# Fast test-time votes (``TestGrid``): rows of a point's own voxel and of its 6 face neighbours
+# (column order), and the feature-distance scale and floor of their weights. Measured on the demo
+# models (bench/RESULTS.md §2b): the own voxel alone closes most of the gap to the fragment
+# protocol, the neighbours and shifted grid origins the rest; sigma 0.1-0.3 gave the same mIoU.
+VOTE_OFFSETS = np.array([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+VOTE_SIGMA = 0.2
+VOTE_FLOOR = 1e-3
+VOTE_KEYS = ("vote_rows", "vote_weights")
+_LEAST_EXPONENT = np.float32(-80.0)  # exp(-80) = 1.8e-35, the least weight kept (float32 normal)
 
-    Keeps one random point of each voxel, as training and validation grid sampling do, and adds
-    ``inverse`` int64 (N,): original point -> row of its voxel, so the voxel's prediction reaches
-    every original point without running the other fragments. Not the voxel's first point:
-    files list points object by object, so the first point favours whatever was written first
-    (walls before the picture on them); on the demo model it cost 2-3 mIoU (of ~25-45).
+
+def neighbour_rows(grid: np.ndarray, offsets: np.ndarray = VOTE_OFFSETS) -> np.ndarray:
+    """Row of the voxel at ``grid[r] + offsets[j]`` for every row ``r``, or -1 where none.
+
+    Args:
+        grid: int (M, 3) distinct voxel coordinates, one row per voxel, in lexicographic order
+            (the voxel-key order ``group_voxels`` gives).
+        offsets: int (J, 3) voxel offsets.
+
+    Returns:
+        int64 (M, J).
+    """
+    offsets = np.asarray(offsets, np.int64)
+    if len(grid) == 0:
+        return np.empty((0, len(offsets)), np.int64)
+    g = grid.astype(np.int64) + 1                 # padded by one voxel: an offset never wraps
+    _, hi = ops.column_bounds(g)
+    d1, d2 = int(hi[1]) + 2, int(hi[2]) + 2
+    key = (g[:, 0] * d1 + g[:, 1]) * d2 + g[:, 2]  # increasing along the rows
+    if not (key[1:] > key[:-1]).all():
+        raise ValueError("neighbour_rows needs distinct voxels in lexicographic order")
+    out = np.empty((len(g), len(offsets)), np.int64)
+    for j, (a, b, c) in enumerate(offsets):
+        if a == b == c == 0:
+            out[:, j] = np.arange(len(key))
+            continue
+        query = key + (a * d1 + b) * d2 + c
+        pos = np.minimum(np.searchsorted(key, query), len(key) - 1)
+        out[:, j] = np.where(key[pos] == query, pos, -1)
+    return out
+
+
+def vote_weights(feat: np.ndarray, row_feat: np.ndarray, rows: np.ndarray, sigma: float = VOTE_SIGMA,
+                 floor: float = VOTE_FLOOR) -> np.ndarray:
+    """Weight of each candidate vote of each point: how much the point looks like the point whose
+    prediction the vote carries.
+
+    ``w[p, j] = exp(-|feat[p] - row_feat[rows[p, j]]|^2 / sigma^2)``; column 0 (the point's own
+    voxel) is at least ``floor``, so a point unlike every candidate still takes its own voxel's
+    vote; ``rows[p, j] = -1`` (no voxel there) weighs 0.
+
+    Args:
+        feat: f32 (N, C) the model's input features of every point (``data.features``).
+        row_feat: f32 (M, C) the features of each row's point (the kept point of each voxel).
+        rows: int (N, J) candidate rows of each point, -1 = none.
+        sigma: feature distance at which a weight falls to 1/e.
+        floor: least weight of column 0.
+
+    Returns:
+        f32 (N, J).
+    """
+    feat = np.asarray(feat, np.float32)
+    table = np.full((len(row_feat) + 1, feat.shape[1]), np.inf, np.float32)  # row -1: infinitely far
+    table[:-1] = row_feat
+    w = np.empty(rows.shape[::-1], np.float32)
+    scale = np.float32(-1.0 / sigma ** 2)
+    for j, col in enumerate(np.ascontiguousarray(rows.T)):  # (N, C) temporaries, not (N, J, C)
+        diff = np.take(table, col, axis=0)
+        diff -= feat
+        d2 = np.einsum("nc,nc->n", diff, diff)
+        d2 *= scale
+        np.putmask(d2, d2 < _LEAST_EXPONENT, -np.inf)  # exp would be subnormal: 10x slower; 0
+        w[j] = np.exp(d2, out=d2)
+    np.maximum(w[0], floor, out=w[0])
+    return np.ascontiguousarray(w.T)
+
+
+class TestGrid(RandomTransform):
+    """One point per voxel, and per original point weighted votes from nearby voxels: the
+    single sample of a fast test-time view.
+
+    The view is voxelised on a grid whose origin is shifted by a random fraction of a voxel
+    (``shift``: views differ in where voxel borders fall, not only by rotation and scale), and
+    one random point of each voxel is kept, as training and validation grid sampling do. Not
+    the voxel's first point: files list points object by object, so the first point favours
+    whatever was written first (walls before the picture on them; 2-3 mIoU on the demo model).
+
+    A voxel's prediction is that of its kept point. Each original point then takes the votes of
+    its own voxel and of the 6 face neighbours (``VOTE_OFFSETS``), each weighted by how much the
+    point looks like that voxel's kept point in the model's input features (``vote_weights``):
+    a picture point in a voxel whose kept point is wall takes the vote of the next voxel whose
+    kept point is picture. This gives every point a vote of its own, as the fragment protocol
+    does, from one forward per view (bench/RESULTS.md §2b).
 
     Reads ``coord`` and every per-point key; writes them subsampled to one row per voxel (M,
-    in voxel-key order) and adds ``grid_coord`` int32 (M, 3) and ``inverse``.
+    in voxel-key order) and adds ``grid_coord`` int32 (M, 3), ``inverse`` int64 (N,): original
+    point -> row of its voxel, and (``sigma`` given) ``vote_rows`` int32 (N, 7): candidate rows
+    (column 0 = ``inverse``) and ``vote_weights`` f32 (N, 7): their weights (0 = no voxel).
 
     Args:
         voxel_size: voxel edge in metres.
-        rng: picks the kept points (``set_rng`` replaces it; seed it for repeatable views).
+        rng: picks the kept points and the grid shift (``set_rng`` replaces it; seed it for
+            repeatable views).
+        features: keys whose concatenation the weights compare (the model's ``data.features``).
+        sigma: feature distance scale of the weights; None = no weights: every point takes its
+            own voxel's prediction (``inverse`` only).
+        neighbours: also take the 6 face neighbours' votes (else the own voxel only).
+        shift: shift the grid origin by a random fraction of a voxel per axis.
     """
 
     __test__ = False
 
-    def __init__(self, voxel_size: float = 0.02, rng: np.random.Generator | None = None):
+    def __init__(self, voxel_size: float = 0.02, rng: np.random.Generator | None = None,
+                 features: tuple[str, ...] = ops.FEATURES, sigma: float | None = VOTE_SIGMA,
+                 neighbours: bool = True, shift: bool = True):
         super().__init__(rng)
-        self.voxel_size = voxel_size
+        self.voxel_size, self.features = voxel_size, tuple(features)
+        self.sigma, self.neighbours, self.shift = sigma, neighbours, shift
 
     def __call__(self, sample: dict) -> dict:
-        grid, key = voxelize(sample["coord"], self.voxel_size)
+        coord = sample["coord"]
+        if self.shift:
+            coord = coord + (self.rng.random(3) * self.voxel_size).astype(np.float32)
+        grid, key = voxelize(coord, self.voxel_size)
         order, start, count, voxel = group_voxels(key)
         ids = order[start + (self.rng.random(len(start)) * count).astype(np.int64)]
+        votes = self._votes(sample, grid, ids, voxel) if self.sigma is not None else {}
         sample = index_points(sample, ids)
         sample["grid_coord"] = np.take(grid, ids, axis=0)
         sample["inverse"] = voxel
+        sample.update(votes)
         return sample
+
+    def _votes(self, sample: dict, grid: np.ndarray, ids: np.ndarray, voxel: np.ndarray) -> dict:
+        missing = [k for k in self.features if k not in sample]
+        if missing:
+            raise KeyError(f"sample {sample.get('name', '?')!r} lacks feature keys {missing}")
+        around = neighbour_rows(np.take(grid, ids, axis=0)) if self.neighbours else np.arange(len(ids))[:, None]
+        rows = np.take(around.astype(np.int32), voxel, axis=0)  # (N, J), column 0 = voxel
+        feat = np.concatenate([sample[k] for k in self.features], 1).astype(np.float32)
+        weights = vote_weights(feat, np.take(feat, ids, axis=0), rows, self.sigma)
+        return {"vote_rows": np.maximum(rows, 0), "vote_weights": weights}  # no voxel: row 0, weight 0
 
 
 TTA_PROTOCOLS = ("fast", "fragments")
@@ -189,7 +301,8 @@ def tta_views(angles=TTA_ANGLES, scales=TTA_SCALES, flip: bool = True) -> list[t
 
 def iter_test_views(sample: dict, voxel_size: float = 0.02, protocol: str = "fragments",
                     angles=TTA_ANGLES, scales=TTA_SCALES, flip: bool = True, seed: int = 0,
-                    features: tuple[str, ...] = ops.FEATURES) -> Iterator[dict]:
+                    features: tuple[str, ...] = ops.FEATURES, fast_options: dict | None = None
+                    ) -> Iterator[dict]:
     """Test-time views of one raw scene, made lazily, one model sample at a time.
 
     Views: each z-rotation in ``angles`` x each scale in ``scales`` (12 by default), plus one
@@ -199,9 +312,11 @@ def iter_test_views(sample: dict, voxel_size: float = 0.02, protocol: str = "fra
     - ``"fragments"`` (reference, SPEC §7): ``TestFragments`` split (fragment ``i`` takes the
       ``i``-th point of every voxel; each point is ``owned`` by exactly one fragment per view),
       samples carry ``index`` i64 (M,) original point ids and ``owned`` bool (M,).
-    - ``"fast"``: one sample per view (``TestGrid``: a random point of each voxel, drawn from
-      ``seed`` and the view number) with ``inverse`` i64 (N,) original point -> row, so one
-      forward per view predicts every point.
+    - ``"fast"``: one sample per view (``TestGrid``: a grid shifted by a random fraction of a
+      voxel and a random point of each voxel, drawn from ``seed`` and the view number) with
+      ``inverse`` i64 (N,) original point -> row and ``vote_rows`` i32 (N, 7) /
+      ``vote_weights`` f32 (N, 7): each point's weighted votes from its own voxel and the 6 face
+      neighbours, so one forward per view gives every point a vote of its own.
 
     Samples are yielded as they are made: a consumer that frees them keeps one view's base
     arrays plus one fragment alive, whatever the fragment count. Deterministic for a given ``seed``.
@@ -210,16 +325,21 @@ def iter_test_views(sample: dict, voxel_size: float = 0.02, protocol: str = "fra
         sample: a loaded scene (``coord``, ``color`` 0..255, ``normal``, optional ``segment``).
         voxel_size: voxel edge in metres.
         protocol: "fast" or "fragments".
+        features: the keys ``feat`` concatenates (and the fast votes compare).
+        fast_options: ``TestGrid`` keyword arguments (``sigma``, ``neighbours``, ``shift``) for
+            ablations (``bench/inference.py --variants``); None = the default fast protocol.
 
     Yields:
         samples with ``coord``, ``grid_coord``, ``feat``, ``segment``, ``view`` int, ``dataset``,
-        ``name`` (when the scene has them) and ``index``/``owned`` or ``inverse``.
+        ``name`` (when the scene has them) and ``index``/``owned`` or ``inverse`` (and
+        ``vote_rows``/``vote_weights``).
     """
     if protocol not in TTA_PROTOCOLS:
         raise ValueError(f"unknown TTA protocol {protocol!r}; valid: {', '.join(TTA_PROTOCOLS)}")
     base = ops.NormalizeColor()(ops.CenterShift(apply_z=True)(dict(sample)))
     recentre, collect = ops.CenterShift(apply_z=False), ops.Collect(features)
-    fragmenter, grid = TestFragments(voxel_size), TestGrid(voxel_size)
+    fragmenter = TestFragments(voxel_size)
+    grid = TestGrid(voxel_size, features=features, **(fast_options or {}))
     for v, (angle, scale, flipped) in enumerate(tta_views(angles, scales, flip)):
         view = dict(base)
         rot = ops.rotation_matrix("z", angle)
@@ -234,8 +354,9 @@ def iter_test_views(sample: dict, voxel_size: float = 0.02, protocol: str = "fra
             grid.set_rng(np.random.default_rng([seed, v]))
             parts = iter([grid(view)])
         for part in parts:
-            part = collect(recentre(part))
-            part["view"] = v
+            votes = {k: part.pop(k) for k in VOTE_KEYS if k in part}  # per original point: not
+            part = collect(recentre(part))                           # rows, not collected
+            part.update(votes, view=v)
             yield part
 
 

@@ -12,11 +12,14 @@ this one path (``_Voter``).
   random point per voxel, seeded by the scene index), ``inverse`` carries each voxel's scores
   to every point.
 - ``"fast"`` (default of ``tools/test.py --tta``): the 13 views of SPEC §7 (z-rotations 0, π/2,
-  π, 3π/2 x scales 0.95, 1, 1.05, plus one x-flip), each voxelised ONCE (one random point per
-  voxel, seeded) and carried to every point through ``inverse``: 13 forwards per scene. A
-  deliberate deviation from the reference's test protocol, which costs one forward per
-  fragment (19-29x the CPU time of "fast" on the demo model, 2-3 mIoU better on two of three
-  domains: bench/RESULTS.md).
+  π, 3π/2 x scales 0.95, 1, 1.05, plus one x-flip), each voxelised ONCE on a grid shifted by a
+  random fraction of a voxel (one random point per voxel, seeded): 13 forwards per scene. Each
+  point sums the softmax of its own voxel and of its 6 face neighbours, each weighted by how
+  much the point looks like that voxel's kept point (``vote_rows`` / ``vote_weights``,
+  ``ppt.data.grid.TestGrid``), so every point votes with a prediction close to its own, as
+  with fragments. A deliberate deviation from the reference's test protocol, which costs one
+  forward per fragment (bench/RESULTS.md §2b: on the demo models at least as accurate as the
+  fragment protocol at about 1/15 of its CPU time).
 - ``"fragments"`` (reference, SPEC §7): each view split into fragments that together cover
   every point (fragment i takes the i-th point of each voxel); a point repeated to fill a
   sparse voxel votes each time it appears, as in the reference. Unlike the reference tester,
@@ -229,7 +232,11 @@ class _Voter:
             scene = self.scenes[sample["scene"]]
             if scene["scores"] is None:
                 scene["scores"] = torch.zeros(sample["num_points"], probs.shape[1], device=self.device)
-            if "inverse" in sample:  # every point gets its voxel's row
+            if "vote_rows" in sample:  # every point: weighted rows of its voxel and neighbours
+                scene["scores"] += nn.functional.embedding_bag(
+                    torch.from_numpy(sample["vote_rows"]).to(self.device), part, mode="sum",
+                    per_sample_weights=torch.from_numpy(sample["vote_weights"]).to(self.device))
+            elif "inverse" in sample:  # every point gets its voxel's row
                 scene["scores"] += part[torch.from_numpy(sample["inverse"]).to(self.device)]
             else:                    # every row goes to its point
                 scene["scores"].index_add_(0, torch.from_numpy(sample["index"]).to(self.device), part)
@@ -282,7 +289,8 @@ def predict_scene(model: nn.Module, scene: dict, *, voxel_size: float, label_spa
 
     Returns:
         f32 (N, K) on CPU: softmax probabilities (one view) or their sum over the views
-        ("fast": 13 per point; "fragments": one per appearance of the point in a fragment).
+        ("fast": weighted, up to 7 per view, see the module doc; "fragments": one per
+        appearance of the point in a fragment).
     """
     tta, device = tta_protocol(tta), torch.device(device)
     model = _unwrap(model)
