@@ -4,6 +4,8 @@
     python bench/peft.py                 # both parts (the transfer study is long on a CPU)
     python bench/peft.py --quick         # smoke test: tiny widths, 2-3 steps, one seed
     python bench/peft.py --skip-transfer --backbone ptv3   # the PTv3 cost table
+    python bench/peft.py --skip-transfer --stages dapt --peft-options '{"ssf": true}' --name peft_ssf.json
+                                         # stage rows with other peft.* settings (DAPT's SSF here)
 
 PTv3 (``--backbone ptv3``; cost part only): every stage (full, linear, decoder, bitfit, lora,
 dapt, pointpeft) on a PTv3 with PDNorm / PDLayerNorm and the language head, the same batch and
@@ -105,7 +107,16 @@ def ptv3_model(size: str, names: dict, text: dict, device: str):
                      prompt_dim=256, head="language", text_embeddings=text).to(device)
 
 
-def paper_trainable_pct(stage: str, names: dict, text: dict) -> float:
+def peft_options(settings: dict) -> dict:
+    """The ``peft.*`` config fields among a row's settings (``--peft-options``)."""
+    import dataclasses
+
+    from ppt.config import PeftConfig
+
+    return {k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(PeftConfig)}}
+
+
+def paper_trainable_pct(stage: str, names: dict, text: dict, options: dict | None = None) -> float:
     """Trainable share of PTv3 at the paper size (parameter count only, no forward; the
     memory bank's width is all Point-PEFT's modules need)."""
     import torch
@@ -116,7 +127,7 @@ def paper_trainable_pct(stage: str, names: dict, text: dict) -> float:
 
     model = ptv3_model("paper", names, text, "cpu")
     bank = MemoryBank(torch.randn(4, 512), [f"s{i}" for i in range(4)]) if stage == "pointpeft" else None
-    apply_stage(model, PeftConfig(stage=stage, base="-"), bank, domain=TARGET)
+    apply_stage(model, PeftConfig(stage=stage, base="-", **(options or {})), bank, domain=TARGET)
     trainable, total = parameter_counts(model)
     return 100.0 * trainable / total
 
@@ -231,7 +242,8 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
         rooms = [collate([ds[i]]) for i in range(min(6, len(ds)))]
         bank = build_memory_bank(model, rooms, device=device, progress=False)
     tricks = settings.get("tricks", True)
-    cfg = PeftConfig(stage=stage, base="-", input_grad_only=tricks, no_grad_prefix=tricks)
+    options = {k: v for k, v in peft_options(settings).items() if k not in ("train_norms", "recompute_blocks")}
+    cfg = PeftConfig(stage=stage, base="-", input_grad_only=tricks, no_grad_prefix=tricks, **options)
     apply_stage(model, cfg, bank, domain=TARGET, train_norms=settings.get("train_norms"),
                 recompute_blocks=settings.get("recompute_blocks"))
     model.train()
@@ -257,7 +269,7 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
     static = tensor_mb([*model.parameters(), *model.buffers(), *state,
                         *(v for v in batch.values() if torch.is_tensor(v))])
     held, step_peak = profiled_step(forward, backward, device)
-    paper_pct = paper_trainable_pct(stage, {TARGET: names}, text) if backbone == "ptv3" else None
+    paper_pct = paper_trainable_pct(stage, {TARGET: names}, text, options) if backbone == "ptv3" else None
     return {"stage": stage, "settings": settings, "backbone": backbone, "voxels": int(len(batch["segment"])),
             "ptv3_size": ptv3_size if backbone == "ptv3" else None, "trainable_pct_paper": paper_pct,
             "trainable": trainable, "total": total, "modulation": modulation,
@@ -287,7 +299,10 @@ def run_cost(settings: dict, root: str, device: str, threads: int) -> list[dict]
     stages, ablations = COST_STAGES, (PTV3_ABLATIONS if ptv3 else ABLATIONS)
     if settings.get("stages"):  # a chosen subset (full always: the ratios are to it), no ablations
         stages, ablations = ("full", *(s for s in settings["stages"] if s != "full")), ()
-    jobs = [(s, s, {}) for s in stages] + ([] if settings.get("quick") else list(ablations))
+    options = settings.get("peft_options") or {}
+    suffix = "".join(f", {k} {v}" for k, v in options.items())
+    jobs = [(s + suffix * (s != "full"), s, options if s != "full" else {}) for s in stages]
+    jobs += [] if settings.get("quick") else list(ablations)
     rows = []
     for name, stage, variant in jobs:
         row = run_worker(name, stage, variant, settings, root, device, threads)
@@ -325,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage-steps", type=int, default=None, help="override the steps of every stage")
     p.add_argument("--name", default=None, help="results file name (default peft.json / peft_quick.json)")
     p.add_argument("--stages", default="", help="cost rows of these stages only (and full), e.g. decoder,lora")
+    p.add_argument("--peft-options", default="{}",
+                   help='peft.* settings of the stage rows (not full), JSON, e.g. \'{"ssf": true}\'')
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--widths", default=None, help=argparse.SUPPRESS)
@@ -341,7 +358,12 @@ def main(argv: list[str] | None = None) -> int:
               f"python tools/make_synthetic.py --out {args.data_root}", file=sys.stderr)
         return 2
     settings = dict(QUICK if args.quick else FULL, quick=args.quick, backbone=args.backbone,
-                    ptv3_size=args.ptv3_size, stages=[s for s in args.stages.split(",") if s])
+                    ptv3_size=args.ptv3_size, stages=[s for s in args.stages.split(",") if s],
+                    peft_options=json.loads(args.peft_options))
+    bad = set(settings["peft_options"]) - set(peft_options(settings["peft_options"]))
+    if bad:
+        print(f"error: --peft-options: {', '.join(sorted(bad))} not peft.* settings", file=sys.stderr)
+        return 2
     unknown = [s for s in settings["stages"] if s not in COST_STAGES]
     if unknown:
         print(f"error: --stages: unknown {', '.join(unknown)}; valid: {', '.join(COST_STAGES)}", file=sys.stderr)

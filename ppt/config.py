@@ -245,14 +245,30 @@ class PeftConfig:
         base: base weights the stage starts from (``tools/train.py --weights`` sets it).
         reduction: DAPT bottleneck r = max(min_rank, C // reduction).
         min_rank: smallest bottleneck width.
-        dropout: DAPT adapter dropout.
+        dropout: DAPT adapter dropout (the reference's 0.2 on ScanObjectNN PB_T50_RS).
+        ssf: DAPT also trains SSF scale-and-shift parameters after the blocks' layers, on the
+            internal prompts, after the stem and on the backbone output (the reference's
+            ``tfts``; ``ppt.models.peft.dapt``).
         num_tokens: Point-PEFT prompt tokens per encoder block.
-        prior_rank: Point-PEFT bottleneck width of the retrieved-set adapter.
-        geo_reduction: Point-PEFT geometry adapter r = max(min_rank, C_out // geo_reduction).
-        neighbour_attention: geometry adapter mixes neighbours by weight-free attention instead
-            of a 3x3x3 submanifold conv.
+        prior_rank: Point-PEFT bottleneck width of the retrieved-set adapter (the reference's 8).
+        adapter_rank: Point-PEFT width of the MLP-output and output adapters (the reference's 16).
+        adapter_dropout: Point-PEFT adapters' dropout (the reference's 0.1).
+        prompt_dropout: Point-PEFT dropout on the learnable prompt tokens, training only (0.1).
+        prompt_coords: Point-PEFT learnable prompt coordinates (prompts as extra centres of the
+            ``knn`` geometry operator).
+        geo_operator: Point-PEFT geometry-aware operator: ``knn`` (the reference's: attention in
+            kNN groups, max-pool, propagation x 0.3) or ``conv`` (a bottleneck around a 3x3x3
+            submanifold conv).
+        geo_k: ``knn``: voxels per group (the reference's 16).
+        geo_stride: ``knn``: one group centre per occupied geo_stride^3 cell of voxels.
+        geo_reduction: ``conv``: bottleneck r = max(min_rank, C_out // geo_reduction).
+        neighbour_attention: ``conv``: mix neighbours by weight-free attention instead of the
+            3x3x3 submanifold conv.
+        train_biases: Point-PEFT also trains the blocks' biases (norm1 / norm2; PTv3 also the
+            attention projection and MLP fc1 / fc2), as the reference's fine-tuning.
         top_k: memory-bank entries retrieved per scene.
-        temperature: softmax temperature of the retrieval weights.
+        temperature: softmax temperature of the retrieval weights (1: the reference's).
+        exclude_own: retrieval masks the query's own scene (false: the reference's).
         input_grad_only: frozen sparse convs skip the filter gradient and keep no input.
         no_grad_prefix: run the frozen prefix of the backbone without autograd.
         train_norms: DAPT also trains the norm affines (SPEC §8's first design); off: the
@@ -272,13 +288,23 @@ class PeftConfig:
     base: str = ""
     reduction: int = 6
     min_rank: int = 8
-    dropout: float = 0.1
+    dropout: float = 0.2
+    ssf: bool = False
     num_tokens: int = 10
-    prior_rank: int = 16
+    prior_rank: int = 8
+    adapter_rank: int = 16
+    adapter_dropout: float = 0.1
+    prompt_dropout: float = 0.1
+    prompt_coords: bool = True
+    geo_operator: str = "knn"
+    geo_k: int = 16
+    geo_stride: int = 2
     geo_reduction: int = 12
     neighbour_attention: bool = False
+    train_biases: bool = True
     top_k: int = 8
     temperature: float = 0.1
+    exclude_own: bool = True
     input_grad_only: bool = True
     no_grad_prefix: bool = True
     train_norms: bool = False

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 LOSSES = ("ce", "ce+lovasz")  # = ppt.losses.LOSSES
 PEFT_STAGES = ("none", "full", "linear", "decoder", "bitfit", "lora", "dapt", "pointpeft")
 LORA_TARGETS = {"spunet": ("qkv",), "ptv3": ("qkv", "proj", "mlp")}  # = ppt.models.peft.lora
+GEO_OPERATORS = ("knn", "conv")  # Point-PEFT's geometry operator (ppt.models.peft.point_peft)
 
 
 def describe_datasets(cfg: Config, bad) -> None:
@@ -67,7 +68,8 @@ def validate(cfg: Config, where: str = "") -> Config:
                "model.backbone": (cfg.model.backbone, ("spunet", "ptv3")),
                "train.loss": (cfg.train.loss, LOSSES),
                "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-               "peft.stage": (cfg.peft.stage, PEFT_STAGES)}
+               "peft.stage": (cfg.peft.stage, PEFT_STAGES),
+               "peft.geo_operator": (cfg.peft.geo_operator, GEO_OPERATORS)}
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise bad(key, f"is {value!r}; valid: {', '.join(valid)}")
@@ -108,9 +110,16 @@ def validate(cfg: Config, where: str = "") -> Config:
     if cfg.peft.lora_alpha <= 0 or not 0.0 <= cfg.peft.lora_dropout < 1.0:
         raise bad("peft.lora_alpha", f"must be > 0 and peft.lora_dropout in [0, 1), got "
                                      f"{cfg.peft.lora_alpha}, {cfg.peft.lora_dropout}")
-    for key in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k", "lora_rank"):
+    for key in ("reduction", "min_rank", "prior_rank", "geo_reduction", "top_k", "lora_rank", "adapter_rank",
+                "geo_k", "geo_stride"):
         if getattr(cfg.peft, key) < 1:
             raise bad(f"peft.{key}", f"must be >= 1, got {getattr(cfg.peft, key)}")
+    for key in ("dropout", "adapter_dropout", "prompt_dropout"):
+        if not 0.0 <= getattr(cfg.peft, key) < 1.0:
+            raise bad(f"peft.{key}", f"must be a probability in [0, 1), got {getattr(cfg.peft, key)}")
+    if cfg.peft.temperature <= 0:
+        raise bad("peft.temperature", f"must be > 0 (1: the Point-PEFT reference's weights), "
+                                      f"got {cfg.peft.temperature}")
     from ppt.data.sample_ops import FEATURE_KEYS
 
     bad_features = [f for f in cfg.data.features if f not in FEATURE_KEYS]

@@ -60,7 +60,7 @@ def open_zero_parameters(model: torch.nn.Module, scale: float = 0.5) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and not p.any():
-                p.copy_(scale * torch.randn(p.shape, generator=g))
+                p.copy_(scale * torch.randn(p.shape, generator=g).abs())  # positive: DAPT's scale bias
 
 
 def test_prompt_keys_values_are_read_per_scene():
@@ -127,7 +127,10 @@ def _expected_trainable(model: Segmentor, stage: str) -> set[str]:
     return {"full": names, "linear": head, "bitfit": head | norms, "decoder": head | decoder,
             "lora": head | lora,  # qkv of every encoder block (tests/test_peft_lora.py: counts, merge)
             "dapt": head | {n for n in names if ".peft." in n},
-            "pointpeft": head | {n for n in names if ".peft." in n}}[stage]
+            "pointpeft": head | {n for n in names if ".peft." in n} | {  # + the reference's block biases
+                n for n in names if ".blocks." in n and ".peft." not in n and n.endswith(
+                    (f"norm1.norms.{TARGET}.bias", f"norm2.norms.{TARGET}.bias", "attn.proj.bias", "mlp.fc1.bias",
+                     "mlp.fc2.bias"))}}[stage]
 
 
 @pytest.mark.parametrize("stage", STAGES)

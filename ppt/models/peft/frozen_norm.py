@@ -16,9 +16,11 @@ backbone that still passes gradients to adapters costs no activation memory at a
 
 The constants are recomputed at every forward from the module's current state (a handful of
 C-length operations and, for PDNorm, one Linear on the (1, D) prompt), so loading other weights
-later needs no cache invalidation. Without autograd, or as soon as anything in the norm trains
+later needs no cache invalidation. Without autograd, or as soon as the norm's weight trains
 (or its statistics are in training mode), the module's own forward runs unchanged: evaluation
-outputs of a frozen model stay bit-identical to the base model's.
+outputs of a frozen model stay bit-identical to the base model's. A trainable bias alone (the
+blocks' biases Point-PEFT trains) keeps the constant path: ``b`` then carries its gradient,
+which needs no input.
 
 `freeze_norms(module)` swaps the class of every BatchNorm and PDNorm inside `module` for a
 subclass with this behaviour (module names, state-dict keys and ``isinstance`` checks unchanged).
@@ -44,14 +46,15 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, t
 
 
 def _bn_frozen(bn: nn.modules.batchnorm._BatchNorm) -> bool:
-    """Running statistics in use (eval mode, not batch statistics) and nothing trainable."""
-    return (not bn.training and bn.running_var is not None
-            and not (bn.affine and (bn.weight.requires_grad or bn.bias.requires_grad)))
+    """Running statistics in use (eval mode, not batch statistics) and a frozen weight (the
+    bias may train)."""
+    return not bn.training and bn.running_var is not None and not (bn.affine and bn.weight.requires_grad)
 
 
 def _scale_shift(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, C) -> x * a + b in fp32; backward keeps only `a`."""
-    return torch.addcmul(b.detach(), x.float(), a.detach())
+    """(N, C) -> x * a + b in fp32; backward keeps only `a` (b's gradient, where a trainable
+    bias gives it one, is the sum of the output gradient)."""
+    return torch.addcmul(b, x.float(), a.detach())
 
 
 class FrozenNorm:

@@ -9,6 +9,10 @@ module: its features are a buffer, its scene names extra state).
 Retrieval: cosine similarity of the query scene's pooled feature to every entry, the query's
 own scene masked out by name (a Mix3D sample "a+b" masks both), top-k entries, softmax weights
 at a temperature. The retrieved set per scene is (k + 2, D): [query, weighted sum, top-k].
+
+Deviations from the reference (stated): it masks nothing (a training scene retrieves its own
+entry first, which a test scene never can; ``exclude_own=False`` does the same) and its softmax
+has no temperature (``temperature=1``).
 """
 
 from __future__ import annotations
@@ -82,15 +86,16 @@ class MemoryBank(nn.Module):
                     mask[b, index[part]] = True
         return mask
 
-    def retrieve(self, query: torch.Tensor, names: Sequence[str], k: int = 8,
-                 temperature: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def retrieve(self, query: torch.Tensor, names: Sequence[str], k: int = 8, temperature: float = 0.1,
+                 exclude_own: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k entries of each query with its own scene masked out.
 
         Args:
             query: (B, D) pooled features of the batch's scenes.
             names: B scene names (their own entries are excluded).
             k: entries to retrieve (fewer when the bank is smaller).
-            temperature: softmax temperature on the cosine similarities.
+            temperature: softmax temperature on the cosine similarities (1: the reference's).
+            exclude_own: mask the query's own scene (False: the reference's retrieval).
 
         Returns:
             retrieved (B, k + 2, D) = [query, weighted sum, top-k entries], weights (B, k),
@@ -98,7 +103,8 @@ class MemoryBank(nn.Module):
         """
         query = F.normalize(query.float(), dim=-1)
         sims = query @ self.features.t()
-        sims = sims.masked_fill(self.exclusion_mask(names), float("-inf"))
+        if exclude_own:
+            sims = sims.masked_fill(self.exclusion_mask(names), float("-inf"))
         available = int(torch.isfinite(sims).sum(dim=1).min()) if len(self) else 0
         k = min(k, available)
         if k == 0:

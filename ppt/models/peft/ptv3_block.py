@@ -10,10 +10,13 @@ attention inside serialized patches. A stage's per-block module (``peft``: ``ptv
   prompts as tokens), and every point's query reads its OWN scene's tokens. A patch never
   spans two scenes (``ptv3_layers.Patches``), so this equals giving every patch its scene's
   prompt keys/values; prompts never mix scenes of a batch.
-- ``mlp_delta(h, level, ctx) -> (N, C) | None``: added to the MLP branch (DAPT's adapter
-  beside the frozen MLP, inside the same drop path).
+- ``mlp_delta(h, mlp_out, level, ctx) -> (N, C) | None``: added to the MLP branch, inside the
+  same drop path; ``h`` is the MLP's input, ``mlp_out`` its output (DAPT's adapter reads ``h``,
+  beside the frozen MLP; Point-PEFT's reads ``mlp_out``, ``0.7 * adapter(MLP(h))``).
 - ``output(y, level, ctx) -> (N, C)``: applied to the block output (Point-PEFT's
-  geometry-aware adapter).
+  geometry-aware operator and output adapter).
+- ``ssf``: None, or DAPT's scale-and-shift modules by layer name (``ptv3_dapt.PTV3_SSF_LAYERS``):
+  applied after norm1, the qkv Linear, the attention projection, norm2, fc1 and fc2.
 
 Deviation from the papers (stated, deliberate): prompt keys/values are read by a separate
 softmax whose output is multiplied by a zero-initialised per-head gate and added to the patch
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ppt.models.peft.adapters import PeftContext
+from ppt.models.peft.adapters import PeftContext, scale_shift
 from ppt.models.ptv3_layers import Block, Level
 from ppt.models.spunet import DomainContext
 
@@ -104,19 +107,30 @@ class PeftPTv3Block(Block):
 
     def attention(self, h: torch.Tensor, level: Level, ctx: DomainContext, order_index: int) -> torch.Tensor:
         tokens = self.peft.prompt_tokens(ctx, level) if _active(ctx) else None
-        if tokens is None:
+        ssf = self.peft.ssf if _active(ctx) else None
+        if tokens is None and ssf is None:
             return super().attention(h, level, ctx, order_index)
         c = self.attn.channels
-        qkv = self.attn.qkv(h)
-        b, t, _ = tokens.shape
-        kv = self.attn.qkv(self.norm1(tokens.reshape(b * t, c), ctx))[:, c:].reshape(b, t, 2 * c)
+        qkv = scale_shift(ssf, "qkv", self.attn.qkv(scale_shift(ssf, "norm1", h)))
         out = self.attn.attend(qkv, level, order_index)
-        out = out + self.peft.reader(qkv[:, :c], kv, level.offset)
-        return self.attn.proj(out)
+        if tokens is not None:
+            b, t, _ = tokens.shape
+            normed = scale_shift(ssf, "norm1", self.norm1(tokens.reshape(b * t, c), ctx))
+            kv = scale_shift(ssf, "qkv", self.attn.qkv(normed))[:, c:].reshape(b, t, 2 * c)
+            out = out + self.peft.reader(qkv[:, :c], kv, level.offset)
+        return scale_shift(ssf, "proj", self.attn.proj(out))
 
     def feed_forward(self, h: torch.Tensor, level: Level, ctx: DomainContext) -> torch.Tensor:
-        out = super().feed_forward(h, level, ctx)
-        delta = self.peft.mlp_delta(h, level, ctx) if _active(ctx) else None
+        if not _active(ctx):
+            return super().feed_forward(h, level, ctx)
+        ssf = self.peft.ssf
+        if ssf is None:
+            out = super().feed_forward(h, level, ctx)
+        else:  # the MLP with SSF after norm2 (its input, the adapter's too), fc1 and fc2
+            h = scale_shift(ssf, "norm2", h)
+            mlp = self.mlp
+            out = self.ls2(scale_shift(ssf, "fc2", mlp.fc2(F.gelu(scale_shift(ssf, "fc1", mlp.fc1(h))))))
+        delta = self.peft.mlp_delta(h, out, level, ctx)
         return out if delta is None else out + delta
 
 

@@ -3,6 +3,10 @@
 A stage's per-block module (``peft``: ``dapt.DaptAdapter`` or ``point_peft.PointPeftAdapter``)
 maps (block input, block output) to the adapted output; :class:`PeftBlock` runs the frozen
 block, then that module, and recomputes both in backward so the block keeps only its input.
+Two hooks reach inside the block: ``peft.ssf`` (DAPT's scale-and-shift after ``norm1``,
+``norm2`` and the shortcut's ``proj_norm``, or None) and ``peft.branch(f, ctx)`` (Point-PEFT:
+a delta added to the residual branch's output f before the shortcut sum and the final ReLU);
+with neither, the base block's own forward runs.
 The PTv3 counterpart is ``ptv3_block.PeftPTv3Block``; ``stages.BLOCK_ADAPTERS`` picks one by
 block class.
 """
@@ -12,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ppt.models.peft.adapters import PeftContext
+from ppt.models.peft.adapters import PeftContext, scale_shift
 from ppt.models.spunet import BasicBlock, DomainContext
 
 
@@ -58,5 +63,24 @@ class PeftBlock(BasicBlock):
         return out
 
     def _adapted(self, x, ctx: PeftContext):
-        out = super().forward(x, ctx)
+        if self.peft.ssf is None and getattr(self.peft, "branch", None) is None:
+            out = super().forward(x, ctx)
+        else:
+            out = self._hooked(x, ctx)
         return out.replace_feature(self.peft(x, out, ctx))
+
+    def _hooked(self, x, ctx: PeftContext):
+        """``BasicBlock.forward`` with the PEFT module's SSF and residual-branch delta."""
+        ssf, branch = self.peft.ssf, getattr(self.peft, "branch", None)
+        if self.prompt_adapter is not None:
+            x = x.replace_feature(x.features + self.prompt_adapter(x.features, ctx))
+        shortcut = x.features
+        if self.proj is not None:
+            shortcut = scale_shift(ssf, "proj_norm", self.proj_norm(self.proj(x).features, ctx))
+        out = self.conv1(x)
+        out = out.replace_feature(F.relu(scale_shift(ssf, "norm1", self.norm1(out.features, ctx))))
+        out = self.conv2(out)
+        f = scale_shift(ssf, "norm2", self.norm2(out.features, ctx))
+        if branch is not None:
+            f = f + branch(f, ctx)
+        return out.replace_feature(F.relu(f + shortcut))

@@ -9,18 +9,26 @@ Stages (what trains; everything else is frozen):
 | `decoder`   | decoder + head (decoder probing; stem and encoder frozen)          |
 | `bitfit`    | norm affine parameters + head                                      |
 | `lora`      | LoRA updates of the encoder blocks (lora.py) + head                |
-| `dapt`      | DAPT adapters and internal prompts (dapt.py) + head                |
-| `pointpeft` | Point-PEFT adapters and prompt tokens (point_peft.py) + head        |
+| `dapt`      | DAPT adapters and internal prompts (dapt.py) + head; with          |
+|             | ``peft.ssf`` also SSF scale-and-shift parameters                   |
+| `pointpeft` | Point-PEFT adapters, prompt tokens and coordinates, geometry       |
+|             | operators (point_peft.py) + head; with ``peft.train_biases``       |
+|             | (default, as the reference) also the blocks' biases                |
+
+DAPT and Point-PEFT follow their reference code (github.com/LMD0311/DAPT,
+github.com/Ivan-Tang-3D/Point-PEFT); what differs, and why, is listed in ``dapt.py`` /
+``ptv3_dapt.py`` and ``point_peft.py`` (and ``memory_bank.py`` for the retrieval).
 
 DAPT freezes the whole backbone, norms included, as its paper does (the reference trains the
-adapters, prompts, head and new SSF-style scale-and-shift parameters, never the pre-trained
-norms). SPEC §8 had our DAPT train the norm affines instead; that kept every norm input alive for
+adapters, prompts, head and new SSF scale-and-shift parameters, ``peft.ssf`` here, never the
+pre-trained norms). SPEC §8 had our DAPT train the norm affines instead; that kept every norm input alive for
 backward (DAPT measured +8% peak memory over full fine-tuning), so the default now freezes them
 and ``train_norms=True`` (config ``peft.train_norms`` once it exists) restores the old
 behaviour: the target dataset's norm affines train too.
 
 For every stage but `full`, memory follows from what is frozen:
-- BatchNorm running statistics are frozen (norm layers stay in eval mode);
+- the base model's BatchNorm running statistics are frozen (norm layers stay in eval mode;
+  Point-PEFT's own BatchNorm, ``point_peft.AdapterBatchNorm``, trains as in the reference);
 - frozen sparse convolutions compute only their input gradient and keep no input
   (frozen_conv.py, every spconv algorithm);
 - frozen norms (BatchNorm, PDNorm with its prompt modulation) run as a constant per-channel
@@ -36,8 +44,8 @@ The domain prompts stay frozen, PDNorm modulations too.
 Both backbones take every stage. dapt and pointpeft adapt each block of the backbone through
 one loop (``stage_blocks`` + :data:`BLOCK_ADAPTERS`, keyed by the block class): a SpUNet basic
 block becomes a ``spunet_block.PeftBlock`` (dapt.py / point_peft.py), a PTv3 transformer block a
-``ptv3_block.PeftPTv3Block`` (ptv3_dapt.py / ptv3_point_peft.py: adapter beside the MLP,
-prompts as per-scene keys/values of the attention, geometry adapter on the xCPE neighbourhood);
+``ptv3_block.PeftPTv3Block`` (ptv3_dapt.py / ptv3_point_peft.py: adapters beside / on the MLP,
+prompts as per-scene keys/values of the attention, geometry operator on the level's voxels);
 both are recomputed in backward as a whole. `decoder` and `lora` follow Sonata / Concerto's ``-dec`` and ``-ft-lora`` configs,
 whose ``freeze_encoder=True`` freezes the embedding (stem) with the encoder (``train_stem``
 trains it). `decoder`: the decoder's norms update their statistics, as any trained layer (the
@@ -48,8 +56,9 @@ decoder probing is its own stage.
 
 The stage is applied in place without changing the base model's module names (state-dict keys
 of the base weights stay valid): the backbone's class becomes :class:`PeftSpUNet` (:class:`PeftPTv3`) and each adapted
-block's ``PeftBlock`` (``PeftPTv3Block``); the new modules live under ``<block>.peft``, ``backbone.memory_bank``
-and, for LoRA, ``<layer>.lora_A`` / ``<layer>.lora_B``.
+block's ``PeftBlock`` (``PeftPTv3Block``); the new modules live under ``<block>.peft``, ``backbone.memory_bank``,
+``backbone.peft`` (Point-PEFT's prompt coordinates, DAPT's output SSF), ``backbone.stem.peft``
+(DAPT's stem SSF) and, for LoRA, ``<layer>.lora_A`` / ``<layer>.lora_B``.
 """
 
 from __future__ import annotations
@@ -60,13 +69,13 @@ import torch
 from torch import nn
 
 from ppt.config import PEFT_STAGES, PeftConfig
-from ppt.models.peft.adapters import PeftContext
+from ppt.models.peft.adapters import PeftContext, ScaleShift
 from ppt.models.peft.dapt import DaptAdapter, head_prompt
 from ppt.models.peft.frozen_conv import freeze_sparse_convs
 from ppt.models.peft.frozen_norm import freeze_norms
 from ppt.models.peft.lora import apply_lora
 from ppt.models.peft.memory_bank import MemoryBank, pooled_bottom, pooled_bottom_ptv3
-from ppt.models.peft.point_peft import PointPeftAdapter
+from ppt.models.peft.point_peft import AdapterBatchNorm, GroupAttention, PointPeftAdapter
 from ppt.models.peft.ptv3_block import PeftPTv3Block
 from ppt.models.peft.ptv3_dapt import PTv3DaptAdapter
 from ppt.models.peft.ptv3_point_peft import PTv3PointPeftAdapter
@@ -77,6 +86,7 @@ from ppt.models.ptv3_layers import Block
 from ppt.models.spunet import BasicBlock, DomainContext, SpUNet, offset_to_batch
 
 STAGES = tuple(s for s in PEFT_STAGES if s != "none")
+PROMPT_COORD_STD = 0.02  # the reference's prompt_cor init (trunc_normal_, std 0.02)
 
 
 def retrieved_set(backbone: nn.Module, batch: dict, pooled) -> torch.Tensor | None:
@@ -91,26 +101,41 @@ def retrieved_set(backbone: nn.Module, batch: dict, pooled) -> torch.Tensor | No
     if query is None:
         query = pooled()
     retrieved, _, _ = backbone.memory_bank.retrieve(query.to(batch["feat"].device), names,
-                                                    backbone.top_k, backbone.temperature)
+                                                    backbone.top_k, backbone.temperature, backbone.exclude_own)
     return retrieved
+
+
+def peft_context(backbone: nn.Module, batch: dict, ctx: DomainContext, pooled) -> PeftContext:
+    """The forward's PeftContext: domain, Point-PEFT's retrieved set and prompt coordinates."""
+    extras = getattr(backbone, "peft", None)
+    return PeftContext(domain=ctx.domain, prompt=ctx.prompt, retrieved=retrieved_set(backbone, batch, pooled),
+                       prompt_coords=getattr(extras, "prompt_coords", None))
+
+
+def output_ssf(backbone: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """DAPT's SSF on the backbone output (``peft.ssf``), else feats unchanged."""
+    ssf = getattr(getattr(backbone, "peft", None), "ssf_out", None)
+    return feats if ssf is None else ssf(feats)
 
 
 class PeftSpUNet(SpUNet):
     """SpUNet with a stage applied: builds the per-forward PeftContext (retrieval for
-    Point-PEFT), adds DAPT's mean prompt to the output features, keeps BN statistics frozen."""
+    Point-PEFT), adds DAPT's mean prompt to the output features, keeps BN statistics frozen.
+    ``peft`` (when the stage has any): backbone-level parameters, Point-PEFT's
+    ``prompt_coords`` and DAPT's ``ssf_out``."""
 
     peft_stage: str
     memory_bank: MemoryBank | None
     top_k: int
     temperature: float
+    exclude_own: bool
 
     def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
         ctx = ctx if ctx is not None else DomainContext()
         x = self.sparse_input(batch)
-        pctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt,
-                           retrieved=retrieved_set(self, batch, lambda: pooled_bottom(self, x, ctx)))
+        pctx = peft_context(self, batch, ctx, lambda: pooled_bottom(self, x, ctx))
         out = self.forward_sparse(x, pctx)
-        feats = out.features
+        feats = output_ssf(self, out.features)
         prompt = head_prompt(pctx, len(self.encoder) + len(self.decoder) - 1, out.indices[:, 0].long())
         return feats if prompt is None else feats + prompt
 
@@ -129,12 +154,12 @@ class PeftPTv3(PointTransformerV3):
     memory_bank: MemoryBank | None
     top_k: int
     temperature: float
+    exclude_own: bool
 
     def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
         ctx = ctx if ctx is not None else DomainContext()
-        pctx = PeftContext(domain=ctx.domain, prompt=ctx.prompt,
-                           retrieved=retrieved_set(self, batch, lambda: pooled_bottom_ptv3(self, batch, ctx)))
-        feats = super().forward(batch, pctx)
+        pctx = peft_context(self, batch, ctx, lambda: pooled_bottom_ptv3(self, batch, ctx))
+        feats = output_ssf(self, super().forward(batch, pctx))
         if not pctx.prompts:
             return feats
         scene = offset_to_batch(batch["offset"].to(feats.device).long())
@@ -155,9 +180,10 @@ class PeftPTv3(PointTransformerV3):
 
 
 def _freeze_statistics(backbone: nn.Module) -> None:
-    """BatchNorms run on their running statistics, except (stage `decoder`) the trained ones."""
+    """BatchNorms run on their running statistics, except (stage `decoder`) the trained ones and
+    the PEFT modules' own (``AdapterBatchNorm``)."""
     for m in backbone.modules():
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, AdapterBatchNorm):
             continue
         trained = m.affine and m.weight.requires_grad
         if not (backbone.peft_stage == "decoder" and trained):
@@ -185,6 +211,29 @@ def _swap_class(module: nn.Module, mixin: type, prefix: str) -> None:
 
 def _run_without_grad(module: nn.Module) -> None:
     _swap_class(module, _NoGrad, "NoGrad")
+
+
+class _OutputSSF:
+    """Mixin for the stem: its frozen forward without autograd, then DAPT's SSF ``self.peft``
+    on its output (the reference's SSF after its patch embedding; the stem keeps no input)."""
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            out = super().forward(*args, **kwargs)
+        if torch.is_tensor(out):
+            return self.peft(out)
+        return out.replace_feature(self.peft(out.features))
+
+
+def _stem_width(backbone: SpUNet | PointTransformerV3) -> int:
+    stem = backbone.stem
+    return stem.conv.out_channels if getattr(stem, "conv", None) is not None else stem.linear.out_features
+
+
+def _output_width(backbone: SpUNet | PointTransformerV3) -> int:
+    if isinstance(backbone, PointTransformerV3):
+        return backbone.out_channels
+    return backbone.decoder[-1].blocks[-1].conv2.out_channels
 
 
 def backbone_units(backbone: SpUNet | PointTransformerV3) -> Iterator[nn.Module]:
@@ -220,29 +269,58 @@ def norm_affine_parameters(module: nn.Module, domain: str | None = None) -> Iter
         yield m.bias
 
 
-def _spunet_block_module(block: BasicBlock, stage: str, s: int, index: int, is_encoder: bool,
-                         cfg: PeftConfig, memory_bank: MemoryBank | None) -> nn.Module:
-    """The stage's module of SpUNet basic block `block`, block `index` of U-Net stage `s`."""
+BIAS_LAYERS = ("attn.proj", "mlp.fc1", "mlp.fc2")  # PTv3 layers whose bias Point-PEFT trains
+
+
+def block_biases(block: nn.Module, domain: str | None = None) -> Iterator[nn.Parameter]:
+    """The biases Point-PEFT's reference trains in a block (``peft.train_biases``): norm1 /
+    norm2 biases (the `domain`'s norm of a PDNorm / PDLayerNorm) and, on PTv3, the attention
+    projection's and the MLP's (fc1, fc2). The SpUNet's convs have no bias."""
+    for name in ("norm1", "norm2"):
+        yield from list(norm_affine_parameters(getattr(block, name), domain))[1::2]
+    for name in BIAS_LAYERS:
+        layer = block.get_submodule(name) if isinstance(block, Block) else None
+        if layer is not None and layer.bias is not None:
+            yield layer.bias
+
+
+def _point_peft_options(cfg: PeftConfig, channels: int, is_encoder: bool, memory_bank: MemoryBank,
+                        shared: dict[int, GroupAttention]) -> dict:
+    """Point-PEFT module arguments both backbones share; the ``knn`` operator's group attention
+    is one per channel width (``shared``), as the reference's is one for its blocks."""
+    attention = None
+    if cfg.geo_operator == "knn":
+        attention = shared.setdefault(channels, GroupAttention(channels))
+    return dict(prior_dim=memory_bank.dim, num_tokens=cfg.num_tokens if is_encoder else 0,
+                prior_rank=cfg.prior_rank, adapter_rank=cfg.adapter_rank, dropout=cfg.adapter_dropout,
+                prompt_dropout=cfg.prompt_dropout, geo_attention=attention, geo_k=cfg.geo_k,
+                geo_stride=cfg.geo_stride, geo_reduction=cfg.geo_reduction, min_rank=cfg.min_rank,
+                neighbour_attention=cfg.neighbour_attention)
+
+
+def _spunet_block_module(block: BasicBlock, stage: str, s: int, index: int, is_encoder: bool, prompt_read: bool,
+                         cfg: PeftConfig, memory_bank: MemoryBank | None, shared: dict) -> nn.Module:
+    """The stage's module of SpUNet basic block `block`, block `index` of U-Net stage `s`;
+    DAPT's first block of a stage has no earlier prompt to read (no gate), and a prompt no
+    later block or head reads gets no SSF (``prompt_read``)."""
     c_in, c_out = block.conv1.in_channels, block.conv1.out_channels
     if stage == "dapt":
-        return DaptAdapter(c_in, c_out, s, cfg.reduction, cfg.min_rank, cfg.dropout)
-    return PointPeftAdapter(c_in, c_out, block.conv1.indice_key, prior_dim=memory_bank.dim,
-                            num_tokens=cfg.num_tokens if is_encoder else 0, prior_rank=cfg.prior_rank,
-                            geo_reduction=cfg.geo_reduction, min_rank=cfg.min_rank,
-                            neighbour_attention=cfg.neighbour_attention)
+        return DaptAdapter(c_in, c_out, s, cfg.reduction, cfg.min_rank, cfg.dropout, reads_prompts=index > 0,
+                           ssf=cfg.ssf, shortcut=block.proj is not None, prompt_ssf=prompt_read)
+    return PointPeftAdapter(c_in, c_out, block.conv1.indice_key,
+                            **_point_peft_options(cfg, c_out, is_encoder, memory_bank, shared))
 
 
-def _ptv3_block_module(block: Block, stage: str, s: int, index: int, is_encoder: bool,
-                       cfg: PeftConfig, memory_bank: MemoryBank | None) -> nn.Module:
+def _ptv3_block_module(block: Block, stage: str, s: int, index: int, is_encoder: bool, prompt_read: bool,
+                       cfg: PeftConfig, memory_bank: MemoryBank | None, shared: dict) -> nn.Module:
     """The stage's module of PTv3 block `block`, block `index` of stage `s` (encoder then
-    decoder); DAPT's first block of a stage has no earlier prompt to read (no gate)."""
+    decoder); as the SpUNet's."""
     c, heads = block.attn.channels, block.attn.num_heads
     if stage == "dapt":
-        return PTv3DaptAdapter(c, heads, s, cfg.reduction, cfg.min_rank, cfg.dropout, reads_prompts=index > 0)
-    return PTv3PointPeftAdapter(c, heads, block.cpe_conv.conv.indice_key, prior_dim=memory_bank.dim,
-                                num_tokens=cfg.num_tokens if is_encoder else 0, prior_rank=cfg.prior_rank,
-                                geo_reduction=cfg.geo_reduction, min_rank=cfg.min_rank,
-                                neighbour_attention=cfg.neighbour_attention)
+        return PTv3DaptAdapter(c, heads, s, cfg.reduction, cfg.min_rank, cfg.dropout, reads_prompts=index > 0,
+                               ssf=cfg.ssf, mlp_hidden=block.mlp.fc1.out_features, prompt_ssf=prompt_read)
+    return PTv3PointPeftAdapter(c, heads, block.cpe_conv.conv.indice_key,
+                                **_point_peft_options(cfg, c, is_encoder, memory_bank, shared))
 
 
 # block class -> (its adapted class, builder of a stage's module for it): the one place where
@@ -306,6 +384,10 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
     if cfg.stage == "bitfit" or (cfg.stage == "dapt" and train_norms):
         for p in norm_affine_parameters(backbone, domain):
             p.requires_grad_(True)
+    if cfg.stage == "pointpeft" and cfg.train_biases:
+        for _, _, block in stage_blocks(backbone):
+            for p in block_biases(block, domain):
+                p.requires_grad_(True)
     trained = [backbone.decoder] if cfg.stage == "decoder" else []
     if cfg.stage in ("decoder", "lora") and getattr(cfg, "train_stem", False):
         trained.append(backbone.stem)
@@ -315,21 +397,35 @@ def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | Non
     if cfg.stage == "lora":
         apply_lora(backbone, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.input_grad_only:
-        freeze_norms(backbone)  # norms that train keep their own forward
+        freeze_norms(backbone)  # norms whose weight trains keep their own forward
 
     seen: dict[int, int] = {}  # stage -> blocks adapted so far
+    depth = {s: len(stage.blocks) for s, stage in enumerate([*backbone.encoder, *backbone.decoder])}
+    head_stages = set(range(len(backbone.encoder))) if getattr(backbone, "enc_mode", False) else {len(depth) - 1}
+    shared: dict[int, GroupAttention] = {}  # width -> Point-PEFT's shared group attention
+    device = next(backbone.parameters()).device
     for s, is_encoder, block in stage_blocks(backbone) if cfg.stage in ("dapt", "pointpeft") else ():
         adapted_class, build = next(v for k, v in BLOCK_ADAPTERS.items() if isinstance(block, k))
-        module = build(block, cfg.stage, s, seen.get(s, 0), is_encoder, cfg, memory_bank)
+        read = seen.get(s, 0) < depth[s] - 1 or s in head_stages  # DAPT: a later block or the head reads its prompt
+        module = build(block, cfg.stage, s, seen.get(s, 0), is_encoder, read, cfg, memory_bank, shared)
         seen[s] = seen.get(s, 0) + 1
         block.__class__ = adapted_class
-        block.peft = module.to(next(block.parameters()).device)
+        block.peft = module.to(device)
         block.recompute = recompute_blocks
+    extras = nn.Module()  # backbone-level parameters of the stage
+    if cfg.stage == "pointpeft" and cfg.geo_operator == "knn" and cfg.prompt_coords and cfg.num_tokens > 0:
+        extras.prompt_coords = nn.Parameter(nn.init.trunc_normal_(torch.empty(cfg.num_tokens, 3), std=PROMPT_COORD_STD))
+    if cfg.stage == "dapt" and cfg.ssf:
+        extras.ssf_out = ScaleShift(_output_width(backbone))
+        backbone.stem.peft = ScaleShift(_stem_width(backbone)).to(device)
+        _swap_class(backbone.stem, _OutputSSF, "SSF")
+    if len(list(extras.parameters())):
+        backbone.peft = extras.to(device)
 
     backbone.__class__ = PeftPTv3 if is_ptv3 else PeftSpUNet
     backbone.peft_stage = cfg.stage
     backbone.memory_bank = memory_bank.to(next(backbone.parameters()).device) if memory_bank is not None else None
-    backbone.top_k, backbone.temperature = cfg.top_k, cfg.temperature
+    backbone.top_k, backbone.temperature, backbone.exclude_own = cfg.top_k, cfg.temperature, cfg.exclude_own
 
     prompts_train = model.prompts is not None and any(p.requires_grad for p in model.prompts.parameters())
     if cfg.no_grad_prefix and not prompts_train:
