@@ -177,7 +177,7 @@ def build_bench_model(name: str, channels=DEFAULT_CHANNELS, layers=DEFAULT_LAYER
     """
     import torch
 
-    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import get_dataset_info
     from ppt.models.segmentor import Segmentor
 
     if name not in BENCH_MODELS:

@@ -214,7 +214,7 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
 
     from bench.common import current_rss_mb, cuda_peak_mb, reset_cuda_peak
     from ppt.config import PeftConfig
-    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import get_dataset_info
     from ppt.data.collate import collate
     from ppt.data.datasets import build_dataset
     from ppt.data.transforms import build_transforms

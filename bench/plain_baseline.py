@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ppt.data.classes import get_dataset_info
+from ppt.data.dataset_file import get_dataset_info
 from ppt.data.datasets import build_dataset
 from ppt.metrics import ConfusionMeter
 from ppt.models.spunet import SpUNet

@@ -39,7 +39,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 sys.path.insert(0, str(_BENCH.parent))
 
 from bench import pointcept_ref  # noqa: E402
-from ppt.data.classes import get_dataset_info  # noqa: E402
+from ppt.data.dataset_file import get_dataset_info  # noqa: E402
 from ppt.interop.pointcept_presets import PPT_CLASS_NAME, PPT_VALID_INDEX  # noqa: E402
 
 CONDITIONS = ("Structured3D", "ScanNet", "S3DIS")

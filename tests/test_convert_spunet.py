@@ -233,7 +233,7 @@ def test_export_of_a_model_trained_here(tmp_path, case):
     (tmp_path / "a" / "convert.json").unlink()
     # a model trained here embeds each class NAME once (the text encoder's output): one random
     # vector per name, shared across datasets, in place of the imported (quirky) rows
-    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import get_dataset_info
 
     ckpt_path = tmp_path / "a" / "model" / "model_best.pth"
     ckpt = torch.load(ckpt_path, weights_only=False)

@@ -33,7 +33,7 @@ def save_experiment(folder: Path, *overrides: str, best: bool = True) -> Path:
     head gets random class embeddings (stored in the checkpoint, as real ones are): no text
     encoder runs."""
     from ppt.config import load_config, save_config
-    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import get_dataset_info
     from ppt.engine.build import build_model, model_datasets
 
     cfg = load_config(None, [*TINY, *overrides])
@@ -191,7 +191,7 @@ def test_no_two_classes_in_a_picture_share_a_colour(datasets):
     # The golden-ratio hues used before gave wall and otherprop/clutter the same yellow (redmean
     # distance 24); every pair of classes, and each class against the white background and the
     # grey of dropped rows, must now be far apart.
-    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import get_dataset_info
 
     names, _ = union_label_space({d: get_dataset_info(d).class_names for d in datasets})
     colours = palette(len(names))

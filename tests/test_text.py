@@ -98,8 +98,8 @@ def test_embed_classes_tool(tmp_path, counting_encoder, capsys):
     assert "shape (13, 8)" in printed and "ceiling" in printed
     emb = text.load_embeddings(out, S3DIS13)  # right classes, right order
     assert emb.shape == (13, 8)
-    assert tool.main(["--dataset", "scannet200", "--cache-dir", str(tmp_path)]) == 2
-    assert "valid names" in capsys.readouterr().err
+    assert tool.main(["--dataset", "nuscenes", "--cache-dir", str(tmp_path), "--data-root", str(tmp_path)]) == 2
+    assert "unknown dataset 'nuscenes': not built in" in capsys.readouterr().err
     assert tool.main(["--classes", "a, b ,c", "--cache-dir", str(tmp_path)]) == 0
     assert counting_encoder[-1] == ["a point of a", "a point of b", "a point of c"]
 

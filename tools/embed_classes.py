@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppt.data.classes import DATASETS, get_dataset_info  # noqa: E402
+from ppt.data.classes import DATASETS  # noqa: E402
+from ppt.data.dataset_file import get_dataset_info  # noqa: E402
 from ppt.text import (  # noqa: E402
     DEFAULT_TEMPLATE, TextEncoderUnavailable, class_embeddings, clip_spec, save_embeddings,
 )
@@ -29,18 +30,20 @@ from ppt.text import (  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = parser.add_mutually_exclusive_group(required=True)
-    names.add_argument("--dataset", help=f"one of: {', '.join(DATASETS)}")
+    names.add_argument("--dataset", help=f"built in ({', '.join(DATASETS)}) or a folder of --data-root "
+                                         f"with a dataset.yaml")
     names.add_argument("--classes", help="comma-separated class names, in label order")
     parser.add_argument("--encoder", default="minilm", help="minilm | clip:<model>:<pretrained tag or checkpoint>")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="text template with one {}")
     parser.add_argument("--cache-dir", default=None, help="text-embedding cache folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="write the embeddings here (.pt)")
+    parser.add_argument("--data-root", default="data", help="where --dataset NAME/dataset.yaml is looked for")
     args = parser.parse_args(argv)
 
     try:
         if args.dataset:
-            class_names = list(get_dataset_info(args.dataset).class_names)
+            class_names = list(get_dataset_info(args.dataset, args.data_root).class_names)
         else:
             class_names = [c.strip() for c in args.classes.split(",") if c.strip()]
         emb = class_embeddings(class_names, args.encoder, args.template, args.cache_dir, args.device)

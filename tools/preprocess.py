@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppt.data.classes import get_dataset_info  # noqa: E402
+from ppt.data.dataset_file import get_dataset_info  # noqa: E402
 from ppt.data.preprocess import labelled, s3dis, scannet, structured3d  # noqa: E402
 from ppt.data.preprocess.common import run_tasks  # noqa: E402
 from ppt.data.preprocess.labelled_formats import LabelledError  # noqa: E402

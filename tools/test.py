@@ -133,7 +133,7 @@ def embed(class_names, cfg):
 def resolve_datasets(text: str, cfg, root: str) -> dict:
     """``{name: DatasetInfo}`` of ``--dataset`` (default: the model's datasets): built in,
     described by the experiment's config, or a folder of ``root`` with a ``dataset.yaml``."""
-    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import get_dataset_info
     from ppt.data.dataset_file import DatasetFileError
     from ppt.engine.build import model_datasets
 

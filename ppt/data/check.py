@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ppt.data.classes import IGNORE_INDEX, get_dataset_info
+from ppt.data.classes import IGNORE_INDEX
+from ppt.data.dataset_file import get_dataset_info
 from ppt.data.normals import NormalCache, normal_source
 from ppt.data.scene_io import SceneError, check_scene, load_array
 

@@ -104,18 +104,6 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def get_dataset_info(name: str, root=None, described=None) -> DatasetInfo:
-    """Look a dataset up by name: built in, else ``described`` (a config's ``datasets``
-    section), else ``<root>/<name>/dataset.yaml`` (``ppt.data.dataset_file.resolve_dataset``).
-
-    Raises ``ppt.data.dataset_file.DatasetFileError`` (a ``ValueError``) saying which folder was
-    looked at and what its ``dataset.yaml`` must hold.
-    """
-    from ppt.data.dataset_file import resolve_dataset
-
-    return resolve_dataset(name, root, described)
-
-
 def union_label_space(class_lists: dict[str, tuple[str, ...]]) -> tuple[tuple[str, ...], dict[str, list[int]]]:
     """Merge several label spaces by class name.
 

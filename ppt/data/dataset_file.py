@@ -183,6 +183,13 @@ def resolve_dataset(name: str, root: str | os.PathLike | None = None,
     raise DatasetFileError(unknown_dataset_message(name, root))
 
 
+def get_dataset_info(name: str, root: str | os.PathLike | None = None,
+                     described: dict[str, DatasetSpec] | None = None) -> DatasetInfo:
+    """Look a dataset up by name (:func:`resolve_dataset`): built in, else ``described`` (a
+    config's ``datasets`` section), else ``<root>/<name>/dataset.yaml``."""
+    return resolve_dataset(name, root, described)
+
+
 def described_datasets(root: str | os.PathLike) -> list[str]:
     """Names of the folders under ``root`` that are datasets: built-in names and folders
     holding a ``dataset.yaml``, in that order."""

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from ppt.data.classes import DATASETS, DatasetInfo, get_dataset_info
+from ppt.data.classes import DATASETS, DatasetInfo
+from ppt.data.dataset_file import get_dataset_info
 from ppt.data.normals import NormalCache
 from ppt.data.scene_io import SceneError, load_scene
 

@@ -125,7 +125,7 @@ def _class_names_match(reference: list[str], ours: tuple[str, ...]) -> bool:
 def single_dataset(ref: dict) -> str:
     """This project's dataset of a single-dataset reference config (its val, else train, type),
     checked against ``data.num_classes`` / ``data.names``."""
-    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import get_dataset_info
 
     data = ref.get("data") or {}
     kinds = [data.get(split, {}).get("type") for split in ("val", "train", "test") if isinstance(data.get(split), dict)]
@@ -247,7 +247,7 @@ def write_text_cache(folder: Path, model_cfg: dict, state: dict, cfg) -> list[st
     tool looks: a converted PPT model fine-tunes without the CLIP weights on the machine) and
     into ``folder/text_embeddings/`` (a copy that travels with the experiment). Returns the
     datasets written."""
-    from ppt.data.classes import get_dataset_info
+    from ppt.data.dataset_file import get_dataset_info
     from ppt.text import cache_path, save_embeddings
 
     emb, table = state.get("class_embedding"), model_cfg.get("class_name")
@@ -389,7 +389,7 @@ def export_experiment(exp: str | os.PathLike, out: str | os.PathLike, config: st
             raise ConversionError(f"{exp} was not converted from Pointcept: pass --config with the reference config "
                                   f"of a {cfg.model.backbone} model")
         model_cfg = pointcept_spunet.pointcept_model(cfg)
-        from ppt.data.classes import get_dataset_info
+        from ppt.data.dataset_file import get_dataset_info
 
         reference = {k: v for k, v in model_cfg.items() if k != DATASETS_KEY}
         main = get_dataset_info(model_cfg[DATASETS_KEY][0])

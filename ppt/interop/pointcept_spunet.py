@@ -281,7 +281,8 @@ def pointcept_model(cfg) -> dict:
     prompt "none" + decoupled head over one dataset -> DefaultSegmentor / SpUNet-v1m1; prompt
     "pdnorm" + language head over CLIP text -> PPT-v1m1 / SpUNet-v1m3 with this model's domains
     as ``conditions`` and ``valid_index`` built from its class names (no S3DIS quirk)."""
-    from ppt.data.classes import get_dataset_info, union_label_space
+    from ppt.data.classes import union_label_space
+    from ppt.data.dataset_file import get_dataset_info
     from ppt.engine.build import model_datasets
 
     m, datasets = cfg.model, model_datasets(cfg)
