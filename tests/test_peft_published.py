@@ -247,6 +247,26 @@ def test_knn_geometry_groups_pools_and_propagates_as_the_reference(with_prompts)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_group_attention_in_recomputed_chunks_equals_one_pass(monkeypatch):
+    """Large levels run the group attention in chunks, each recomputed in backward: the same
+    pooled features and gradients as one pass (catches a chunk dropped or misaligned)."""
+    import ppt.models.peft.point_peft as point_peft
+
+    torch.manual_seed(0)
+    attention = GroupAttention(8)
+    feats = torch.randn(40, 8, requires_grad=True)
+    members = torch.randint(0, 40, (23, 5))
+    results = []
+    for chunk, limit in ((1 << 20, 1 << 30), (7, 0)):  # one pass; chunks of 7, all recomputed
+        monkeypatch.setattr(point_peft, "GROUP_CHUNK", chunk)
+        monkeypatch.setattr(point_peft, "GROUP_CHECKPOINT", limit)
+        out = attention.pool(feats, members)
+        results.append((out, torch.autograd.grad(out.square().sum(), [feats, *attention.parameters()])))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want)
+
+
 def test_prompt_coordinates_get_a_gradient(base_state):
     """The learnable prompt coordinates reach the loss through the propagation weights."""
     _, model = spunet_staged(base_state, "pointpeft")

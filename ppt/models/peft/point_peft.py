@@ -107,7 +107,7 @@ GROUP_DIM, GROUP_HEADS = 18, 6  # the reference's shared group attention: qkv C 
 PROPAGATION_NEIGHBOURS = 3      # nearest centres each voxel reads
 DIST_EPS = 1e-8            # inverse squared distance weights 1 / (d^2 + eps), as the reference
 GROUP_CHUNK = 1024         # centres per chunk of the group attention
-GROUP_CHECKPOINT = 1 << 24  # groups x k x C above this: each chunk is recomputed in backward
+GROUP_CHECKPOINT = 1 << 22  # groups x k x C above this: each chunk is recomputed in backward
 
 
 def xavier_init(weight: torch.Tensor) -> None:
@@ -203,7 +203,8 @@ class GroupAttention(nn.Module):
         g, k = idx.shape
         q, key, v = qkv[idx].reshape(g, k, 3, GROUP_HEADS, GROUP_DIM // GROUP_HEADS).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(q, key, v, scale=1 / math.sqrt(GROUP_DIM))  # (g, H, k, d)
-        return (feats[idx] + self.proj(attended.transpose(1, 2).reshape(g, k, GROUP_DIM))).amax(1)
+        grouped = feats[idx] + self.proj(attended.transpose(1, 2).reshape(g, k, GROUP_DIM))
+        return grouped.max(1).values  # (max keeps only its indices for backward; amax keeps its input)
 
 
 class KnnGeometry(nn.Module):
