@@ -18,11 +18,15 @@ the whole cost (robust to other processes sharing the machine; wall time is not)
 protocol and dataset: seconds and CPU seconds per scene, the ratio to ``off``, mIoU (classes
 present) and mIoU_ref (all classes), and the child's peak RSS (``ru_maxrss``) and its RSS
 before evaluating. The machine's 1-minute load average is recorded next to every figure.
+``--interleaved ROUNDS`` measures cost only, in one process: the protocols take turns scene by
+scene (``off`` included), so a load that drifts reaches them alike (CPU time alone still moves
+by 10-20 % between separate processes on a shared machine).
 Results: ``bench/results/inference_tta.json`` (``--quick``: ``bench/results/inference_quick.json``).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -67,30 +71,40 @@ def _load(i: int) -> float:
     return round(os.getloadavg()[i], 2)
 
 
-def run_protocol(exp: Path, protocol: str, scenes: int, data_root: str) -> dict:
-    """Child process: every trained dataset's val scenes under one protocol (see module doc)."""
+def use_protocol(protocol: str) -> str:
+    """The ``tta`` argument of ``protocol``; points ``evaluate``'s ``iter_test_views`` at the
+    ``TestGrid`` options of a ``FAST_VARIANTS`` entry (and back to the default for any other)."""
+    from ppt.engine import evaluate as evaluate_module
+
+    default = getattr(use_protocol, "default", None) or evaluate_module.iter_test_views
+    use_protocol.default = default
+    options = FAST_VARIANTS.get(protocol)
+    evaluate_module.iter_test_views = functools.partial(default, fast_options=options) if options else default
+    return "fast" if options else protocol
+
+
+def load_model(exp: Path, data_root: str):
+    """(config, model on the CPU, {trained dataset: val SceneDataset}) as tools/test.py loads them."""
     import importlib.util
 
     import torch
 
     from ppt.data.datasets import build_dataset
-    from ppt.engine.evaluate import evaluate
 
-    import functools
-
-    from ppt.engine import evaluate as evaluate_module
-
-    tta = protocol
-    if protocol in FAST_VARIANTS:  # the fast protocol with other TestGrid options
-        evaluate_module.iter_test_views = functools.partial(evaluate_module.iter_test_views,
-                                                            fast_options=FAST_VARIANTS[protocol])
-        tta = "fast"
     spec = importlib.util.spec_from_file_location("ppt_test_tool", Path(__file__).resolve().parents[1] / "tools" / "test.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     cfg, model, _ = tool.load_experiment(exp, "", torch.device("cpu"))
     root = data_root or cfg.data.root
-    datasets = {name: build_dataset(name, root, "val") for name in cfg.data.mix}
+    return cfg, model, {name: build_dataset(name, root, "val") for name in cfg.data.mix}
+
+
+def run_protocol(exp: Path, protocol: str, scenes: int, data_root: str) -> dict:
+    """Child process: every trained dataset's val scenes under one protocol (see module doc)."""
+    from ppt.engine.evaluate import evaluate
+
+    tta = use_protocol(protocol)
+    cfg, model, datasets = load_model(exp, data_root)
     first = next(iter(datasets.values()))
     evaluate(model, Subset(first, [len(first.scenes) - 1]), "cpu", tta=tta, voxel_size=cfg.data.voxel_size)
     rows = []
@@ -107,6 +121,44 @@ def run_protocol(exp: Path, protocol: str, scenes: int, data_root: str) -> dict:
                      "rss_before_mb": round(rss_before), "load_1min": [load_before, _load(0)]})
         print(f"  {protocol} {name}: {rows[-1]['cpu_s_per_scene']} CPU s/scene, mIoU {rows[-1]['mIoU']}", flush=True)
     return {"protocol": protocol, "voxel_m": cfg.data.voxel_size, "rows": rows, "peak_rss_mb": round(peak_rss_mb())}
+
+
+def interleaved(exp: Path, protocols: list[str], rounds: int, scenes: int, data_root: str) -> list[dict]:
+    """CPU time per scene of each protocol, the protocols taking turns scene by scene in ONE
+    process (``predict_scene``, the path ``evaluate`` runs, seeded by the scene index), ``rounds``
+    times over: a load that drifts during the run reaches every protocol alike, so the ratios to
+    ``off`` are steadier than those of separate processes."""
+    from ppt.engine.evaluate import predict_scene
+
+    cfg, model, datasets = load_model(exp, data_root)
+    cpu = {(name, p): 0.0 for name in datasets for p in protocols}
+    counts = {name: 0 for name in datasets}
+    load_start = _load(0)
+    first = next(iter(datasets.values()))
+    for r in range(rounds + 1):  # round 0: untimed warm-up on one scene
+        for name, dataset in datasets.items():
+            indices = [len(dataset.scenes) - 1] if r == 0 else range(min(scenes or len(dataset.scenes), len(dataset.scenes)))
+            if r == 0 and dataset is not first:
+                continue
+            for i in indices:
+                raw = dataset.load(i)
+                for protocol in protocols:
+                    tta = use_protocol(protocol)
+                    start = time.process_time()
+                    predict_scene(model, raw, voxel_size=cfg.data.voxel_size, label_space=name, prompt=None, tta=tta,
+                                  device="cpu", seed=i, features=tuple(cfg.data.features))
+                    if r:
+                        cpu[name, protocol] += time.process_time() - start
+                counts[name] += r > 0
+    use_protocol("off")
+    rows = []
+    for (name, protocol), seconds in cpu.items():
+        per_scene = seconds / counts[name]
+        rows.append({"dataset": name, "protocol": protocol, "scenes": counts[name] // rounds, "rounds": rounds,
+                     "cpu_s_per_scene": round(per_scene, 3),
+                     "x_off_cpu": round(seconds / cpu[name, "off"], 1) if "off" in protocols else None,
+                     "load": f"{load_start}/{_load(0)}"})
+    return rows
 
 
 def quick(args: argparse.Namespace) -> int:
@@ -140,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=0, help="val scenes per dataset (default all)")
     p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS + tuple(FAST_VARIANTS))
     p.add_argument("--variants", action="store_true", help="also run every ablation of fast (FAST_VARIANTS)")
+    p.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                   help="CPU cost only: the protocols take turns scene by scene in one process, ROUNDS times")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="smoke test: random demo model, one scene, no TTA")
     p.add_argument("--protocol", choices=PROTOCOLS + tuple(FAST_VARIANTS), help=argparse.SUPPRESS)  # child
@@ -162,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out or RESULTS_DIR / "inference_tta.json")
     start, uptime = time.time(), Path("/proc/loadavg").read_text().split()[:3]
+    if args.interleaved:
+        protocols = list(dict.fromkeys(["off", *args.protocols]))
+        rows = interleaved(exp, protocols, args.interleaved, args.scenes, args.data)
+        table = format_table(rows, ["protocol", "dataset", "scenes", "rounds", "cpu_s_per_scene", "x_off_cpu", "load"],
+                             ["protocol", "dataset", "scenes", "rounds", "CPU s/scene", "x off (CPU)", "load 1 min (start/end)"])
+        print(table)
+        save_json({"machine": machine_info(), "command": " ".join(["python", *sys.argv]), "exp": str(exp),
+                   "threads": args.threads, "loadavg_at_start": uptime, "wall_s": round(time.time() - start, 1),
+                   "rows": rows, "markdown": table}, out)
+        print(f"wrote {out}")
+        return 0
     children = {}
     for protocol in args.protocols + [v for v in FAST_VARIANTS if args.variants and v not in args.protocols]:
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,8 +18,8 @@ this one path (``_Voter``).
   much the point looks like that voxel's kept point (``vote_rows`` / ``vote_weights``,
   ``ppt.data.grid.TestGrid``), so every point votes with a prediction close to its own, as
   with fragments. A deliberate deviation from the reference's test protocol, which costs one
-  forward per fragment (bench/RESULTS.md §2b: on the demo models at least as accurate as the
-  fragment protocol at about 1/15 of its CPU time).
+  forward per fragment (bench/RESULTS.md §2b: on the demo models more accurate than the
+  fragment protocol on every domain, at 1/14-1/27 of its CPU time).
 - ``"fragments"`` (reference, SPEC §7): each view split into fragments that together cover
   every point (fragment i takes the i-th point of each voxel); a point repeated to fill a
   sparse voxel votes each time it appears, as in the reference. Unlike the reference tester,
