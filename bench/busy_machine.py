@@ -1,7 +1,8 @@
 """The demo on a busy machine: wall time idle and beside busy processes, per thread policy.
 
     python bench/busy_machine.py [--epochs 2] [--busy 1] [--repeats 2] [--settings auto,follow]
-        [--loads idle,busy,after] [--after-s 5] [--workers N] [--out bench/results/busy_machine.json]
+        [--loads idle,busy,after] [--after-s 5] [--workers N] [--quiet-below 0.3]
+        [--out bench/results/busy_machine.json]
 
 Trains ``configs/demo.yaml`` for ``--epochs`` epochs (with its final evaluation) from the
 demo's data (``data/synthetic``, made by ``tools/train.sh``) under each load:
@@ -10,7 +11,8 @@ demo's data (``data/synthetic``, made by ``tools/train.sh``) under each load:
 - ``busy``: beside ``--busy`` processes that spin a core each from before the start (a stand-in
   for "a laptop or shared server doing something else");
 - ``after``: the run starts on the machine as it is and the spinning processes start
-  ``--after-s`` seconds later (a test suite or second run started beside it), until it ends;
+  ``--after-s`` seconds after its set-up (its thread choice made, the train.log "started" line
+  written), as a test suite or second run started beside it, until it ends;
 
 for each setting:
 
@@ -29,8 +31,10 @@ during one run does not set the figure. Beside every run the bench records the 1
 average before it and the cores that work OUTSIDE this bench kept busy during it (``outside``:
 /proc/stat minus the CPU time of the bench's own process tree: the run, its loader workers and
 the spinners), so a figure taken on a machine that was not quiet shows it. Prints a markdown
-table (seconds, ratios to idle, the largest outside load of the row) and writes the JSON with
-every run and the thread changes its train.log records.
+table (seconds, ratios to idle, the outside load during each counted run) and writes the JSON with
+every run and the thread changes its train.log records. On a shared machine, ``--quiet-below C``
+holds each run until other work keeps fewer than C cores busy (5-s /proc/stat windows, at most
+``--quiet-wait`` seconds), so the cells are taken in the machine's quiet spells.
 """
 from __future__ import annotations
 
@@ -65,10 +69,32 @@ def spinners(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
 
 
+def wait_quiet(below: float, max_s: float) -> float:
+    """Wait until work outside this bench keeps fewer than ``below`` cores busy over 5 s (at
+    most ``max_s`` seconds); the last reading."""
+    deadline = time.monotonic() + max_s
+    while True:
+        before = cpu_sample(os.getpid())
+        time.sleep(5.0)
+        busy = others_busy(before, cpu_sample(os.getpid()))
+        if busy is None or busy < below or time.monotonic() > deadline:
+            return busy
+        print(f"  waiting: {busy:.2f} cores busy outside the bench", flush=True)
+
+
+def started(log: Path, proc: subprocess.Popen) -> bool:
+    """Wait for the run's train.log "started" line (set-up done); False if it exited first."""
+    while proc.poll() is None:
+        if log.exists() and " started " in log.read_text():
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def run_demo(overrides: list[str], env: dict, epochs: int, data: str, exp_root: str, name: str,
              busy: int = 0, after_s: float | None = None) -> dict:
     """One demo training run beside ``busy`` spinning processes, started ``after_s`` seconds
-    after the run (None: one second before it). Returns its wall seconds (process start to
+    after the run's set-up (None: one second before the run). Returns its wall seconds (process start to
     exit), the cores outside this bench kept busy meanwhile, and the train.log thread lines."""
     cmd = [sys.executable, str(REPO / "tools" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
            "--name", name, "--exp-root", exp_root, f"data.root={data}", f"train.epochs={epochs}",
@@ -81,7 +107,7 @@ def run_demo(overrides: list[str], env: dict, epochs: int, data: str, exp_root: 
         with tempfile.TemporaryFile() as err:
             tic = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=err)
-            if after_s is not None:
+            if after_s is not None and started(Path(exp_root) / name / "train.log", proc):
                 try:
                     proc.wait(timeout=after_s)
                 except subprocess.TimeoutExpired:
@@ -110,8 +136,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2, help="runs per cell; the fastest counts")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated, of {', '.join(LOADS)}")
-    p.add_argument("--after-s", type=float, default=5.0, help="'after' load: seconds from the run's start")
+    p.add_argument("--after-s", type=float, default=5.0, help="'after' load: seconds after the run's set-up")
     p.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the demo's, 1)")
+    p.add_argument("--quiet-below", type=float, default=0.0,
+                   help="hold each run until other work keeps fewer cores busy (0 = do not wait)")
+    p.add_argument("--quiet-wait", type=float, default=3600.0, help="longest hold per run, seconds")
     p.add_argument("--data", default=str(REPO / "data" / "synthetic"))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "busy_machine.json"))
     args = p.parse_args()
@@ -132,12 +161,14 @@ def main() -> int:
             row = {"setting": label, "runs": []}
             for r in range(args.repeats):
                 for load in loads:
+                    if args.quiet_below > 0:
+                        wait_quiet(args.quiet_below, args.quiet_wait)
                     run = run_demo(overrides + workers, env, args.epochs, args.data, exp_root, f"s{i}_{load}_{r}",
                                    busy=0 if load == "idle" else args.busy,
                                    after_s=args.after_s if load == "after" else None)
                     row["runs"].append({"load": load, **run})
-                    row[load] = min(run["seconds"], row.get(load, run["seconds"]))
-                    row["outside"] = max(run["outside_cores"] or 0.0, row.get("outside", 0.0))
+                    if run["seconds"] <= row.get(load, run["seconds"]):  # the fastest counts
+                        row[load], row[f"{load}_outside"] = run["seconds"], run["outside_cores"]
                     changes = [t for t in run["threads"] if t.startswith("step ")]
                     outside = "?" if run["outside_cores"] is None else f"{run['outside_cores']:.2f}"
                     print(f"{label}, {load} #{r + 1}: {run['seconds']:.1f} s (outside load {outside} cores; "
@@ -146,13 +177,15 @@ def main() -> int:
             for load in ("busy", "after"):
                 if load in row and "idle" in row:
                     row[f"{load}_ratio"] = row[load] / row["idle"]
+            row["outside"] = " / ".join("?" if row.get(f"{k}_outside") is None else f"{row[f'{k}_outside']:.2f}"
+                                        for k in loads)
             rows.append(row)
     print(f"\n{args.epochs}-epoch demo, {cores} cores, busy = {args.busy} spinning process(es) "
-          f"(after: from {args.after_s:g} s), data.num_workers {args.workers if workers else 'as the demo'}; "
+          f"(after: from {args.after_s:g} s after set-up), data.num_workers {args.workers if workers else 'as the demo'}; "
           f"{info['cpu']}, load before {info['load_avg_1min']}")
     print(format_table(rows, ["setting", "idle", "busy", "after", "busy_ratio", "after_ratio", "outside"],
                        ["setting", "idle s", "busy from start s", "busy after start s", "busy / idle",
-                        "after / idle", "outside load (cores, max)"]))
+                        "after / idle", f"outside load, cores ({' / '.join(loads)})"]))
     save_json({"machine": info, "epochs": args.epochs, "busy": args.busy, "after_s": args.after_s,
                "workers": args.workers, "rows": rows}, args.out)
     print(f"wrote {args.out}")

@@ -191,7 +191,7 @@ class TrainConfig:
         amp: mixed precision on CUDA (bf16 autocast where supported, else fp16), always with
             loss scaling: spconv runs its convolutions in fp16 under any CUDA autocast. CPU is fp32.
         device: "auto" (CUDA if available), "cpu" or "cuda".
-        eval_every: evaluate every N epochs (0 = never; the last epoch is always evaluated).
+        eval_every: evaluate every N epochs and after the last one (0 = never: no val set is built).
         best_on: what ``model_best.pth`` is chosen by: "first" (the first evaluated dataset:
             the first of ``data.val``, else of ``data.mix``; the reference keeps the best of its
             main val dataset), "mean" (mean mIoU over the evaluated datasets) or a dataset name.
