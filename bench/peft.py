@@ -2,7 +2,7 @@
 
     python bench/peft.py --skip-transfer # part 1 only: the memory table of bench/RESULTS.md
     python bench/peft.py                 # both parts (the transfer study is long on a CPU)
-    python bench/peft.py --quick         # smoke test: tiny widths, 2-3 steps, one seed
+    python bench/peft.py --quick         # smoke test: tiny widths, 2-3 steps, one seed, one cost process
     python bench/peft.py --skip-transfer --backbone ptv3   # the PTv3 cost table
     python bench/peft.py --skip-transfer --stages dapt --peft-options '{"ssf": true}' --name peft_ssf.json
                                          # stage rows with other peft.* settings (DAPT's SSF here)
@@ -282,7 +282,9 @@ def cost_worker(stage: str, settings: dict, widths: list[int], voxel: float, rep
 
 
 def run_worker(name: str, stage: str, variant: dict, settings: dict, root: str, device: str,
-               threads: int, env: dict | None = None) -> dict:
+               threads: int, env: dict | None = None) -> dict | list[dict]:
+    """One fresh process measures ``stage`` (a comma-separated list: each in turn, one row each,
+    for --quick, where a process per row would cost more than the rows: RSS is then shared)."""
     cmd = [sys.executable, "-W", "ignore", __file__, "--worker", stage,
            "--backbone", settings.get("backbone", "spunet"), "--ptv3-size", settings.get("ptv3_size", "paper"),
            "--variant", json.dumps(variant), "--widths", json.dumps(settings["widths"]),
@@ -291,7 +293,8 @@ def run_worker(name: str, stage: str, variant: dict, settings: dict, root: str, 
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"cost worker {name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
+    return rows if "," in stage else rows[-1]
 
 
 def run_cost(settings: dict, root: str, device: str, threads: int) -> list[dict]:
@@ -304,8 +307,11 @@ def run_cost(settings: dict, root: str, device: str, threads: int) -> list[dict]
     jobs = [(s + suffix * (s != "full"), s, options if s != "full" else {}) for s in stages]
     jobs += [] if settings.get("quick") else list(ablations)
     rows = []
-    for name, stage, variant in jobs:
-        row = run_worker(name, stage, variant, settings, root, device, threads)
+    if settings.get("quick") and not options:  # smoke: every stage in one process
+        batch = run_worker("quick", ",".join(s for _, s, _ in jobs), {}, settings, root, device, threads)
+        jobs = [(name, stage, variant, row) for (name, stage, variant), row in zip(jobs, batch)]
+    for name, stage, variant, *measured in jobs:
+        row = measured[0] if measured else run_worker(name, stage, variant, settings, root, device, threads)
         row["name"] = name
         if device == "cpu" and not variant and not settings.get("quick") and not ptv3:  # again, glibc's mmap threshold fixed
             again = run_worker(name, stage, variant, settings, root, device, threads, MMAP_ENV)
@@ -349,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        row = cost_worker(args.worker, json.loads(args.variant), json.loads(args.widths), args.voxel,
-                          args.repeats, args.data_root, args.device, args.threads, args.backbone, args.ptv3_size)
-        print(json.dumps(row))
+        for stage in args.worker.split(","):
+            row = cost_worker(stage, json.loads(args.variant), json.loads(args.widths), args.voxel,
+                              args.repeats, args.data_root, args.device, args.threads, args.backbone, args.ptv3_size)
+            print(json.dumps(row), flush=True)
         return 0
     if not Path(args.data_root, TARGET).is_dir():
         print(f"error: {args.data_root}/{TARGET} missing; make it with "

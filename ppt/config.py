@@ -116,7 +116,10 @@ class ModelConfig:
         head: "language", "decoupled" or "union".
         text_encoder: "minilm" (offline) or "clip:<model>:<pretrained tag or path>".
         template: text template of a class name for the language head.
-        logit_scale: fixed logit scale of the language head.
+        logit_scale: logit scale of the language head (fixed, as the reference), or the start
+            value of a learnt one.
+        logit_scale_learnable: learn the language head's logit scale (CLIP's parametrisation,
+            capped at 100; bench/RESULTS.md §13).
         backbone: "spunet" (SparseUNet; ``channels`` / ``layers`` above) or "ptv3" (Point
             Transformer V3; its settings are the top-level ``ptv3`` section).
     """
@@ -134,6 +137,7 @@ class ModelConfig:
     text_encoder: str = "minilm"
     template: str = "a point of {}"
     logit_scale: float = 100.0
+    logit_scale_learnable: bool = False
     backbone: str = "spunet"
 
 

@@ -79,7 +79,8 @@ def build_model(cfg: Config, text_embeddings: dict[str, torch.Tensor] | None = N
         backbone=backbone, backbone_type=m.backbone,
         prompt=m.prompt, prompt_dim=m.prompt_dim, decoupled_bn=m.decoupled_bn, head=m.head,
         text_embeddings=text_embeddings if m.head == "language" else None,
-        logit_scale=m.logit_scale, zero_init=m.zero_init, prompt_adaptive=m.prompt_adaptive,
+        logit_scale=m.logit_scale, learnable_scale=m.logit_scale_learnable,
+        zero_init=m.zero_init, prompt_adaptive=m.prompt_adaptive,
     )
     set_mean_domains(model, trained_domains(cfg))  # "mean" = the trained datasets only
     return model

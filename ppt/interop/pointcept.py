@@ -400,8 +400,10 @@ def export_experiment(exp: str | os.PathLike, out: str | os.PathLike, config: st
             f"model = {pprint.pformat(reference, sort_dicts=False)}\n"
             f"data = {pprint.pformat(data, sort_dicts=False)}\n".encode()))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    learnt = state.pop("head.log_scale", None)  # model.logit_scale_learnable: log s, capped at log 100 as used
     ref_state = family_of(model_cfg).to_pointcept(state, model_cfg)
     if model_cfg.get("type") in ("PPT-v1m1", "PPT-v1m3"):  # the reference learns log(scale); ours is a config value
-        ref_state["logit_scale"] = torch.tensor(math.log(cfg.model.logit_scale))
+        ref_state["logit_scale"] = (learnt.float().clamp(max=math.log(100.0)) if learnt is not None
+                                    else torch.tensor(math.log(cfg.model.logit_scale)))
     atomic_save({"state_dict": ref_state, "epoch": 0, "ppt_experiment": str(exp)}, out)
     return Path(out)

@@ -12,6 +12,7 @@ the loss is a plain cross-entropy over that set.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -99,11 +100,14 @@ class LanguageHead(nn.Module):
         in_channels: voxel feature channels C.
         text_embeddings: dataset name -> (K_d, D) class embeddings in label order (normalised
             here again, stored as buffers ``text_<dataset>``).
-        logit_scale: fixed temperature s (100, CLIP's).
+        logit_scale: temperature s (100, CLIP's), fixed as the reference; or its start value.
+        learnable_scale: learn s as CLIP pre-training did: a parameter ``log_scale`` = log s,
+            ``s = exp(log_scale)`` capped at 100 (CLIP's cap). Off by default (the reference's
+            fixed scale); bench/heads_real.py measures both.
     """
 
     def __init__(self, in_channels: int, text_embeddings: dict[str, torch.Tensor],
-                 logit_scale: float = DEFAULT_LOGIT_SCALE):
+                 logit_scale: float = DEFAULT_LOGIT_SCALE, learnable_scale: bool = False):
         super().__init__()
         if not text_embeddings:
             raise ValueError("the language head needs text_embeddings (dataset -> (K, D) tensor)")
@@ -112,6 +116,8 @@ class LanguageHead(nn.Module):
             raise ValueError(f"text embeddings of all datasets must share one dimension, got {dims}")
         self.embed_dim = next(iter(dims.values()))
         self.logit_scale = logit_scale
+        # log s as a parameter (in the base group; its weight decay, lr x 0.01 per AdamW step, is negligible)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(logit_scale))) if learnable_scale else None
         self.proj = _linear(in_channels, self.embed_dim)
         for name, emb in text_embeddings.items():
             self.set_label_space(name, None, emb)
@@ -161,16 +167,23 @@ class LanguageHead(nn.Module):
         Equal to the projected form up to fp32 rounding (tests/test_models.py).
         """
         text = self.embeddings(dataset)  # (K, D), unit rows
+        scale = self.scale()
         # fp32 even under autocast: at scale 100 a bf16 logit would be off by up to 0.5
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
             if x.shape[1] >= self.embed_dim:  # projecting is the cheaper form
-                return self.logit_scale * F.normalize(self.proj(x), dim=-1) @ text.t()
+                return scale * F.normalize(self.proj(x), dim=-1) @ text.t()
             w, b = self.proj.weight, self.proj.bias                     # (D, C), (D,)
             dot = x @ (w.t() @ text.t()) + text @ b                     # (N, K)
             squared = ((x @ (w.t() @ w)) * x).sum(1) + 2.0 * (x @ (w.t() @ b)) + b @ b  # (N,)
             norm = squared.clamp_min(NORM_EPS ** 2).sqrt()              # max(|proj x|, eps), as F.normalize
-            return (self.logit_scale * dot) / norm[:, None]
+            return (scale * dot) / norm[:, None]
+
+    def scale(self) -> float | torch.Tensor:
+        """The logit scale s: the fixed value, or exp(log_scale) capped at 100 when learnt."""
+        if self.log_scale is None:
+            return self.logit_scale
+        return self.log_scale.float().exp().clamp(max=DEFAULT_LOGIT_SCALE)
 
 
 HEADS = {"language": LanguageHead, "decoupled": DecoupledHead, "union": UnionHead}

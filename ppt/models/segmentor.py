@@ -37,7 +37,8 @@ class Segmentor(nn.Module):
             modes use one shared BN, as the paper's ablation).
         head: "language" (default), "decoupled" or "union".
         text_embeddings: dataset name -> (K_d, D) class embeddings (language head only).
-        logit_scale: fixed logit scale of the language head.
+        logit_scale: logit scale of the language head (fixed unless ``learnable_scale``).
+        learnable_scale: the language head learns its logit scale (``LanguageHead``).
         zero_init: zero-initialise PDNorm's modulation (training starts as the plain network).
         prompt_adaptive: PDNorm modulates with the prompt ("pdnorm" only); False leaves the
             decoupled norms alone, as the reference's ``norm_adaptive=False`` models.
@@ -54,6 +55,7 @@ class Segmentor(nn.Module):
         head: str = "language",
         text_embeddings: dict[str, torch.Tensor] | None = None,
         logit_scale: float = 100.0,
+        learnable_scale: bool = False,
         zero_init: bool = True,
         prompt_adaptive: bool = True,
     ):
@@ -96,7 +98,7 @@ class Segmentor(nn.Module):
                 if len(text_embeddings[d]) != len(class_names[d]):
                     raise ValueError(f"text_embeddings[{d!r}] has {len(text_embeddings[d])} rows, "
                                      f"dataset has {len(class_names[d])} classes")
-            self.head = LanguageHead(self.backbone.out_channels, text_embeddings, logit_scale)
+            self.head = LanguageHead(self.backbone.out_channels, text_embeddings, logit_scale, learnable_scale)
         else:
             self.head = HEADS[head](self.backbone.out_channels, class_names)
 
