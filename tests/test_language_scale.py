@@ -41,6 +41,15 @@ def test_learnt_scale_starts_at_the_given_value_and_trains():
     assert float(learnt.scale().detach()) != pytest.approx(before)
 
 
+def test_learnt_scale_starting_at_the_cap_can_move():
+    # bug caught: the cap as a clamp inside the graph, whose gradient is zero at exp(log 100)
+    # = 100.00000x, so a scale that starts at the reference's 100 never trains
+    _, learnt = _heads(100.0)
+    x = torch.randn(64, 8)
+    F.cross_entropy(learnt(x, "a"), torch.randint(0, 5, (64,))).backward()
+    assert float(learnt.log_scale.grad.abs()) > 0
+
+
 def test_learnt_scale_is_capped_at_100_in_both_forward_forms():
     # bug caught: no cap (CLIP's 100), so a long run can make the logits arbitrarily sharp;
     # the cap missing from one of the two forward forms (C < D and C >= D)

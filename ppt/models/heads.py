@@ -183,7 +183,11 @@ class LanguageHead(nn.Module):
         """The logit scale s: the fixed value, or exp(log_scale) capped at 100 when learnt."""
         if self.log_scale is None:
             return self.logit_scale
-        return self.log_scale.float().exp().clamp(max=DEFAULT_LOGIT_SCALE)
+        # CLIP clamps the parameter itself, not the forward: a clamp in the graph would give a
+        # scale at the cap (its start here, 100) a zero gradient, and it could never come down
+        with torch.no_grad():
+            self.log_scale.clamp_(max=math.log(DEFAULT_LOGIT_SCALE))
+        return self.log_scale.float().exp()
 
 
 HEADS = {"language": LanguageHead, "decoupled": DecoupledHead, "union": UnionHead}
