@@ -81,15 +81,33 @@ def test_ppt_spunet_reference_config_recipe_and_prompt_group():
     assert (cfg.train.loss, cfg.train.epochs, cfg.data.batch_size) == ("ce", 100, 24)
 
 
-def test_a_preset_keeps_its_loss_and_says_it_has_no_recipe():
-    """A preset holds the model dict (criteria included) but no optimiser: the PTv3 preset's CE +
-    Lovasz comes over (before: CE), and the missing recipe is said, not silently defaulted."""
-    from ppt.interop.pointcept import load_reference_config, reference_model, reference_recipe
+PRESET_FILES = {"spunet-scannet": "semseg-spunet-v1m1-0-base.py", "ppt-spunet-sc-st": "semseg-ppt-v1m1-0-sc-st-spunet.py",
+                "ptv3-scannet": "semseg-pt-v3m1-0-base.py", "ppt-ptv3-extreme-scannet": "semseg-pt-v3m1-1-ppt-extreme.py"}
 
-    assert converted_config("ptv3-scannet").train.loss == "ce+lovasz"
-    ref, _ = load_reference_config("ptv3-scannet")
-    recipe = reference_recipe(ref, reference_model(ref))
-    assert any("no training recipe" in line for line in recipe.not_mapped)
+
+@pytest.mark.parametrize("preset", list(PRESET_FILES))
+def test_a_preset_carries_the_recipe_of_its_reference_file(preset):
+    """``--config <preset>`` fine-tunes as ``--config <the reference file>`` would: the same
+    optimiser, schedule, parameter groups, loss, epochs, evaluation interval, batch, Mix3D, AMP and
+    clipping, read from the real config files (bugs caught: a preset without its recipe, as
+    before, so a converted model fell back to SGD 0.05 + CE; a value copied wrong, e.g. the
+    PTv3 block lr, the PPT-extreme clipping or ScanNet's 800 epochs / eval every 8)."""
+    from ppt.interop.pointcept import load_reference_config, reference_model, reference_recipe
+    from ppt.interop.pointcept_presets import PRESETS
+
+    assert set(PRESET_FILES) == set(PRESETS)
+    recipes = []
+    for config in (preset, CONFIGS / "scannet" / PRESET_FILES[preset]):
+        ref, _ = load_reference_config(config)
+        recipes.append(reference_recipe(ref, reference_model(ref)))
+    assert recipes[0].sections == recipes[1].sections and recipes[0].mapped == recipes[1].mapped
+    assert not any("no training recipe" in line for line in recipes[0].not_mapped)
+    cfg = converted_config(preset)
+    expected = {"spunet-scannet": ("sgd", 0.05, 1.0, "ce", 800, 12), "ppt-spunet-sc-st": ("sgd", 0.05, 1.0, "ce", 100, 24),
+                "ptv3-scannet": ("adamw", 0.006, 0.1, "ce+lovasz", 800, 12),
+                "ppt-ptv3-extreme-scannet": ("adamw", 0.005, 0.1, "ce+lovasz", 100, 24)}[preset]
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.block_lr_scale, cfg.train.loss, cfg.train.epochs,
+            cfg.data.batch_size) == pytest.approx(expected)
 
 
 def test_convert_writes_the_recipe_and_what_did_not_map(tmp_path, capsys):

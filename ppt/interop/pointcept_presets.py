@@ -4,7 +4,8 @@
 when no Pointcept checkout is at hand. Each preset holds what the converter reads of a config:
 the ``model`` dict (copied from the reference file named in ``source``, commit
 ``d74c646db6abec569d0f23e0c34e7ddfce142789``) and the few ``data`` entries that name the label
-space (``names``, ``num_classes``, the val dataset ``type``), plus the reference's own published
+space (``names``, ``num_classes``, the val dataset ``type``), the training recipe (``recipe``:
+optimizer, scheduler, param_dicts, epoch, batch size, Mix3D, AMP, clipping), plus the reference's own published
 result for those weights where it publishes one (``reference_result``: the reference's number,
 not measured here).
 
@@ -59,6 +60,20 @@ def _ptv3(**changes) -> dict:
     return {**base, **changes}
 
 
+# The training recipe of each config (its own keys over _base_/default_runtime.py's), read by
+# ppt.interop.pointcept_recipe as from the file: tests/test_rough_edges.py compares each preset's
+# recipe with the one read from the reference file itself (tests/fixtures/pointcept/configs).
+_RUNTIME = dict(gradient_accumulation_steps=1, eval_epoch=100, clip_grad=None, sync_bn=False)
+
+
+def _recipe(batch_size: int, epoch: int, optimizer: dict, max_lr, final_div: float, **extra) -> dict:
+    scheduler = dict(type="OneCycleLR", max_lr=max_lr, pct_start=0.05, anneal_strategy="cos", div_factor=10.0,
+                     final_div_factor=final_div)
+    return {**_RUNTIME, "batch_size": batch_size, "mix_prob": 0.8, "enable_amp": True, "epoch": epoch,
+            "optimizer": optimizer, "scheduler": scheduler, "param_dicts": None, **extra}
+
+
+_SGD = dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=0.0001, nesterov=True)
 _SPUNET = dict(in_channels=6, channels=(32, 64, 128, 256, 256, 128, 96, 96), layers=(2, 3, 4, 6, 2, 2, 2, 2))
 
 PRESETS: dict[str, dict] = {
@@ -67,6 +82,7 @@ PRESETS: dict[str, dict] = {
         model=dict(type="DefaultSegmentor", backbone=dict(type="SpUNet-v1m1", num_classes=20, **_SPUNET),
                    criteria=[CE]),
         data=SCANNET_DATA,
+        recipe=_recipe(12, 800, _SGD, 0.05, 10000.0),
     ),
     "ppt-spunet-sc-st": dict(
         source="configs/scannet/semseg-ppt-v1m1-0-sc-st-spunet.py",
@@ -75,12 +91,15 @@ PRESETS: dict[str, dict] = {
                              norm_decouple=True, norm_adaptive=True, norm_affine=True, **_SPUNET),
                         96, [CE]),
         data=SCANNET_DATA,
+        recipe=_recipe(24, 100, _SGD, 0.05, 10000.0),
     ),
     "ptv3-scannet": dict(
         source="configs/scannet/semseg-pt-v3m1-0-base.py",
         model=dict(type="DefaultSegmentorV2", num_classes=20, backbone_out_channels=64, backbone=_ptv3(),
                    criteria=[CE, LOVASZ]),
         data=SCANNET_DATA,
+        recipe=_recipe(12, 800, dict(type="AdamW", lr=0.006, weight_decay=0.05), [0.006, 0.0006], 1000.0,
+                       param_dicts=[dict(keyword="block", lr=0.0006)]),
         reference_result="ScanNet val mIoU 77.6 (Pointcept README, PTv3 model zoo)",
     ),
     "ppt-ptv3-extreme-scannet": dict(
@@ -91,6 +110,8 @@ PRESETS: dict[str, dict] = {
                               pdnorm_bn=True, pdnorm_ln=True),
                         64, [CE, LOVASZ]),
         data=SCANNET_DATA,
+        recipe=_recipe(24, 100, dict(type="AdamW", lr=0.005, weight_decay=0.05), [0.005, 0.0005], 1000.0,
+                       param_dicts=[dict(keyword="block", lr=0.0005)], clip_grad=3.0),
         reference_result="ScanNet val mIoU 78.5 (Pointcept README, PTv3 + PPT model zoo)",
     ),
 }
