@@ -351,3 +351,30 @@ def test_infer_uses_the_free_cores_only(tmp_path, capsys, monkeypatch):
     assert tool("infer").main([str(tmp_path / "a.npy"), "--exp", str(exp), "--device", "cpu"]) == 0
     assert counts[0] == 1 and torch.get_num_threads() == before
     assert "1 torch thread(s) (--threads 0 = auto: 2 cores, 1.0 busy with other work)" in capsys.readouterr().out
+
+
+def test_predictor_uses_the_free_cores_only_and_gives_the_count_back(tmp_path, monkeypatch):
+    """ppt.Predictor (the Python entry point) chooses its threads as infer.py does: on 2 cores
+    with one busy, the model runs on 1 thread (before: every core), the caller's count is back
+    after each call, and threads=3 / None are taken as asked (bugs caught: the choice not made,
+    made but not applied during the forward, or left applied after the call)."""
+    import ppt.engine.threads as threads
+    from ppt.engine.predict import Predictor
+
+    exp = save_experiment(tmp_path / "exp")
+    points = np.concatenate(room(300), 1)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda *a, **k: 1.0)
+    torch.set_num_threads(2)
+    try:
+        for asked, expected in ((0, 1), (3, 3), (None, 2)):
+            predictor = Predictor(exp, device="cpu", threads=asked)
+            seen = []
+            original = predictor._score
+            monkeypatch.setattr(predictor, "_score", lambda scene: seen.append(torch.get_num_threads()) or original(scene))
+            predictor.predict(points)
+            assert seen and set(seen) == {expected}, (asked, seen)
+            assert torch.get_num_threads() == 2
+        assert "2 cores, 1.0 busy with other work" in Predictor(exp, device="cpu").threads_note
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (tests/conftest.py)

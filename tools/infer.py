@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         predictor = Predictor(args.exp or None, weights=args.weights or None, device=args.device,
                               prompt=args.prompt, classes=classes, voxel_size=args.voxel_size,
                               tta=args.tta, max_points=args.max_points or MAX_POINTS, overlap=args.overlap,
-                              log=lambda line: print(f"  {line}", flush=True))
+                              log=lambda line: print(f"  {line}", flush=True), threads=None)
     except (ExperimentError, ValueError) as err:
         raise UsageError(str(err)) from None
     if args.out:

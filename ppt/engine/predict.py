@@ -230,12 +230,18 @@ class Predictor:
         max_points: most voxels per model pass; larger clouds are cut into tiles.
         overlap: tile margin in metres; default ``OVERLAP_VOXELS`` voxels.
         log: progress sink (e.g. ``print``); None = quiet.
+        threads: torch CPU threads of each prediction on a CPU: 0 (default) = one per core that
+            other work leaves free, chosen once here as training and tools/test.py choose
+            (OpenMP threads on a core another job keeps busy stall every layer); N > 0 = N;
+            None = the process's own setting. The caller's thread count is restored after each
+            call (``threads_note`` says what was chosen and why).
     """
 
     def __init__(self, exp: str | os.PathLike | None = None, *, weights: str | os.PathLike | None = None,
                  device: str = "auto", prompt: str = "mean", classes: Sequence[str] | None = None,
                  voxel_size: float | None = None, tta: str | bool = "off", max_points: int = MAX_POINTS,
-                 overlap: float | None = None, log: Callable[[str], None] | None = None):
+                 overlap: float | None = None, log: Callable[[str], None] | None = None,
+                 threads: int | None = 0):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -258,6 +264,14 @@ class Predictor:
             raise ExperimentError(f"unknown prompt {prompt!r}; valid: {', '.join(self.trained)}, mean")
         self.prompt = prompt
         self.label_space, self.class_names, self.label_note = self._label_set(classes)
+        self.threads, self.threads_note = None, "threads: the process's own"
+        if threads is not None and self.device.type == "cpu":
+            from ppt.engine.threads import choose_threads
+
+            if threads < 0:
+                raise ExperimentError(f"threads must be >= 0 or None, got {threads}")
+            self.threads, why = choose_threads(threads)
+            self.threads_note = why.replace("train.threads", "threads")
         cuda = self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
 
@@ -352,6 +366,16 @@ class Predictor:
     def predict_cloud(self, cloud: Cloud) -> Prediction:
         """Labels for a cloud already read (see ``predict``). A cloud without colour raises
         :class:`~ppt.data.clouds.CloudError` unless the model was trained with colour dropout."""
+        if self.threads is None:
+            return self._predict_cloud(cloud)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._predict_cloud(cloud)
+        finally:
+            torch.set_num_threads(before)
+
+    def _predict_cloud(self, cloud: Cloud) -> Prediction:
         from ppt.data.normals import estimate_normals
 
         tic = time.perf_counter()
