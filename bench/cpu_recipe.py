@@ -2,6 +2,8 @@
 
     python bench/real_scans.py --snapshot <votenet git dir> --out data/real     # once
     python bench/cpu_recipe.py --data data/real [--minutes 8] [--candidates shipped,wide4]
+    python bench/cpu_recipe.py --candidates shipped --seeds 1 --steps 540 --out exp/cpu_recipe_final
+                                                    # the shipped step count, no calibration
     python bench/cpu_recipe.py --report-only
     python bench/cpu_recipe.py --data <tiny root> --quick --minutes 0.2        # smoke (tests)
 
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=8.0, help="wall budget of each run")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated, of " + ", ".join(CANDIDATES))
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--steps", type=int, default=0,
+                   help="train every candidate this many steps (no calibration; e.g. the shipped config's own)")
     p.add_argument("--plain-after", default="shipped",
                    help="the candidate whose measured wall time the plain loop gets ('' = skip the plain loop)")
     p.add_argument("--out", default="exp/cpu_recipe")
@@ -165,9 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 path = out / f"{name}_s{seed}.json"
                 if not path.is_file():
-                    fixed, per_step = calibrate(name, args)
-                    steps = max(1, int((args.minutes * 60 - fixed) / per_step))
-                    print(f"{name} seed {seed}: {steps} steps ({per_step:.2f} s/step, {fixed:.0f} s fixed)", flush=True)
+                    if args.steps:
+                        steps = args.steps
+                        print(f"{name} seed {seed}: {steps} steps (--steps)", flush=True)
+                    else:
+                        fixed, per_step = calibrate(name, args)
+                        steps = max(1, int((args.minutes * 60 - fixed) / per_step))
+                        print(f"{name} seed {seed}: {steps} steps ({per_step:.2f} s/step, {fixed:.0f} s fixed)",
+                              flush=True)
                     r = run_candidate(name, steps, seed, args, "run")
                     r.pop("stamps")
                     save_json({**r, "load_after": os.getloadavg()}, path)

@@ -143,7 +143,7 @@ def plot(runs: list[dict], path: Path) -> None:
     print("wrote", path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=float, nargs="+", default=[2, 4, 8], help="minutes")
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny widths (smoke test)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the recipe")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:

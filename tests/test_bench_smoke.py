@@ -7,16 +7,42 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def run_bench(script: str, *args: str) -> str:
+    """The script as a user runs it: a fresh interpreter (its start-up wiring included)."""
     proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / script), *args],
                           capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """``run_main(module, *args) -> stdout``: a bench's ``main(argv)`` in this process, for the
+    second and later calls of a test (the first one goes through ``run_bench``): a fresh
+    interpreter costs ~5 s of torch + spconv imports. The suite's thread count and working
+    folder are restored after the call (benches set their own)."""
+    import importlib
+
+    import torch
+
+    def call(module: str, *args: str) -> str:
+        monkeypatch.chdir(ROOT)
+        threads = torch.get_num_threads()
+        capsys.readouterr()
+        try:
+            code = importlib.import_module(f"bench.{module}").main(list(args))
+        finally:
+            torch.set_num_threads(threads)
+        assert code in (0, None)
+        return capsys.readouterr().out
+
+    return call
 
 
 def test_common_timing_and_table(tmp_path):
@@ -58,7 +84,7 @@ def test_inference_quick(tmp_path):
     assert row["scenes"] == 1 and row["points"] > 1000 and row["points_per_s"] > 0
 
 
-def test_negative_transfer_quick_and_resume(tmp_path):
+def test_negative_transfer_quick_and_resume(tmp_path, run_main):
     args = ["--quick", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
             "--results", str(tmp_path), "--variants", "alone_scannet", "naive"]
     stdout = run_bench("negative_transfer.py", *args)
@@ -67,7 +93,7 @@ def test_negative_transfer_quick_and_resume(tmp_path):
     assert set(summary["table"]["naive"]) == {"scannet", "s3dis", "structured3d", "mean"}
     assert (tmp_path / "negative_transfer.png").stat().st_size > 1000
     assert not list((tmp_path / "runs").rglob("*.pth"))  # scores kept, weights dropped
-    again = run_bench("negative_transfer.py", *args)  # resumed: every run has its result
+    again = run_main("negative_transfer", *args)  # resumed: every run has its result
     assert again.count("cached") == 2 and "started" not in again
 
 
@@ -112,7 +138,7 @@ def test_reference_pipeline_keeps_one_point_per_voxel():
     assert len(np.unique(sample["grid_coord"], axis=0)) == n
 
 
-def test_time_to_accuracy_quick_and_resume(synthetic_root, tmp_path):
+def test_time_to_accuracy_quick_and_resume(synthetic_root, tmp_path, run_main):
     args = ["--quick", "--budgets", "0.1", "--setups", "scannet", "--data", str(synthetic_root),
             "--out", str(tmp_path / "runs"), "--results", str(tmp_path)]
     stdout = run_bench("time_to_accuracy.py", *args)
@@ -124,7 +150,7 @@ def test_time_to_accuracy_quick_and_resume(synthetic_root, tmp_path):
     plain = next(r for r in runs if r["method"] == "plain")
     assert 0.1 <= plain["minutes"] < 0.2  # stopped at the budget, training time only
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
-    again = run_bench("time_to_accuracy.py", *args)  # every run has its result: nothing trains
+    again = run_main("time_to_accuracy", *args)  # every run has its result: nothing trains
     assert "recipe scannet" not in again and "plain scannet:" not in again
 
 
@@ -135,7 +161,7 @@ def _scenes(root, split: str) -> set[Path]:
     return {p.resolve() for p in build_dataset("s3dis", root, split).scenes}
 
 
-def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path):
+def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path, run_main):
     """The study's pipeline end to end at toy length: the lr comes from the sweep grid, every
     stage x budget x seed is a row, and a second call trains nothing (bugs caught: a run not
     cached, a sweep that does not choose, a budget or seed left out of the table). The sweep
@@ -168,14 +194,14 @@ def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path):
     assert sorted((r["stage"], r["budget"], r["seed"]) for r in result["runs"]) == sorted(
         (s, b, seed) for s in ("full", "linear") for b in (0, 20) for seed in (0, 1))
     assert all(t["n_0"] == 2 and t["n_20"] == 2 and t["peak_alloc_mb"] > 0 for t in result["table"])
-    out = run_bench("peft_study.py", *args)
+    out = run_main("peft_study", *args)
     assert "started" not in out and "val mIoU" not in out.split("chosen lr")[0]  # all from the cache
 
     # A cached run made at another lr (a --sweep-steps 0 study before the sweep) is not reused.
     cached = tmp_path / "full_b0_seed0" / "result.json"
     row = json.loads(cached.read_text())
     cached.write_text(json.dumps({**row, "lr": row["lr"] * 3}))
-    out = run_bench("peft_study.py", *args)
+    out = run_main("peft_study", *args)
     retrained = [line.split(":")[0].strip() for line in out.splitlines()
                  if line.startswith("  ") and ": val mIoU" in line]
     assert "full_b0_seed0: cached at lr" in out and retrained == ["full_b0_seed0"]
@@ -190,11 +216,11 @@ def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path):
         for f, score in zip(files, (0.3, 0.2, 0.5) if stage == "full" else (0.1, 0.4, 0.2)):
             f.write_text(json.dumps({**json.loads(f.read_text()), "val_mIoU": score}))
         planted[stage] = json.loads(files[2 if stage == "full" else 1].read_text())["lr"]
-    run_bench("peft_study.py", *args, "--report")
+    run_main("peft_study", *args, "--report")
     assert json.loads((tmp_path / "study.json").read_text())["lrs"] == planted
 
 
-def test_peft_study_probe_shifts_the_target_colour_and_reuses_a_base(synthetic_root, tmp_path):
+def test_peft_study_probe_shifts_the_target_colour_and_reuses_a_base(synthetic_root, tmp_path, run_main):
     """The probe target is the S3DIS scenes with colour 255 - (B, R, G), geometry and labels
     untouched, --base adapts a given checkpoint and --lrs-from takes a study's lrs (bugs caught: the
     shift not applied or applied to the wrong channels, labels or coordinates copied wrong, a base
@@ -205,7 +231,7 @@ def test_peft_study_probe_shifts_the_target_colour_and_reuses_a_base(synthetic_r
     lrs = tmp_path / "lrs.json"  # --lrs-from: a study's chosen lrs (one no config has)
     lrs.write_text(json.dumps({"lrs": {"linear": 0.0123}}))
     probe = tmp_path / "probe"
-    out = run_bench("peft_study.py", "--data", str(synthetic_root), "--base",
+    out = run_main("peft_study", "--data", str(synthetic_root), "--base",
                     str(base_dir / "base" / "model" / "model_last.pth"), "--target-shift", "colour", "--steps", "1",
                     "--lrs-from", str(lrs), "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(probe))
     assert not (probe / "base").exists() and "shift: colour" in out
