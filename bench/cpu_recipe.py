@@ -49,7 +49,7 @@ CANDIDATES = {
     "shipped": ("configs/cpu_scannet.yaml as is", []),
     "demo4": ("voxel 4 cm", ["data.voxel_size=0.04"]),
     "demo8": ("voxel 8 cm", ["data.voxel_size=0.08"]),
-    "mid5": ("wider and deeper (0.5 M)", MID_WIDTH),
+    "mid5": ("wider and deeper (3.2 M)", MID_WIDTH),
     "ce": ("cross-entropy only", ["train.loss=ce"]),
     "sgd": ("SGD 0.05 OneCycle (the reference's optimiser)", ["optim.name=sgd", "optim.lr=0.05",
                                                              "optim.weight_decay=0.0001"]),
