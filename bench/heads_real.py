@@ -2,7 +2,7 @@
 
     python bench/real_scans.py --snapshot <votenet git dir> --out data/real     # once
     python bench/heads_real.py [--data data/real] [--synthetic data/synthetic] [--seeds 0,1,2]
-        [--rows alone_decoupled,alone_language,...] [--steps-alone 180] [--steps-joint 270]
+        [--rows alone_decoupled,alone_language,...] [--steps-alone 150] [--steps-joint 240]
     python bench/heads_real.py --report-only
 
 Setups (``configs/cpu_scannet.yaml``: demo widths, 5 cm, AdamW OneCycle, CE + Lovász, precise BN):
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", default="data/synthetic", help="synthetic data root (tools/train.sh makes it)")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated, of " + ", ".join(ROWS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps-alone", type=int, default=180)
-    p.add_argument("--steps-joint", type=int, default=270)
+    p.add_argument("--steps-alone", type=int, default=150)
+    p.add_argument("--steps-joint", type=int, default=240)
     p.add_argument("--out", default="exp/heads_real")
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "heads_real.json"))
     p.add_argument("--quick", action="store_true", help="tiny widths (smoke test)")
