@@ -13,7 +13,7 @@ accumulate within a stage (its blocks share the width C): block i's attention re
 of the stage's earlier blocks as extra keys/values of its own scene (``ptv3_block.PromptKV``,
 zero-gated per head), as DAPT inserts each block's prompt as a new token that only later blocks
 attend to. The backbone adds the per-scene mean of the last stage's prompts to the features the
-head reads (``stages.PeftPTv3``; encoder-only models: each encoder stage's mean prompt on that
+head reads (``peft_backbones.PeftPTv3``; encoder-only models: each encoder stage's mean prompt on that
 stage's slice of the concatenated output).
 
 SSF (``peft.ssf``): as the reference's ``tfts``, a per-channel scale-and-shift after norm1, the

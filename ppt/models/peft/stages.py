@@ -63,131 +63,30 @@ block's ``PeftBlock`` (``PeftPTv3Block``); the new modules live under ``<block>.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from ppt.config import PEFT_STAGES, PeftConfig
-from ppt.models.peft.adapters import PeftContext, ScaleShift
-from ppt.models.peft.dapt import DaptAdapter, head_prompt
+from ppt.models.peft.adapters import ScaleShift
+from ppt.models.peft.dapt import DaptAdapter
 from ppt.models.peft.frozen_conv import freeze_sparse_convs
 from ppt.models.peft.frozen_norm import freeze_norms
 from ppt.models.peft.lora import apply_lora
-from ppt.models.peft.memory_bank import MemoryBank, pooled_bottom, pooled_bottom_ptv3
-from ppt.models.peft.point_peft import AdapterBatchNorm, GroupAttention, PointPeftAdapter
+from ppt.models.peft.memory_bank import MemoryBank
+from ppt.models.peft.peft_backbones import PeftPTv3, PeftSpUNet
+from ppt.models.peft.point_peft import GroupAttention, PointPeftAdapter
 from ppt.models.peft.ptv3_block import PeftPTv3Block
 from ppt.models.peft.ptv3_dapt import PTv3DaptAdapter
 from ppt.models.peft.ptv3_point_peft import PTv3PointPeftAdapter
+from ppt.models.peft.selection import (_output_width, _stem_width, backbone_units, block_biases,
+                                       norm_affine_parameters, own_parameters, stage_blocks)
 from ppt.models.peft.spunet_block import PeftBlock
-from ppt.models.prompts import PDLayerNorm, PDNorm
 from ppt.models.ptv3 import PointTransformerV3
 from ppt.models.ptv3_layers import Block
-from ppt.models.spunet import BasicBlock, DomainContext, SpUNet, offset_to_batch
+from ppt.models.spunet import BasicBlock
 
 STAGES = tuple(s for s in PEFT_STAGES if s != "none")
 PROMPT_COORD_STD = 0.02  # the reference's prompt_cor init (trunc_normal_, std 0.02)
-
-
-def retrieved_set(backbone: nn.Module, batch: dict, pooled) -> torch.Tensor | None:
-    """Point-PEFT's retrieved set (B, R, D) of the batch's scenes, or None without a memory bank.
-
-    ``pooled()`` gives the scenes' bank queries by a frozen pass, for scenes the bank does not
-    hold (validation, Mix3D pairs)."""
-    if backbone.memory_bank is None:
-        return None
-    names = batch["name"]
-    query = backbone.memory_bank.lookup(names)
-    if query is None:
-        query = pooled()
-    retrieved, _, _ = backbone.memory_bank.retrieve(query.to(batch["feat"].device), names,
-                                                    backbone.top_k, backbone.temperature, backbone.exclude_own)
-    return retrieved
-
-
-def peft_context(backbone: nn.Module, batch: dict, ctx: DomainContext, pooled) -> PeftContext:
-    """The forward's PeftContext: domain, Point-PEFT's retrieved set and prompt coordinates."""
-    extras = getattr(backbone, "peft", None)
-    return PeftContext(domain=ctx.domain, prompt=ctx.prompt, retrieved=retrieved_set(backbone, batch, pooled),
-                       prompt_coords=getattr(extras, "prompt_coords", None))
-
-
-def output_ssf(backbone: nn.Module, feats: torch.Tensor) -> torch.Tensor:
-    """DAPT's SSF on the backbone output (``peft.ssf``), else feats unchanged."""
-    ssf = getattr(getattr(backbone, "peft", None), "ssf_out", None)
-    return feats if ssf is None else ssf(feats)
-
-
-class PeftSpUNet(SpUNet):
-    """SpUNet with a stage applied: builds the per-forward PeftContext (retrieval for
-    Point-PEFT), adds DAPT's mean prompt to the output features, keeps BN statistics frozen.
-    ``peft`` (when the stage has any): backbone-level parameters, Point-PEFT's
-    ``prompt_coords`` and DAPT's ``ssf_out``."""
-
-    peft_stage: str
-    memory_bank: MemoryBank | None
-    top_k: int
-    temperature: float
-    exclude_own: bool
-
-    def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
-        ctx = ctx if ctx is not None else DomainContext()
-        x = self.sparse_input(batch)
-        pctx = peft_context(self, batch, ctx, lambda: pooled_bottom(self, x, ctx))
-        out = self.forward_sparse(x, pctx)
-        feats = output_ssf(self, out.features)
-        prompt = head_prompt(pctx, len(self.encoder) + len(self.decoder) - 1, out.indices[:, 0].long())
-        return feats if prompt is None else feats + prompt
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        _freeze_statistics(self)
-        return self
-
-
-class PeftPTv3(PointTransformerV3):
-    """PTv3 with a stage applied: PTv3's forward with a fresh PeftContext (Point-PEFT's
-    retrieval; DAPT's prompts, whose per-scene mean is added to the output features); frozen
-    BatchNorm statistics stay frozen in training mode."""
-
-    peft_stage: str
-    memory_bank: MemoryBank | None
-    top_k: int
-    temperature: float
-    exclude_own: bool
-
-    def forward(self, batch: dict, ctx: DomainContext | None = None) -> torch.Tensor:
-        ctx = ctx if ctx is not None else DomainContext()
-        pctx = peft_context(self, batch, ctx, lambda: pooled_bottom_ptv3(self, batch, ctx))
-        feats = output_ssf(self, super().forward(batch, pctx))
-        if not pctx.prompts:
-            return feats
-        scene = offset_to_batch(batch["offset"].to(feats.device).long())
-        if not self.enc_mode:
-            prompt = head_prompt(pctx, len(self.encoder) + len(self.decoder) - 1, scene)
-            return feats if prompt is None else feats + prompt
-        # encoder only: the output concatenates the stages (finest first); each stage's slice
-        # gets that stage's mean prompt
-        parts = [head_prompt(pctx, s, scene) for s in range(len(self.encoder))]
-        widths = [stage.blocks[0].attn.channels for stage in self.encoder]
-        prompt = torch.cat([p if p is not None else feats.new_zeros(len(feats), c) for p, c in zip(parts, widths)], 1)
-        return feats + prompt
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        _freeze_statistics(self)
-        return self
-
-
-def _freeze_statistics(backbone: nn.Module) -> None:
-    """BatchNorms run on their running statistics, except (stage `decoder`) the trained ones and
-    the PEFT modules' own (``AdapterBatchNorm``)."""
-    for m in backbone.modules():
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, AdapterBatchNorm):
-            continue
-        trained = m.affine and m.weight.requires_grad
-        if not (backbone.peft_stage == "decoder" and trained):
-            m.eval()
 
 
 class _NoGrad:
@@ -223,65 +122,6 @@ class _OutputSSF:
         if torch.is_tensor(out):
             return self.peft(out)
         return out.replace_feature(self.peft(out.features))
-
-
-def _stem_width(backbone: SpUNet | PointTransformerV3) -> int:
-    stem = backbone.stem
-    return stem.conv.out_channels if getattr(stem, "conv", None) is not None else stem.linear.out_features
-
-
-def _output_width(backbone: SpUNet | PointTransformerV3) -> int:
-    if isinstance(backbone, PointTransformerV3):
-        return backbone.out_channels
-    return backbone.decoder[-1].blocks[-1].conv2.out_channels
-
-
-def backbone_units(backbone: SpUNet | PointTransformerV3) -> Iterator[nn.Module]:
-    """Stem, down/up-sampling layers and blocks of the backbone in execution order."""
-    yield backbone.stem
-    for stage in [*backbone.encoder, *backbone.decoder]:
-        for name in ("down", "up", "resample"):  # SpUNet's down / up, PTv3's resample
-            if getattr(stage, name, None) is not None:
-                yield getattr(stage, name)
-        yield from stage.blocks
-
-
-def stage_blocks(backbone: SpUNet | PointTransformerV3) -> Iterator[tuple[int, bool, nn.Module]]:
-    """(stage index, is encoder, block) for every block, in execution order (both backbones:
-    ``encoder`` / ``decoder`` lists of stages with ``blocks``)."""
-    for s, stage in enumerate([*backbone.encoder, *backbone.decoder]):
-        for block in stage.blocks:
-            yield s, s < len(backbone.encoder), block
-
-
-def norm_affine_parameters(module: nn.Module, domain: str | None = None) -> Iterator[nn.Parameter]:
-    """Affine parameters of every BatchNorm and LayerNorm (PTv3's); with `domain`, PDNorm's /
-    PDLayerNorm's per-dataset norms of other datasets are skipped (they never see the target's
-    batches)."""
-    for name, m in module.named_modules():
-        is_norm = isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
-        if not (is_norm or (isinstance(m, nn.LayerNorm) and m.elementwise_affine)):
-            continue
-        parts = name.split(".")
-        if domain is not None and len(parts) >= 2 and parts[-2] == "norms" and parts[-1] != domain:
-            continue
-        yield m.weight
-        yield m.bias
-
-
-BIAS_LAYERS = ("attn.proj", "mlp.fc1", "mlp.fc2")  # PTv3 layers whose bias Point-PEFT trains
-
-
-def block_biases(block: nn.Module, domain: str | None = None) -> Iterator[nn.Parameter]:
-    """The biases Point-PEFT's reference trains in a block (``peft.train_biases``): norm1 /
-    norm2 biases (the `domain`'s norm of a PDNorm / PDLayerNorm) and, on PTv3, the attention
-    projection's and the MLP's (fc1, fc2). The SpUNet's convs have no bias."""
-    for name in ("norm1", "norm2"):
-        yield from list(norm_affine_parameters(getattr(block, name), domain))[1::2]
-    for name in BIAS_LAYERS:
-        layer = block.get_submodule(name) if isinstance(block, Block) else None
-        if layer is not None and layer.bias is not None:
-            yield layer.bias
 
 
 def _point_peft_options(cfg: PeftConfig, channels: int, is_encoder: bool, memory_bank: MemoryBank,
@@ -326,20 +166,6 @@ def _ptv3_block_module(block: Block, stage: str, s: int, index: int, is_encoder:
 # block class -> (its adapted class, builder of a stage's module for it): the one place where
 # the dapt / pointpeft stages know the backbone
 BLOCK_ADAPTERS = {BasicBlock: (PeftBlock, _spunet_block_module), Block: (PeftPTv3Block, _ptv3_block_module)}
-
-
-def own_parameters(module: nn.Module, domain: str | None = None) -> Iterator[nn.Parameter]:
-    """Parameters of `module` a target-dataset stage trains: not the prompt machinery (PDNorm /
-    PDLayerNorm modulations, prompt adapters) and, with `domain`, not other datasets' norms."""
-    skip = {id(p) for m in module.modules() if isinstance(m, (PDNorm, PDLayerNorm)) and m.modulation is not None
-            for p in m.modulation.parameters()}
-    skip |= {id(p) for m in module.modules() if getattr(m, "prompt_adapter", None) is not None
-             for p in m.prompt_adapter.parameters()}
-    for name, p in module.named_parameters():
-        parts = name.split(".")
-        other = domain is not None and len(parts) >= 3 and parts[-3] == "norms" and parts[-2] != domain
-        if id(p) not in skip and not other:
-            yield p
 
 
 def apply_stage(model: nn.Module, cfg: PeftConfig, memory_bank: MemoryBank | None = None,
