@@ -21,7 +21,7 @@ TRANSFER_OPTIM = ["optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=1.0e
 SEEDS = (0, 1, 2)
 
 
-def zero_shot(base_path: Path, common: list[str], out_dir: Path, device: str) -> dict:
+def zero_shot(base_path: Path, common: list[str], out_dir: Path, device: str, target: str = TARGET) -> dict:
     """The base mapped onto the target before any step (new dataset: mean prompt, mean BN;
     S3DIS class names embedded): the reference every stage starts from."""
     from ppt.config import load_config
@@ -33,10 +33,10 @@ def zero_shot(base_path: Path, common: list[str], out_dir: Path, device: str) ->
     if result_file.is_file():
         return json.loads(result_file.read_text())
     cfg = load_config("configs/peft_linear.yaml", peft_run_overrides("linear", base_path) + common
-                      + [f"data.mix={{{TARGET}: 1}}", "data.val=[]"])
+                      + [f"data.mix={{{target}: 1}}", "data.val=[]"])
     model = build_model(cfg, None)
     prepare_peft_model(model, cfg, out_dir / "zero_shot", device)
-    res = evaluate(model.to(device).eval(), build_val_datasets(cfg)[TARGET], device,
+    res = evaluate(model.to(device).eval(), build_val_datasets(cfg)[target], device,
                    voxel_size=cfg.data.voxel_size, amp_dtype=None, num_workers=1)
     row = {"stage": "base, 0 steps", "val_mIoU": res["mIoU"], "val_mAcc": res.get("mAcc"), "steps": 0}
     result_file.write_text(json.dumps(row))

@@ -162,35 +162,47 @@ def _scenes(root, split: str) -> set[Path]:
 
 
 def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path, run_main):
-    """The study's pipeline end to end at toy length: the lr comes from the sweep grid, every
-    stage x budget x seed is a row, and a second call trains nothing (bugs caught: a run not
-    cached, a sweep that does not choose, a budget or seed left out of the table). The sweep
-    picks each stage's BEST lr on a held-out area of the training split and never scores on the
-    reported val area (bugs caught: the worst or the first lr chosen, the sweep validated on
-    Area 5 or trained on its own val area)."""
+    """The study's pipeline end to end at toy length: each budget's lr comes from its own sweep
+    over the grid, every stage x budget x seed is a row, and a second call trains nothing (bugs
+    caught: a run not cached, a sweep that does not choose, the all-label lr reused for the
+    20-label runs, a budget or seed left out of the table). Every stage runs ONE recipe (bug
+    caught: a stage keeping its config's optimiser, scheduler or loss: full's config is SGD +
+    cosine + CE). The sweep picks each stage's BEST lr on a held-out area of the training split
+    and never scores on the reported val area (bugs caught: the worst or the first lr chosen, the
+    sweep validated on Area 5 or trained on its own val area); a choice at the grid's edge is
+    marked."""
     from ppt.config import load_config
 
     args = ["--data", str(synthetic_root), "--base-steps", "2", "--steps", "2", "--sweep-steps", "1",
-            "--seeds", "0,1", "--budgets", "0,20", "--stages", "full,linear", "--out", str(tmp_path)]
+            "--lrs", "0.001,0.003,0.01", "--seeds", "0,1", "--budgets", "0,20", "--stages", "full,linear",
+            "--out", str(tmp_path)]
     run_bench("peft_study.py", *args)
     result = json.loads((tmp_path / "study.json").read_text())
-    assert {r["stage"] for r in result["sweep"]} == {"full", "linear"} and len(result["sweep"]) == 6
-    for stage, lr in result["lrs"].items():
-        tries = {r["lr"]: r["val_mIoU"] for r in result["sweep"] if r["stage"] == stage}
-        assert lr in tries and tries[lr] == max(tries.values())
+    assert len(result["sweep"]) == 12 and {(r["stage"], r["budget"]) for r in result["sweep"]} == {
+        (s, b) for s in ("full", "linear") for b in (0, 20)}
+    for budget in ("0", "20"):
+        for stage, lr in result["lrs"][budget].items():
+            tries = {r["lr"]: r["val_mIoU"] for r in result["sweep"] if r["stage"] == stage and r["budget"] == int(budget)}
+            assert sorted(tries) == [0.001, 0.003, 0.01] and tries[lr] == max(tries.values())
     # where each run trained and scored, from its saved config: the sweep inside the reported
     # runs' training split, its val area held out of its own training; the runs on Area 5
     reported_train, reported_val = _scenes(synthetic_root, "train"), _scenes(synthetic_root, "val")
     sweeps = sorted(tmp_path.glob("sweep_*/config.yaml"))
-    assert len(sweeps) == 6
+    assert len(sweeps) == 12
     for config in sweeps:
         root = load_config(config, []).data.root
         train, val = _scenes(root, "train"), _scenes(root, "val")
         assert val and train and val <= reported_train and train <= reported_train and not val & train, config
     runs = sorted(tmp_path.glob("*_seed*/config.yaml"))
     assert len(runs) == 8
-    for config in runs:
-        assert _scenes(load_config(config, []).data.root, "val") == reported_val, config
+    recipes = set()
+    for config in runs + sweeps:
+        cfg = load_config(config, [])
+        assert _scenes(cfg.data.root, "val") == reported_val or config in sweeps, config
+        recipes.add((cfg.optim.name, cfg.optim.scheduler, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.train.loss,
+                     cfg.data.batch_size))
+    assert recipes == {("adamw", "onecycle", 0.01, 3.0, "ce+lovasz", 2)}
+    assert result["recipe"]["optim"]["name"] == "adamw" and all(r["recipe"]["steps"] == 2 for r in result["runs"])
     assert sorted((r["stage"], r["budget"], r["seed"]) for r in result["runs"]) == sorted(
         (s, b, seed) for s in ("full", "linear") for b in (0, 20) for seed in (0, 1))
     assert all(t["n_0"] == 2 and t["n_20"] == 2 and t["peak_alloc_mb"] > 0 for t in result["table"])
@@ -207,24 +219,33 @@ def test_peft_study_quick_resumes_from_its_cache(synthetic_root, tmp_path, run_m
     assert "full_b0_seed0: cached at lr" in out and retrained == ["full_b0_seed0"]
     assert json.loads(cached.read_text())["lr"] == row["lr"]
 
-    # Planted sweep scores (grid ascending): full's best is its largest lr, linear's its middle
-    # (the config's) one, and neither worst is best: choosing the worst, the first or the
-    # config's lr gets a stage wrong. --report chooses again from the cached sweep.
-    planted = {}
-    for stage in ("full", "linear"):
-        files = sorted(tmp_path.glob(f"sweep_{stage}_lr*/result.json"), key=lambda f: json.loads(f.read_text())["lr"])
-        for f, score in zip(files, (0.3, 0.2, 0.5) if stage == "full" else (0.1, 0.4, 0.2)):
+    # Planted sweep scores (grid ascending), different per budget: all labels, full's best is its
+    # largest lr, linear's the middle one; 20 labels, full's best is its smallest lr, linear's
+    # the largest. Choosing the worst, the first, the middle, or one budget's lr for both gets a
+    # stage wrong; the edges are marked. --report chooses again from the cached sweep.
+    scores = {("full", 0): (0.3, 0.2, 0.5), ("linear", 0): (0.1, 0.4, 0.2),
+              ("full", 20): (0.5, 0.2, 0.3), ("linear", 20): (0.2, 0.1, 0.4)}
+    for (stage, budget), planted in scores.items():
+        files = sorted(tmp_path.glob(f"sweep_{stage}_b{budget}_lr*/result.json"),
+                       key=lambda f: json.loads(f.read_text())["lr"])
+        for f, score in zip(files, planted, strict=True):
             f.write_text(json.dumps({**json.loads(f.read_text()), "val_mIoU": score}))
-        planted[stage] = json.loads(files[2 if stage == "full" else 1].read_text())["lr"]
-    run_main("peft_study", *args, "--report")
-    assert json.loads((tmp_path / "study.json").read_text())["lrs"] == planted
+    out = run_main("peft_study", *args, "--report")
+    result = json.loads((tmp_path / "study.json").read_text())
+    assert result["lrs"] == {"0": {"full": 0.01, "linear": 0.003}, "20": {"full": 0.001, "linear": 0.01}}
+    assert result["edges"] == {"0": ["full"], "20": ["full", "linear"]}
+    assert "full 0.01 (edge), linear 0.003," in out.replace("\n", ",") + ","
 
 
 def test_peft_study_probe_shifts_the_target_colour_and_reuses_a_base(synthetic_root, tmp_path, run_main):
     """The probe target is the S3DIS scenes with colour 255 - (B, R, G), geometry and labels
     untouched, --base adapts a given checkpoint and --lrs-from takes a study's lrs (bugs caught: the
     shift not applied or applied to the wrong channels, labels or coordinates copied wrong, a base
-    trained anyway, a sweep or the config's lr used instead of the given one)."""
+    trained anyway, a sweep or the config's lr used instead of the given one). ``--recipe own``
+    keeps the stage config's optimiser (bug caught: the one recipe applied anyway, so an
+    own-recipe row would be mislabelled)."""
+    from ppt.config import load_config
+
     base_dir = tmp_path / "study"
     run_bench("peft_study.py", "--data", str(synthetic_root), "--base-steps", "2", "--steps", "1", "--sweep-steps",
               "0", "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(base_dir))
@@ -233,10 +254,13 @@ def test_peft_study_probe_shifts_the_target_colour_and_reuses_a_base(synthetic_r
     probe = tmp_path / "probe"
     out = run_main("peft_study", "--data", str(synthetic_root), "--base",
                     str(base_dir / "base" / "model" / "model_last.pth"), "--target-shift", "colour", "--steps", "1",
-                    "--lrs-from", str(lrs), "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(probe))
-    assert not (probe / "base").exists() and "shift: colour" in out
+                    "--lrs-from", str(lrs), "--seeds", "0", "--budgets", "0", "--stages", "linear", "--out", str(probe),
+                    "--recipe", "own")
+    assert not (probe / "base").exists() and "target colour (s3dis); recipe own" in out
     result = json.loads((probe / "study.json").read_text())
-    assert result["lrs"] == {"linear": 0.0123} and result["sweep"] == [] and result["runs"][0]["lr"] == 0.0123
+    assert result["lrs"] == {"0": {"linear": 0.0123}} and result["sweep"] == [] and result["runs"][0]["lr"] == 0.0123
+    own = load_config(probe / "linear_b0_seed0" / "config.yaml", [])
+    assert (own.optim.scheduler, own.train.loss) == ("cosine", "ce") and result["recipe"].startswith("each stage")
     scenes = sorted((synthetic_root / "s3dis").glob("Area_*/*"))
     assert scenes
     for scene in scenes:
