@@ -353,6 +353,18 @@ def test_infer_uses_the_free_cores_only(tmp_path, capsys, monkeypatch):
     assert "1 torch thread(s) (--threads 0 = auto: 2 cores, 1.0 busy with other work)" in capsys.readouterr().out
 
 
+def test_infer_rejects_negative_threads_in_one_line(tmp_path, capsys):
+    """``--threads -1`` means "re-check during the run" to training only; infer.py chooses once
+    (through the Predictor) and says so instead of printing a follower note it does not honour
+    (bug caught: -1 accepted and reported as "re-checked every 30 s")."""
+    exp = save_experiment(tmp_path / "exp")
+    np.save(tmp_path / "a.npy", np.concatenate(room(300), 1))
+    assert tool("infer").main([str(tmp_path / "a.npy"), "--exp", str(exp), "--device", "cpu", "--threads", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --threads -1: must be >= 0") and "Traceback" not in err
+    assert not (exp / "infer").exists()  # nothing half-written
+
+
 def test_predictor_uses_the_free_cores_only_and_gives_the_count_back(tmp_path, monkeypatch):
     """ppt.Predictor (the Python entry point) chooses its threads as infer.py does: on 2 cores
     with one busy, the model runs on 1 thread (before: every core), the caller's count is back

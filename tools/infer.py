@@ -252,24 +252,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
     if not files:
         raise UsageError("no point cloud to label")
-    try:
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: must be >= 0 (0 = one per core that other work leaves free)")
+    try:  # the Predictor chooses the threads (as training does) and gives the caller's count back after each call
         predictor = Predictor(args.exp or None, weights=args.weights or None, device=args.device,
                               prompt=args.prompt, classes=classes, voxel_size=args.voxel_size,
                               tta=args.tta, max_points=args.max_points or MAX_POINTS, overlap=args.overlap,
-                              log=lambda line: print(f"  {line}", flush=True), threads=None)
+                              log=lambda line: print(f"  {line}", flush=True), threads=args.threads)
     except (ExperimentError, ValueError) as err:
         raise UsageError(str(err)) from None
     if args.out:
         check_labels_match(root, predictor.class_names)
-    threads = ""
-    if predictor.device.type == "cpu":
-        import torch
-
-        from ppt.engine.threads import choose_threads
-
-        count, why = choose_threads(args.threads)
-        torch.set_num_threads(count)
-        threads = f"; {why.replace('train.threads', '--threads')}"
+    threads = f"; {predictor.threads_note.replace('(threads ', '(--threads ')}" if predictor.threads else ""
     colours = palette(len(predictor.class_names))
     print(f"model {predictor.weights} on {predictor.device}: prompt {predictor.prompt}, "
           f"{predictor.label_note}, voxel {predictor.voxel_size} m, tta {predictor.tta}{threads}", flush=True)
@@ -327,16 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     # spconv's torch.cuda.amp deprecations and torch's is_fx_tracing line are noise here.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
-    import torch
-
-    threads = torch.get_num_threads()
     try:
         failed = run(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:
-        torch.set_num_threads(threads)  # a caller in the same process keeps its own count
     return 2 if failed else 0  # each failed input printed its error: line
 
 
