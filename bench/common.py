@@ -229,3 +229,26 @@ def synthetic_batch(total_points: int, scenes: int = 2, voxel_size: float = 0.02
         sample.update(dataset="scannet", name=f"bench_{i}")
         samples.append(sample)
     return collate(samples)
+
+
+def fresh_run(cfg, run_dir: Path) -> tuple[dict, float]:
+    """Train ``cfg`` (``ppt.engine.trainer.train``, what tools/train.py runs) into ``run_dir``
+    emptied first (a run cut short starts over), then delete its checkpoints (the benchmarks
+    keep scores and logs, not weights). Returns (the trainer's summary, wall seconds of the call)."""
+    import shutil
+
+    from ppt.engine.trainer import train
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tic = time.perf_counter()
+    summary = train(cfg, run_dir)
+    seconds = time.perf_counter() - tic
+    for ckpt in (Path(run_dir) / "model").glob("*.pth"):
+        ckpt.unlink()
+    return summary, seconds
+
+
+def unknown_names(flag: str, given: Sequence[str], known: Sequence[str]) -> str | None:
+    """An ``error:`` line for the names of ``given`` that ``known`` lacks, else None."""
+    unknown = [n for n in given if n not in known]
+    return f"error: {flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})" if unknown else None

@@ -30,16 +30,14 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS_DIR, format_table, machine_info, save_json  # noqa: E402
+from bench.common import RESULTS_DIR, format_table, fresh_run, machine_info, save_json, unknown_names  # noqa: E402
 
 DEMO_WIDTH = ["model.channels=[16, 32, 48, 64, 64, 48, 32, 32]", "model.layers=[1, 1, 1, 1, 1, 1, 1, 1]"]
 MID_WIDTH = ["model.channels=[32, 48, 64, 96, 96, 64, 48, 48]", "model.layers=[1, 1, 2, 2, 1, 1, 1, 1]"]
@@ -72,21 +70,13 @@ def config(name: str, steps: int, seed: int, args):
 
 def run_candidate(name: str, steps: int, seed: int, args, tag: str) -> dict:
     """Train ``steps`` steps; the whole call's wall seconds, val mIoU and the log's step times."""
-    from ppt.engine.trainer import train
-
     run_dir = Path(args.out) / f"{name}_s{seed}_{tag}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short starts over
-    cfg = config(name, steps, seed, args)
-    start = time.perf_counter()
-    summary = train(cfg, run_dir)
-    wall = time.perf_counter() - start
+    summary, wall = fresh_run(config(name, steps, seed, args), run_dir)
     stamps = {}
     for line in (run_dir / "train.log").read_text().splitlines():
         m = STEP_LINE.match(line)
         if m:
             stamps[int(m.group(2))] = datetime.fromisoformat(m.group(1)).timestamp()
-    for ckpt in (run_dir / "model").glob("*.pth"):
-        ckpt.unlink()
     return {"name": name, "seed": seed, "steps": summary["steps"], "seconds": wall,
             "mIoU": summary["val"]["scannet"]["mIoU"], "stamps": stamps}
 
@@ -155,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     names = [n for n in args.candidates.split(",") if n]
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown:
-        print(f"error: --candidates: unknown {', '.join(unknown)} (known: {', '.join(CANDIDATES)})", file=sys.stderr)
+    bad = unknown_names("--candidates", names, tuple(CANDIDATES))
+    if bad:
+        print(bad, file=sys.stderr)
         return 2
     if not args.report_only and not (Path(args.data) / "scannet" / "train").is_dir():
         print(f"error: --data {args.data}: no scannet/train folder (make it with bench/real_scans.py)", file=sys.stderr)

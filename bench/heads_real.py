@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import format_table, machine_info, save_json  # noqa: E402
+from bench.common import format_table, fresh_run, machine_info, save_json, unknown_names  # noqa: E402
 
 SETUPS = {
     "alone": {"mix": "{scannet: 1}", "overrides": ["model.prompt=none"]},
@@ -88,20 +86,12 @@ def curve(log: Path) -> list[dict]:
 
 
 def run(row: str, seed: int, args) -> dict:
-    from ppt.engine.trainer import train
-
     setup = row.split("_", 1)[0]
     steps = args.steps_alone if setup == "alone" else args.steps_joint
     root = Path(args.data) if setup == "alone" else joint_root(Path(args.data), Path(args.synthetic), Path(args.out))
     run_dir = Path(args.out) / f"{row}_s{seed}_run"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = config(row, seed, steps, root, args.quick)
-    tic = time.perf_counter()
-    summary = train(cfg, run_dir)
-    seconds = time.perf_counter() - tic
+    summary, seconds = fresh_run(config(row, seed, steps, root, args.quick), run_dir)
     points = curve(run_dir / "train.log")
-    for ckpt in (run_dir / "model").glob("*.pth"):
-        ckpt.unlink()
     return {"row": row, "seed": seed, "steps": summary["steps"], "seconds": seconds, "load_after": os.getloadavg(),
             "val": {d: r["mIoU"] for d, r in summary["val"].items()}, "curve": points}
 
@@ -150,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        print(f"error: --rows: unknown {', '.join(unknown)} (known: {', '.join(ROWS)})", file=sys.stderr)
+    bad = unknown_names("--rows", rows, ROWS)
+    if bad:
+        print(bad, file=sys.stderr)
         return 2
     for flag, path, what in (("--data", Path(args.data) / "scannet" / "train", "bench/real_scans.py"),
                              ("--synthetic", Path(args.synthetic) / "s3dis", "tools/make_synthetic.py")):

@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS_DIR, machine_info, save_json  # noqa: E402
+from bench.common import RESULTS_DIR, fresh_run, machine_info, save_json  # noqa: E402
 
 SETUPS = {"joint": {"structured3d": 4, "scannet": 2, "s3dis": 1}, "scannet": {"scannet": 1}}
 QUICK = ["model.channels=[8, 8, 16, 16, 16, 16, 8, 8]", "model.prompt_dim=16", "data.num_workers=0",
@@ -51,18 +49,10 @@ def recipe_config(setup: str, steps: int, args, extra: list[str]):
 
 def run_recipe(setup: str, steps: int, args, extra: list[str], tag: str) -> dict:
     """Train the recipe for ``steps`` steps; returns wall seconds of the whole call and val mIoU."""
-    from ppt.engine.trainer import train
-
     run_dir = Path(args.out) / f"{setup}_recipe_{tag}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short starts over
-    cfg = recipe_config(setup, steps, args, extra)
-    start = time.perf_counter()
-    summary = train(cfg, run_dir)
-    wall = time.perf_counter() - start
+    summary, wall = fresh_run(recipe_config(setup, steps, args, extra), run_dir)
     if summary["steps"] != steps:
         raise RuntimeError(f"recipe ran {summary['steps']} steps, asked for {steps}")
-    for ckpt in (run_dir / "model").glob("*.pth"):
-        ckpt.unlink()
     return {"setup": setup, "method": "recipe", "steps": summary["steps"], "minutes": wall / 60,
             "mIoU": {d: r["mIoU"] for d, r in summary["val"].items()}}
 
