@@ -13,7 +13,8 @@ Setups (``configs/cpu_scannet.yaml``: demo widths, 5 cm, AdamW OneCycle, CE + Lo
   domain), PDNorm (prompt length 64), as PPT trains.
 Rows change ONE thing against ``<setup>_language`` (the shipped head: MiniLM text, "a point of
 {}", fixed logit scale 100): the head (union / decoupled), the logit scale (fixed 20, or learnt
-from 100: ``model.logit_scale_learnable``) or the template ("{}"). Every run is evaluated three
+from 100: ``model.logit_scale_learnable``), the template ("{}") or the text embeddings (seeded
+random unit vectors instead of MiniLM's: ``language_random``, a bench-only probe). Every run is evaluated three
 times (after each third of its steps, same OneCycle run: a curve over steps, not three
 converged runs) on every val scene of each dataset; score: val mIoU over the classes present.
 
@@ -23,6 +24,8 @@ Results: ``bench/results/heads_real.json`` and a markdown table (mean ± std ove
 from __future__ import annotations
 
 import argparse
+import zlib
+from contextlib import contextmanager, nullcontext
 import json
 import os
 import statistics
@@ -46,7 +49,12 @@ VARIANTS = {  # what a row changes against the shipped language head
     "language_s20": ["model.head=language", "model.logit_scale=20"],
     "language_learnt": ["model.head=language", "model.logit_scale_learnable=true"],
     "language_bare": ["model.head=language", "model.template='{}'"],
+    "language_random": ["model.head=language"],  # + RANDOM_TEXT: the text encoder's geometry taken out
 }
+# Variants whose class embeddings are fixed random unit vectors (one per class name, seeded by
+# the name; off-diagonal cosines ~0.05) instead of MiniLM's (ScanNet's 20 names with "a point of
+# {}": mean off-diagonal cosine 0.46, max 0.84): same head, same scale, no text geometry.
+RANDOM_TEXT = {"language_random"}
 ROWS = [f"{s}_{v}" for s in SETUPS for v in VARIANTS if not (s == "alone" and v == "union")]
 DEFAULT_ROWS = ["alone_decoupled", "alone_language", "joint_union", "joint_decoupled", "joint_language"]
 QUICK = ["model.channels=[8, 8, 16, 16, 16, 16, 8, 8]", "data.num_workers=0", "train.precise_bn=2"]
@@ -85,12 +93,33 @@ def curve(log: Path) -> list[dict]:
     return [{"epoch": e, **points[e]} for e in sorted(points)]
 
 
+@contextmanager
+def random_text_embeddings(dim: int = 384):
+    """``ppt.text.class_embeddings`` (what ``build_model`` calls) returns seeded random unit
+    vectors of width ``dim`` while the block runs."""
+    import torch
+
+    import ppt.text as text
+
+    def fake(class_names, *args, **kwargs):
+        rows = [torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(n.encode()))) for n in class_names]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+    real = text.class_embeddings
+    text.class_embeddings = fake
+    try:
+        yield
+    finally:
+        text.class_embeddings = real
+
+
 def run(row: str, seed: int, args) -> dict:
     setup = row.split("_", 1)[0]
     steps = args.steps_alone if setup == "alone" else args.steps_joint
     root = Path(args.data) if setup == "alone" else joint_root(Path(args.data), Path(args.synthetic), Path(args.out))
     run_dir = Path(args.out) / f"{row}_s{seed}_run"
-    summary, seconds = fresh_run(config(row, seed, steps, root, args.quick), run_dir)
+    with random_text_embeddings() if row.split("_", 1)[1] in RANDOM_TEXT else nullcontext():
+        summary, seconds = fresh_run(config(row, seed, steps, root, args.quick), run_dir)
     points = curve(run_dir / "train.log")
     return {"row": row, "seed": seed, "steps": summary["steps"], "seconds": seconds, "load_after": os.getloadavg(),
             "val": {d: r["mIoU"] for d, r in summary["val"].items()}, "curve": points}

@@ -139,3 +139,25 @@ def test_head_study_reads_the_curve_from_train_log(tmp_path):
     assert [p["epoch"] for p in points] == [1, 2, 3]
     assert [p["scannet"] for p in points] == [0.1, 0.2, 0.3] and [p["s3dis"] for p in points] == [0.5, 0.6, 0.7]
     assert math.isclose(points[-1]["s3dis"], 0.7)
+
+
+def test_random_text_probe_replaces_the_embeddings_only_inside_its_block():
+    """The ``language_random`` probe's class embeddings are seeded unit vectors, one per class
+    name (the same name gets the same vector in every run), nearly orthogonal, and MiniLM's come
+    back after the block (bugs caught: the patch left in place for the next row of the same
+    process, vectors drawn per call so that a resumed or evaluated model reads other ones)."""
+    import torch
+
+    import ppt.text as text
+    from bench.heads_real import random_text_embeddings
+
+    real = text.class_embeddings
+    names = ["wall", "floor", "chair", "table"]
+    with random_text_embeddings():
+        a = text.class_embeddings(names, "minilm", "a point of {}")
+        b = text.class_embeddings(names[::-1], "minilm", "{}")
+    assert text.class_embeddings is real
+    assert a.shape == (4, 384) and torch.allclose(a.norm(dim=-1), torch.ones(4))
+    assert torch.equal(a.flip(0), b)
+    off = (a @ a.T)[~torch.eye(4, dtype=torch.bool)]
+    assert off.abs().max() < 0.3
