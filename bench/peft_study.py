@@ -313,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     lrs, edges, sweep = {b: {} for b in budgets}, {b: set() for b in budgets}, []
     for budget in budgets:
         for stage in stages:
-            tries_at = sweep_lrs(stage, base, args.recipe, grid)
             if args.lrs_from:
                 lrs[budget][stage] = chosen[budget][stage]
                 continue
+            tries_at = sweep_lrs(stage, base, args.recipe, grid)
             if args.sweep_steps == 0:  # no sweep: the grid's middle (a reduced study says so)
                 lrs[budget][stage] = tries_at[len(tries_at) // 2]
                 continue
